@@ -1,0 +1,29 @@
+# Two commands matter: `make run` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+# Pinned CPU torch first: an unpinned torch would pull several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(PY) -m coordinator run configs/local_cpu.yaml
+
+test: install
+	$(PY) -m pytest -v tests
+
+bench: install
+	$(PY) scripts/bench_overhead.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Elastic training coordinator: launches data-parallel PyTorch jobs as Ray actors."""

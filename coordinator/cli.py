@@ -1,0 +1,85 @@
+"""`python -m coordinator <verb>`: the command line. Exit codes: 0 done, 2 bad config or usage
+(before any cluster starts), 3 the job failed, 130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from coordinator.config import Config, ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like every other usage error
+        self.exit(EXIT_USAGE, f"error: {message} (see python -m coordinator --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m coordinator",
+                description="Elastic data-parallel PyTorch training on Ray.")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run a job", description=(
+        "Run a job. CONFIG is a YAML file; key=value overrides follow OmegaConf's dotlist syntax, "
+        "e.g. train.steps=100 scaling.max_workers=4."))
+    run.add_argument("config", help="YAML config file, e.g. configs/local_cpu.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return p
+
+
+def check_runnable(cfg: Config) -> None:
+    """Checks that need more than the config tree (imports), still before any Ray process."""
+    from train.task import make_task
+
+    try:
+        make_task(cfg.train.task, dict(cfg.train.task_args))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # Settings whose machinery this version does not have: refuse them rather than ignore them.
+    if cfg.checkpoint.interval_steps != 0:
+        raise ConfigError(f"checkpoint.interval_steps={cfg.checkpoint.interval_steps!r}: "
+                          "checkpointing is not available in this version; set 0")
+    if cfg.chaos.events:
+        raise ConfigError("chaos.events: fault injection is not available in this version; "
+                          "set chaos.events=[]")
+
+
+class _ReporterHandler(logging.Handler):
+    def __init__(self, reporter):
+        super().__init__()
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reporter.message(self.format(record))
+
+
+def _setup_logging(reporter) -> None:
+    # Our own loggers only: Ray owns the root logger's handlers.
+    handler = _ReporterHandler(reporter)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
+    for name in ("coordinator", "train"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "run":
+        try:
+            cfg = load_config(args.config, args.overrides)
+            check_runnable(cfg)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        from coordinator.progress import ProgressReporter
+        from coordinator.runner import run_job
+
+        reporter = ProgressReporter(interval_s=cfg.run.log_interval_s)
+        _setup_logging(reporter)
+        return run_job(cfg, reporter)
+    raise AssertionError(f"unhandled verb {args.verb}")

@@ -1,0 +1,91 @@
+"""Where the job runs: an existing Ray cluster, or an embedded one started here.
+
+Reads `RAY_ADDRESS` (set by `ray job submit` and our SLURM script) in this one place. With neither
+`RAY_ADDRESS` nor `ray.address`, starts Ray in-process; with `ray.simulated_nodes: N`, starts N
+simulated nodes on this machine (`ray.cluster_utils.Cluster`: each its own raylet and node id, so a
+node can be removed and added like a real one). The head of a simulated cluster holds no CPUs, so
+every worker lives on a removable node.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import List, Optional
+
+import ray
+
+from coordinator.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+class Cluster:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.address: Optional[str] = os.environ.get("RAY_ADDRESS") or cfg.ray.address
+        self.embedded = self.address is None
+        self._sim = None  # ray.cluster_utils.Cluster when simulating nodes
+        self.sim_nodes: List = []
+
+    def cpus_per_node(self) -> float:
+        """Logical CPUs per simulated node: as configured, or enough for max_workers spread over
+        the nodes. Logical CPUs may exceed physical cores: Ray only counts slots."""
+        if self.cfg.ray.cpus_per_node is not None:
+            return self.cfg.ray.cpus_per_node
+        need = self.cfg.scaling.max_workers * self.cfg.scaling.cpus_per_worker
+        return float(math.ceil(need / max(1, self.cfg.ray.simulated_nodes)))
+
+    def connect(self) -> None:
+        quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+        if not self.embedded:
+            if self.cfg.ray.simulated_nodes:
+                logger.warning("ray.simulated_nodes=%d ignored: connecting to %s",
+                               self.cfg.ray.simulated_nodes, self.address)
+            ray.init(address=self.address, **quiet)
+            logger.info("connected to Ray cluster at %s", self.address)
+            return
+        # Workers import the user's task module: let them see the driver's directory too.
+        path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+        runtime_env = {"env_vars": {"PYTHONPATH": path}}
+        if self.cfg.ray.simulated_nodes:
+            from ray.cluster_utils import Cluster as SimCluster
+
+            self._sim = SimCluster(initialize_head=True,
+                                   head_node_args={"num_cpus": 0, "include_dashboard": False})
+            for _ in range(self.cfg.ray.simulated_nodes):
+                self.add_node()
+            ray.init(address=self._sim.address, runtime_env=runtime_env, **quiet)
+            self._sim.wait_for_nodes()
+            logger.info("embedded Ray: %d simulated nodes of %g CPUs",
+                        self.cfg.ray.simulated_nodes, self.cpus_per_node())
+        else:
+            cpus = max(os.cpu_count() or 1,
+                       math.ceil(self.cfg.scaling.max_workers * self.cfg.scaling.cpus_per_worker))
+            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
+            logger.info("embedded Ray: one local node of %d CPUs", cpus)
+
+    def add_node(self):
+        """Add a simulated node (embedded simulation only)."""
+        assert self._sim is not None, "add_node needs ray.simulated_nodes > 0"
+        node = self._sim.add_node(num_cpus=self.cpus_per_node())
+        self.sim_nodes.append(node)
+        return node
+
+    def driver_ip(self) -> str:
+        return "127.0.0.1" if self.embedded else ray.util.get_node_ip_address()
+
+    def capacity(self) -> int:
+        """How many workers the free resources can hold right now."""
+        free = ray.available_resources()
+        n = int(free.get("CPU", 0) // self.cfg.scaling.cpus_per_worker)
+        if self.cfg.scaling.use_gpu:
+            n = min(n, int(free.get("GPU", 0)))
+        return n
+
+    def shutdown(self) -> None:
+        ray.shutdown()
+        if self._sim is not None:
+            self._sim.shutdown()
+            self._sim = None

@@ -1,0 +1,290 @@
+"""The job configuration: a typed dataclass tree, loaded from YAML plus dotlist overrides.
+
+OmegaConf is used at the edge only (`load_config`); everything past it receives plain dataclasses.
+Every user mistake becomes a `ConfigError` whose message is one line naming the dotted key, the
+bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration or the command line: exit 2, one line, no traceback."""
+
+
+def _bad(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise _bad(key, value, allowed)
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TASK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+PARALLELISMS = ("ddp", "fsdp")
+CHAOS_ACTIONS = (
+    "kill_worker", "hang_worker", "kill_node", "add_node",
+    "kill_during_checkpoint", "preempt", "storage_outage",
+)
+
+
+@dataclass
+class JobConfig:
+    name: str = "job"  # names the run directory (runs/<name>) and the Ray job
+    seed: int = 0  # seeds model init, data order and per-rank RNG
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and bool(_NAME_RE.match(self.name)), "job.name",
+               self.name, "use letters, digits, '.', '_' or '-', starting with a letter or digit")
+        _check(0 <= self.seed < 2**31, "job.seed", self.seed, "must be an integer in [0, 2**31)")
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None  # run directory; default runs/<job.name> under the current directory
+    log_interval_s: float = 5.0  # seconds between progress lines when stdout is not a terminal
+
+    def __post_init__(self) -> None:
+        _check(self.dir is None or str(self.dir).strip() != "", "run.dir", self.dir,
+               "must be a non-empty path (or unset for runs/<job.name>)")
+        _check(self.log_interval_s > 0, "run.log_interval_s", self.log_interval_s, "must be > 0")
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # existing cluster ("auto", "ray://..", "host:port"); RAY_ADDRESS wins
+    simulated_nodes: int = 0  # >0: start this many simulated nodes on this machine (embedded only)
+    cpus_per_node: Optional[float] = None  # logical CPUs per simulated node; default: scaled to fit
+
+    def __post_init__(self) -> None:
+        _check(self.simulated_nodes >= 0, "ray.simulated_nodes", self.simulated_nodes,
+               "must be >= 0 (0 = one plain local Ray node)")
+        _check(self.cpus_per_node is None or self.cpus_per_node > 0, "ray.cpus_per_node",
+               self.cpus_per_node, "must be > 0")
+
+
+@dataclass
+class ScalingConfig:
+    min_workers: int = 1  # fewest workers the job may train with
+    max_workers: int = 2  # most workers (one per CPU slot or GPU)
+    use_gpu: bool = False  # one GPU per worker, nccl backend; otherwise CPU with gloo
+    cpus_per_worker: float = 1.0  # logical CPUs reserved per worker (also its torch thread count)
+
+    def __post_init__(self) -> None:
+        _check(self.min_workers >= 1, "scaling.min_workers", self.min_workers, "must be >= 1")
+        _check(self.max_workers >= self.min_workers, "scaling.max_workers", self.max_workers,
+               f"must be >= scaling.min_workers ({self.min_workers})")
+        _check(self.cpus_per_worker > 0, "scaling.cpus_per_worker", self.cpus_per_worker,
+               "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    task: str = "train.tasks.gpt:TinyGPT"  # the user's Task class, as package.module:Class
+    task_args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for the Task
+    steps: int = 200  # total optimizer steps of the job
+    global_batch_size: int = 16  # samples per step over all workers, whatever the world size
+    parallelism: str = "ddp"  # ddp (replicated) | fsdp (FSDP2, sharded)
+    collective_timeout_s: float = 120.0  # process-group timeout for one collective
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.task, str) and bool(_TASK_RE.match(self.task)), "train.task",
+               self.task, "must be an import path 'package.module:Class'")
+        _check(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _check(self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size,
+               "must be >= 1")
+        _check(self.parallelism in PARALLELISMS, "train.parallelism", self.parallelism,
+               f"must be one of {', '.join(PARALLELISMS)}")
+        _check(self.collective_timeout_s > 0, "train.collective_timeout_s",
+               self.collective_timeout_s, "must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    uri: Optional[str] = None  # any fsspec URI; default <run.dir>/checkpoints
+    interval_steps: Any = 0  # steps between checkpoints (an integer, or "auto"); 0 = off
+    keep: int = 3  # committed checkpoints to keep (>= 2)
+    async_: bool = True  # YAML key `async`: persist in the background after an in-memory snapshot
+    storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec
+    verify_on_load: bool = True  # recheck sha256 of every file before restoring
+
+    def __post_init__(self) -> None:
+        iv = self.interval_steps
+        ok = iv == "auto" or (isinstance(iv, int) and not isinstance(iv, bool) and iv >= 0)
+        _check(ok, "checkpoint.interval_steps", iv, "must be an integer >= 0 or 'auto'")
+        _check(self.keep >= 2, "checkpoint.keep", self.keep, "must be >= 2")
+
+
+@dataclass
+class FailureConfig:
+    max_failures: int = 10  # failures the job may survive before it fails (exit 3)
+    hang_timeout_s: float = 30.0  # no progress heartbeat for this long while others progress = hang
+    wait_for_workers_s: float = 60.0  # how long to wait for min_workers worth of capacity
+
+    def __post_init__(self) -> None:
+        _check(self.max_failures >= 0, "failure.max_failures", self.max_failures, "must be >= 0")
+        _check(self.hang_timeout_s > 0, "failure.hang_timeout_s", self.hang_timeout_s,
+               "must be > 0")
+        _check(self.wait_for_workers_s >= 0, "failure.wait_for_workers_s",
+               self.wait_for_workers_s, "must be >= 0")
+
+
+@dataclass
+class ChaosEvent:
+    at_step: int = 0  # inject when the job reaches this step
+    action: str = "kill_worker"  # one of CHAOS_ACTIONS
+    target: Any = None  # a rank, or a simulated node index, depending on the action
+
+
+@dataclass
+class ChaosConfig:
+    events: List[ChaosEvent] = field(default_factory=list)  # scheduled faults (local simulation)
+
+    def __post_init__(self) -> None:
+        for i, ev in enumerate(self.events):
+            _check(ev.action in CHAOS_ACTIONS, f"chaos.events[{i}].action", ev.action,
+                   f"must be one of {', '.join(CHAOS_ACTIONS)}")
+            _check(ev.at_step >= 0, f"chaos.events[{i}].at_step", ev.at_step, "must be >= 0")
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.train.global_batch_size >= self.scaling.max_workers,
+               "train.global_batch_size", self.train.global_batch_size,
+               f"must be >= scaling.max_workers ({self.scaling.max_workers}) so every worker "
+               "gets at least one sample")
+        if self.run.dir is None:
+            self.run.dir = os.path.join("runs", self.job.name)
+        if self.checkpoint.uri is None:
+            self.checkpoint.uri = os.path.join(self.run.dir, "checkpoints")
+
+    # ---- derived views -------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict with the user-facing key names (`checkpoint.async`, not `async_`)."""
+        d = dataclasses.asdict(self)
+        d["checkpoint"]["async"] = d["checkpoint"].pop("async_")
+        return d
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Keys whose YAML names are Python keywords: (section, yaml name, field name).
+_RENAMES = [("checkpoint", "async", "async_")]
+
+
+def _rename_keywords(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        for section, yaml_key, attr in _RENAMES:
+            sub = raw.get(section)
+            if isinstance(sub, dict) and yaml_key in sub:
+                sub[attr] = sub.pop(yaml_key)
+    return raw
+
+
+def _user_key(full_key: str) -> str:
+    for section, yaml_key, attr in _RENAMES:
+        full_key = full_key.replace(f"{section}.{attr}", f"{section}.{yaml_key}")
+    return full_key
+
+
+def _valid_keys(full_key: str) -> List[str]:
+    """The valid keys of the section that holds `full_key`, in user spelling."""
+    parts = full_key.split(".")
+    if len(parts) < 2:
+        return [f.name for f in dataclasses.fields(Config)]
+    if parts[0] == "chaos" and len(parts) == 3:
+        return [f.name for f in dataclasses.fields(ChaosEvent)]
+    sections = {f.name: type(f.default_factory()) for f in dataclasses.fields(Config)}
+    if parts[0] not in sections or len(parts) != 2:
+        return []
+    return [_user_key(f"{parts[0]}.{f.name}").split(".", 1)[1]
+            for f in dataclasses.fields(sections[parts[0]])]
+
+
+def _parse_overrides(overrides: List[str]) -> Dict[str, Any]:
+    for ov in overrides:
+        if "=" not in ov or ov.startswith("="):
+            raise ConfigError(f"override {ov!r}: expected key=value, e.g. train.steps=100")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides {' '.join(overrides)!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
+    """YAML file (optional) + dotlist overrides -> validated `Config`. Raises `ConfigError`."""
+    layers: List[Dict[str, Any]] = []
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} not found")
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(path))
+        except Exception as e:  # yaml.YAMLError and friends: report the parser's first line
+            raise ConfigError(f"config file {path!r}: not valid YAML: "
+                              f"{str(e).splitlines()[0]}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path!r}: top level must be a mapping of sections")
+        layers.append(raw)
+    layers.append(_parse_overrides(list(overrides)))
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for layer in layers:
+        for name, value in layer.items():
+            if name in sections and value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{name}={value!r}: must be a section of keys, "
+                                  f"e.g. {name}.<key>=<value>")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config),
+                                 *[OmegaConf.create(_rename_keywords(l)) for l in layers])
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except ConfigKeyError as e:
+        key = _user_key(e.full_key or str(e.key))
+        valid = _valid_keys(e.full_key or "")
+        if e.object_type is ChaosEvent:
+            key = f"chaos.events[].{e.key}"
+            valid = [f.name for f in dataclasses.fields(ChaosEvent)]
+        hint = f"; valid keys here: {', '.join(valid)}" if valid else ""
+        raise ConfigError(f"{key}: unknown key{hint}") from None
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{_user_key(e.full_key)}: a value is required") from None
+    except OmegaConfBaseException as e:
+        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        msg = str(e).splitlines()[0]
+        key = _user_key(getattr(e, "full_key", "") or "")
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    assert isinstance(cfg, Config)
+    return cfg

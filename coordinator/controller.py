@@ -1,0 +1,242 @@
+"""The job controller: a state machine you can step.
+
+    STARTING -> FORMING -> RUNNING -> FINALIZING -> DONE
+        \\           \\          \\            \\
+         +-----------+----------+------------+--> FAILED
+
+Each `step()` performs one transition (or, in RUNNING, one poll of the workers) and returns a
+`Transition` saying what happened. The controller carries out decisions; *what* to decide comes from
+the policies (`scaling_policy`). It never sleeps: the caller paces RUNNING polls, so tests can drive
+it one iteration at a time with a fake `WorkerGroup`.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+from coordinator.config import Config
+from coordinator.events import EventLog
+from coordinator.scaling_policy import ScalingPolicy
+from coordinator.worker_group import CapacityError, WorkerFailure, WorkerGroup
+
+logger = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    FORMING = "forming"
+    RUNNING = "running"
+    FINALIZING = "finalizing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+TERMINAL = (Phase.DONE, Phase.FAILED)
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    loss: Optional[float]
+    world_size: int
+    steps_per_s: Optional[float]
+
+    @property
+    def eta_s(self) -> Optional[float]:
+        if not self.steps_per_s:
+            return None
+        return (self.total - self.step) / self.steps_per_s
+
+
+@dataclass
+class Transition:
+    before: Phase
+    after: Phase
+    note: str = ""
+    progress: Optional[Progress] = None
+
+
+class Controller:
+    def __init__(self, cfg: Config, group: WorkerGroup, events: EventLog,
+                 capacity: Callable[[], int], clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.group = group
+        self.events = events
+        self.capacity = capacity
+        self.clock = clock
+        self.policy = ScalingPolicy(cfg.scaling.min_workers, cfg.scaling.max_workers)
+        self.phase = Phase.STARTING
+        self.generation = 0
+        self.world_size = 0
+        self.world_sizes: List[int] = []
+        self.failures: List[WorkerFailure] = []
+        self.error: Optional[str] = None
+        self.digest: Optional[str] = None
+        self.started_at = clock()
+        self._waiting_since: Optional[float] = None
+        # Per-step loss aggregation: step -> [sum of weighted losses, ranks reported, max t, max dur]
+        self._pending: Dict[int, List[float]] = {}
+        self.last_step = 0
+        self.last_loss: Optional[float] = None
+        self.step_time_s = 0.0  # sum over steps of the slowest rank's step time
+        self._recent = collections.deque(maxlen=50)  # (step, t) of completed steps, for the rate
+        self._warm: Optional[tuple] = None  # (step, t) where the steady-state window starts
+
+    # ---- the state machine ----------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.phase in TERMINAL
+
+    def step(self) -> Transition:
+        handler = {
+            Phase.STARTING: self._start,
+            Phase.FORMING: self._form,
+            Phase.RUNNING: self._run,
+            Phase.FINALIZING: self._finalize,
+        }.get(self.phase)
+        if handler is None:
+            return Transition(self.phase, self.phase, "terminal")
+        before = self.phase
+        note, progress = handler()
+        return Transition(before, self.phase, note, progress)
+
+    def _start(self):
+        cap = self.capacity()
+        decision = self.policy.initial(cap)
+        if decision.world_size is None:
+            now = self.clock()
+            if self._waiting_since is None:
+                self._waiting_since = now
+                logger.warning("waiting for capacity: %s (up to failure.wait_for_workers_s=%gs)",
+                               decision.reason, self.cfg.failure.wait_for_workers_s)
+            if now - self._waiting_since >= self.cfg.failure.wait_for_workers_s:
+                return self._fail(
+                    f"not enough capacity: {decision.reason}; waited "
+                    f"{now - self._waiting_since:.0f}s (failure.wait_for_workers_s="
+                    f"{self.cfg.failure.wait_for_workers_s:g}); lower scaling.min_workers or "
+                    f"scaling.cpus_per_worker, or add nodes"), None
+            return "waiting for capacity", None
+        logger.info(decision.reason)
+        try:
+            infos = self.group.start(decision.world_size)
+        except CapacityError as e:
+            return self._fail(str(e)), None
+        for info in infos:
+            self.events.emit("worker_start", rank=info.rank, pid=info.pid, node_id=info.node_id,
+                             host=info.host, generation=self.generation + 1)
+        self.world_size = len(infos)
+        self.phase = Phase.FORMING
+        return f"started {len(infos)} workers", None
+
+    def _form(self):
+        self.generation += 1
+        failures = self.group.form(self.generation)
+        if failures:
+            return self._on_failures(failures), None
+        self.world_sizes.append(self.world_size)
+        self.events.emit("group_formed", generation=self.generation, world_size=self.world_size,
+                         ranks=list(range(self.world_size)), source="init", step=self.last_step)
+        logger.info("generation %d formed: %d workers", self.generation, self.world_size)
+        self.group.launch(self.cfg.train.steps)
+        self.phase = Phase.RUNNING
+        return f"generation {self.generation} formed", None
+
+    def _run(self):
+        poll = self.group.poll()
+        for hb in poll.heartbeats.values():
+            for rep in hb.reports:
+                self._account(rep.step, rep.weighted_loss, rep.t, rep.duration_s)
+        if poll.failures:
+            return self._on_failures(poll.failures), self.progress()
+        if len(poll.finished) == self.world_size:
+            # The train calls returned: drain the last reports, which may postdate the heartbeat.
+            for hb in self.group.poll().heartbeats.values():
+                for rep in hb.reports:
+                    self._account(rep.step, rep.weighted_loss, rep.t, rep.duration_s)
+            self.phase = Phase.FINALIZING
+            return f"all workers reached step {max(poll.finished.values())}", self.progress()
+        return "", self.progress()
+
+    def _finalize(self):
+        self.digest = self.group.final_digest()
+        self.phase = Phase.DONE
+        return "done", self.progress()
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _account(self, step: int, weighted_loss: float, t: float, duration: float) -> None:
+        entry = self._pending.setdefault(step, [0.0, 0, 0.0, 0.0])
+        entry[0] += weighted_loss
+        entry[1] += 1
+        entry[2] = max(entry[2], t)
+        entry[3] = max(entry[3], duration)
+        if entry[1] < self.world_size:
+            return
+        del self._pending[step]
+        if step <= self.last_step:
+            return
+        self.last_step, self.last_loss = step, entry[0]
+        self.step_time_s += entry[3]
+        self._recent.append((step, entry[2]))
+        if self._warm is None and step >= max(1, self.cfg.train.steps // 10):
+            self._warm = (step, entry[2])
+
+    def progress(self) -> Progress:
+        return Progress(self.last_step, self.cfg.train.steps, self.last_loss, self.world_size,
+                        self._rate(self._recent[0] if self._recent else None))
+
+    def _rate(self, since: Optional[tuple]) -> Optional[float]:
+        if since is None or not self._recent:
+            return None
+        (s0, t0), (s1, t1) = since, self._recent[-1]
+        return (s1 - s0) / (t1 - t0) if s1 > s0 and t1 > t0 else None
+
+    def steady_steps_per_s(self) -> Optional[float]:
+        """Steps/s from the first 10% of the steps to the end (start-up excluded)."""
+        return self._rate(self._warm)
+
+    def _on_failures(self, failures: List[WorkerFailure]) -> str:
+        # Survivors of a lost peer see collective errors; the lost workers are the cause.
+        primary = [f for f in failures if f.kind in ("process_exit", "node_lost", "hang")]
+        shown = primary or failures
+        self.failures.extend(shown)
+        by_kind: Dict[str, List[WorkerFailure]] = collections.defaultdict(list)
+        for f in shown:
+            by_kind[f.kind].append(f)
+        for kind, fs in by_kind.items():
+            self.events.emit("failure_detected", kind=kind, ranks=[f.rank for f in fs],
+                             pids=[f.pid for f in fs], generation=self.generation,
+                             step=self.last_step, error=fs[0].error)
+        desc = "; ".join(f"ranks {[f.rank for f in fs]} {kind}: {fs[0].error}"
+                         for kind, fs in by_kind.items())
+        return self._fail(f"worker failure at step {self.last_step}: {desc}")
+
+    def _fail(self, message: str) -> str:
+        self.error = message
+        self.phase = Phase.FAILED
+        logger.error(message)
+        return message
+
+    def summary(self) -> Dict[str, Any]:
+        wall = self.clock() - self.started_at
+        return {
+            "job": self.cfg.job.name,
+            "status": "finished" if self.phase == Phase.DONE else "failed",
+            "steps": self.last_step,
+            "total_steps": self.cfg.train.steps,
+            "final_loss": self.last_loss,
+            "weights_digest": self.digest,
+            "world_sizes": self.world_sizes,
+            "generations": self.generation,
+            "failures": len(self.failures),
+            "recoveries": 0,
+            "steps_per_s": self.steady_steps_per_s(),
+            "goodput": {"wall_s": round(wall, 3), "step_s": round(self.step_time_s, 3),
+                        "ratio": round(self.step_time_s / wall, 4) if wall > 0 else None},
+            "error": self.error,
+        }

@@ -1,0 +1,176 @@
+"""The TrainWorker actor: one per CPU slot or GPU, owning one rank's training state.
+
+Two Ray concurrency groups keep control apart from training: `train` (one thread) runs the
+process-group set-up and the training loop; `control` runs heartbeats and stop requests on another
+thread, so the controller can always reach a worker even while it sits in a collective. The process
+group belongs to a *generation*: joining generation g tears down the old group and rendezvous under
+the store prefix `gen<g>/` of the driver-hosted TCPStore, so the loss of any worker (rank 0
+included) never takes the rendezvous down with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Dict, List, Optional
+
+import ray
+import torch
+import torch.distributed as dist
+
+from train import data as data_lib
+from train.state import TrainState, build_state, full_model_state, weights_digest
+from train.step import train_step
+from train.task import make_task
+
+logger = logging.getLogger(__name__)
+
+CONCURRENCY_GROUPS = {"control": 2, "train": 1}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker of a job is told at creation (no Ray or config objects inside)."""
+    task: str
+    task_args: Dict[str, Any]
+    seed: int
+    total_steps: int
+    global_batch_size: int
+    parallelism: str
+    use_gpu: bool
+    torch_threads: int
+    collective_timeout_s: float
+
+
+@dataclass
+class StepReport:
+    step: int  # the step just completed (1-based count of completed steps)
+    weighted_loss: float  # this rank's mean loss times its share of the global batch
+    t: float  # unix time the step completed
+    duration_s: float  # wall time of the step on this rank
+
+
+@dataclass
+class Heartbeat:
+    rank: Optional[int]
+    generation: int
+    step: int  # completed steps
+    t: float  # when this heartbeat was taken
+    last_progress_t: float  # when the last step completed (or training started)
+    reports: List[StepReport] = field(default_factory=list)  # completed steps since last poll
+
+
+class WorkerError(RuntimeError):
+    """A failure inside a worker that is not a lost process (bad user task, collective error)."""
+
+
+@ray.remote(concurrency_groups=CONCURRENCY_GROUPS, max_restarts=0, max_task_retries=0)
+class TrainWorker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        torch.set_num_threads(max(1, spec.torch_threads))
+        self.task = make_task(spec.task, spec.task_args)
+        self.device = self._pick_device()
+        self.state: Optional[TrainState] = None
+        self.generation = 0
+        self.rank: Optional[int] = None
+        self.world_size = 0
+        self._reports: "collections.deque[StepReport]" = collections.deque()
+        self._last_progress_t = time.time()
+        self._stop_at: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def _pick_device(self) -> torch.device:
+        if not self.spec.use_gpu:
+            return torch.device("cpu")
+        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU, which torch then sees as device 0.
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+
+    # ---- control group: never blocked by training ------------------------------------------
+    @ray.method(concurrency_group="control")
+    def info(self) -> Dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "host": socket.gethostname(),
+                "ip": ray.util.get_node_ip_address(), "device": str(self.device)}
+
+    @ray.method(concurrency_group="control")
+    def heartbeat(self) -> Heartbeat:
+        reports = []
+        while self._reports:
+            reports.append(self._reports.popleft())
+        step = self.state.step if self.state is not None else 0
+        return Heartbeat(self.rank, self.generation, step, time.time(), self._last_progress_t,
+                         reports)
+
+    @ray.method(concurrency_group="control")
+    def request_stop(self, at_step: int) -> None:
+        """Stop the training loop at the boundary of `at_step` (all ranks must get the same)."""
+        with self._lock:
+            self._stop_at = at_step
+
+    # ---- train group ----------------------------------------------------------------------
+    @ray.method(concurrency_group="train")
+    def join_group(self, generation: int, rank: int, world_size: int, store_host: str,
+                   store_port: int) -> None:
+        """Leave the previous generation's process group and form generation `generation`."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        timeout = timedelta(seconds=self.spec.collective_timeout_s)
+        store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
+        backend = "nccl" if self.spec.use_gpu else "gloo"
+        dist.init_process_group(backend, store=dist.PrefixStore(f"gen{generation}/", store),
+                                rank=rank, world_size=world_size, timeout=timeout)
+        self.generation, self.rank, self.world_size = generation, rank, world_size
+        if self.state is None:
+            self.state = build_state(self.task, self.spec.parallelism, self.device,
+                                     self.spec.seed, self.spec.total_steps)
+        # Per-rank RNG (dropout and the like) derives from (seed, rank) only.
+        torch.manual_seed(self.spec.seed * 100_003 + 1 + rank)
+        self._last_progress_t = time.time()
+
+    @ray.method(concurrency_group="train")
+    def train(self, until_step: int) -> int:
+        """Run steps until `until_step` (or an earlier stop request); returns the completed step."""
+        assert self.state is not None and self.rank is not None, "join_group first"
+        st, spec = self.state, self.spec
+        scale = data_lib.loss_scale(spec.global_batch_size, self.world_size, self.rank)
+        share = data_lib.share(spec.global_batch_size, self.world_size, self.rank)
+        self._last_progress_t = time.time()
+        while st.step < until_step:
+            with self._lock:
+                if self._stop_at is not None and st.step >= self._stop_at:
+                    break
+            t0 = time.time()
+            batch = data_lib.local_batch(self.task, spec.seed, st.step, spec.global_batch_size,
+                                         self.world_size, self.rank)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            try:
+                loss = train_step(st.model, st.optimizer, st.scheduler, self.task.loss, batch,
+                                  scale)
+            except RuntimeError as e:  # a peer died or hung: gloo/nccl raise here
+                raise WorkerError(f"rank {self.rank} step {st.step + 1}: {e}") from None
+            st.step += 1
+            now = time.time()
+            self._last_progress_t = now
+            self._reports.append(StepReport(st.step, loss * share, now, now - t0))
+        return st.step
+
+    @ray.method(concurrency_group="train")
+    def final_digest(self) -> Optional[str]:
+        """sha256 of the full model state. A collective under FSDP2: call on every rank; rank 0
+        returns the digest, the others None."""
+        assert self.state is not None
+        sd = full_model_state(self.state)
+        return weights_digest(sd) if self.rank == 0 else None
+
+    @ray.method(concurrency_group="train")
+    def leave_group(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

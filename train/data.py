@@ -1,0 +1,50 @@
+"""Data that survives any world size.
+
+The samples of step s are the global indices [s*B, (s+1)*B) with B the global batch size, each
+generated from (seed, index) alone. Rank r of a world of W takes a contiguous slice of them; slices
+differ by at most one sample. Because each rank's mean loss is scaled by W * n_r / B (see
+`loss_scale`), the gradient averaged by DDP/FSDP equals the gradient of the mean loss over the whole
+global batch, whatever W is. The data cursor is simply the step number.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from train.task import Task
+
+
+def rank_slice(global_batch_size: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """(start, stop) offsets inside the global batch owned by `rank`."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of {world_size}")
+    base, extra = divmod(global_batch_size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def loss_scale(global_batch_size: int, world_size: int, rank: int) -> float:
+    """Factor on the rank's mean loss so that the all-reduce *average* of gradients equals the
+    gradient of the global-batch mean loss: W * n_r / B."""
+    start, stop = rank_slice(global_batch_size, world_size, rank)
+    return world_size * (stop - start) / global_batch_size
+
+
+def share(global_batch_size: int, world_size: int, rank: int) -> float:
+    """The rank's share of the global batch, n_r / B (weights its loss in the global mean)."""
+    start, stop = rank_slice(global_batch_size, world_size, rank)
+    return (stop - start) / global_batch_size
+
+
+def local_batch(task: Task, seed: int, step: int, global_batch_size: int, world_size: int,
+                rank: int) -> Dict[str, torch.Tensor]:
+    start, stop = rank_slice(global_batch_size, world_size, rank)
+    first = step * global_batch_size
+    return task.collate([task.sample(first + i, seed) for i in range(start, stop)])
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """A generator seeded from (seed, index) alone: the per-sample randomness of built-in tasks."""
+    return torch.Generator().manual_seed((seed << 32) ^ index)

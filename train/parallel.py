@@ -1,0 +1,33 @@
+"""Wrap a model for data parallelism over the current default process group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from train.task import Task
+
+
+def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task) -> nn.Module:
+    """DDP: a replica per rank, gradients averaged. FSDP2 (`fully_shard`): parameters, gradients
+    and optimizer state sharded over the ranks; `task.fsdp_units` are sharded one by one so their
+    all-gathers overlap compute, then the root."""
+    if parallelism == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if parallelism == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for unit in task.fsdp_units(model):
+            fully_shard(unit, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    raise ValueError(f"train.parallelism={parallelism!r}: must be ddp or fsdp")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -1,0 +1,1 @@
+"""Built-in tasks: `train.tasks.gpt:TinyGPT` and `train.tasks.mlp:MLPRegression`."""

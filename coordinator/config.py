@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
@@ -247,8 +248,9 @@ def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} not found")
         try:
-            raw = OmegaConf.to_container(OmegaConf.load(path))
-        except Exception as e:  # yaml.YAMLError and friends: report the parser's first line
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path!r}: not valid YAML: "
                               f"{str(e).splitlines()[0]}") from None
         if raw is None:

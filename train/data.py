@@ -45,6 +45,18 @@ def local_batch(task: Task, seed: int, step: int, global_batch_size: int, world_
     return task.collate([task.sample(first + i, seed) for i in range(start, stop)])
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A well-mixed 32-bit seed from (seed, index) (splitmix64's finaliser). 32 bits because
+    torch's CPU generator (mt19937) keeps only the low 32 bits of what it is seeded with."""
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 32
+
+
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """A generator seeded from (seed, index) alone: the per-sample randomness of built-in tasks."""
-    return torch.Generator().manual_seed((seed << 32) ^ index)
+    return torch.Generator().manual_seed(sample_seed(seed, index))

@@ -75,5 +75,5 @@ def make_task(path: str, task_args: Dict[str, Any]) -> Task:
     cls = load_task_class(path)
     try:
         return cls(**task_args)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"train.task_args={task_args!r}: {path} rejected them ({e})") from None

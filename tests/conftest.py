@@ -16,8 +16,9 @@ def free_port() -> int:
 
 def run_cli(args, cwd=ROOT, timeout=240, env=None):
     """Run `python -m coordinator ...` as a user would; returns the CompletedProcess."""
-    full_env = dict(os.environ, **(env or {}))
-    full_env.pop("RAY_ADDRESS", None) if env is None or "RAY_ADDRESS" not in env else None
+    full_env = dict(os.environ)
+    full_env.pop("RAY_ADDRESS", None)  # embedded Ray unless the test names a cluster
+    full_env.update(env or {})
     full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "coordinator", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

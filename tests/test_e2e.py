@@ -1,0 +1,133 @@
+"""End to end on an embedded Ray: the real CLI in a subprocess, as a user runs it."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_cli
+from coordinator.events import read_events
+from dist_harness import run_world
+from train.state import weights_digest
+
+pytestmark = pytest.mark.timeout(300)
+
+CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
+
+
+def _summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _events(run_dir):
+    return list(read_events(os.path.join(run_dir, "events.jsonl")))
+
+
+def _readme_task() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = re.search(r"<!-- user-task -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its user-task example"
+    return block.group(1)
+
+
+def test_two_workers_readme_task_from_a_path_with_spaces(tmp_path):
+    """The README's task, in a directory whose name has a space and a quote, on 2 workers of a
+    plain embedded Ray."""
+    home = tmp_path / "my 'tasks'"
+    home.mkdir()
+    (home / "my_task.py").write_text(_readme_task())
+    run_dir = home / "run dir"
+    proc = run_cli(["run", CONFIG, "train.task=my_task:Blobs", "ray.simulated_nodes=0",
+                    "scaling.min_workers=2", "scaling.max_workers=2", "train.steps=30",
+                    f"run.dir={run_dir}"], cwd=str(home))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["steps"] == 30 and s["world_sizes"] == [2]
+    assert s["final_loss"] < 0.5, "the blobs are separable: the loss must fall"
+    assert "== job local_cpu finished: 30/30 steps" in proc.stdout
+
+
+def test_four_workers_on_two_simulated_nodes_match_plain_ddp(tmp_path):
+    """4 workers spread over 2 simulated nodes; two identical runs end with identical weights, and
+    those equal what plain torch DDP on 4 gloo processes computes, bit for bit."""
+    digests = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        proc = run_cli(["run", CONFIG, "train.steps=25", "train.global_batch_size=12",
+                        f"run.dir={run_dir}"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        s = _summary(run_dir)
+        assert s["status"] == "finished" and s["steps"] == 25 and s["world_sizes"] == [4]
+        assert s["failures"] == 0 and s["steps_per_s"] > 0
+        digests.append(s["weights_digest"])
+        events = _events(run_dir)
+        names = [e["event"] for e in events]
+        assert names[0] == "job_start" and names[-1] == "job_end"
+        starts = [e for e in events if e["event"] == "worker_start"]
+        assert sorted(e["rank"] for e in starts) == [0, 1, 2, 3]
+        assert len({e["node_id"] for e in starts}) == 2, "spread over both simulated nodes"
+        assert all(e["pid"] > 0 and e["generation"] == 1 for e in starts)
+        formed = next(e for e in events if e["event"] == "group_formed")
+        assert formed["world_size"] == 4 and formed["source"] == "init" and formed["step"] == 0
+        assert events[-1]["status"] == "finished" and events[-1]["step"] == 25
+        assert os.path.exists(run_dir / "config.yaml")
+    assert digests[0] == digests[1]
+    state, losses = run_world(4, "ddp", steps=25, gbs=12)
+    assert weights_digest(state) == digests[0]
+    assert _summary(tmp_path / "a")["final_loss"] == pytest.approx(losses[-1], rel=1e-6)
+
+
+def test_fsdp_three_workers_match_plain_fsdp(tmp_path):
+    proc = run_cli(["run", CONFIG, "train.parallelism=fsdp", "scaling.max_workers=3", "train.steps=15",
+                    "train.global_batch_size=12", f"run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = _summary(tmp_path)
+    assert s["status"] == "finished" and s["world_sizes"] == [3]
+    state, _ = run_world(3, "fsdp", steps=15, gbs=12)
+    assert weights_digest(state) == s["weights_digest"]
+
+
+def test_a_killed_worker_fails_the_job_cleanly(tmp_path):
+    """Without elastic recovery, SIGKILL of a worker ends the job with exit 3, a failure_detected
+    event naming the worker, and no process left behind."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator", "run", CONFIG,
+                             "train.steps=100000", f"run.dir={tmp_path}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        victim = None
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if os.path.exists(tmp_path / "events.jsonl"):
+                events = _events(tmp_path)
+                if any(e["event"] == "group_formed" for e in events):
+                    victim = next(e for e in events if e["event"] == "worker_start"
+                                  and e["rank"] == 2)
+        assert victim is not None, "the group never formed"
+        time.sleep(2)
+        os.kill(victim["pid"], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, out
+    failed = [e for e in _events(tmp_path) if e["event"] == "failure_detected"]
+    assert failed and failed[0]["ranks"] == [2] and failed[0]["pids"] == [victim["pid"]]
+    assert failed[0]["kind"] == "process_exit"
+    assert _summary(tmp_path)["status"] == "failed"
+    assert "error: worker failure" in out
+    pids = [e["pid"] for e in _events(tmp_path) if e["event"] == "worker_start"]
+    time.sleep(1)
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().split()[2] == "Z", f"worker {pid} left running"

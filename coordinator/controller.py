@@ -62,6 +62,16 @@ class Transition:
     progress: Optional[Progress] = None
 
 
+def _describe(kind: str, fs: List[WorkerFailure]) -> str:
+    """'worker 2 lost (process exit, pid 4711)' / 'workers [0, 1] failed (task error: ...)'."""
+    ranks = fs[0].rank if len(fs) == 1 else [f.rank for f in fs]
+    noun = "worker" if len(fs) == 1 else "workers"
+    pids = ", ".join(str(f.pid) for f in fs)
+    if kind in ("process_exit", "node_lost", "hang"):
+        return f"{noun} {ranks} lost ({kind.replace('_', ' ')}, pid {pids})"
+    return f"{noun} {ranks} failed ({kind.replace('_', ' ')}: {fs[0].error})"
+
+
 class Controller:
     def __init__(self, cfg: Config, group: WorkerGroup, events: EventLog,
                  capacity: Callable[[], int], clock: Callable[[], float] = time.time):
@@ -183,7 +193,7 @@ class Controller:
         self.last_step, self.last_loss = step, entry[0]
         self.step_time_s += entry[3]
         self._recent.append((step, entry[2]))
-        if self._warm is None and step >= max(1, self.cfg.train.steps // 10):
+        if self._warm is None and step >= max(1, min(self.cfg.train.steps // 10, 50)):
             self._warm = (step, entry[2])
 
     def progress(self) -> Progress:
@@ -197,7 +207,7 @@ class Controller:
         return (s1 - s0) / (t1 - t0) if s1 > s0 and t1 > t0 else None
 
     def steady_steps_per_s(self) -> Optional[float]:
-        """Steps/s from the first 10% of the steps to the end (start-up excluded)."""
+        """Steps/s after a warm-up of 10% of the steps (at most 50), start-up excluded."""
         return self._rate(self._warm)
 
     def _on_failures(self, failures: List[WorkerFailure]) -> str:
@@ -212,8 +222,7 @@ class Controller:
             self.events.emit("failure_detected", kind=kind, ranks=[f.rank for f in fs],
                              pids=[f.pid for f in fs], generation=self.generation,
                              step=self.last_step, error=fs[0].error)
-        desc = "; ".join(f"ranks {[f.rank for f in fs]} {kind}: {fs[0].error}"
-                         for kind, fs in by_kind.items())
+        desc = "; ".join(_describe(kind, fs) for kind, fs in by_kind.items())
         return self._fail(f"worker failure at step {self.last_step}: {desc}")
 
     def _fail(self, message: str) -> str:

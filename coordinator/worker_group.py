@@ -62,6 +62,12 @@ def _first_line(err: BaseException) -> str:
     return text[-1] if text else type(err).__name__
 
 
+def _first_sentence(err: BaseException) -> str:
+    """Ray's actor-death text runs to a paragraph of troubleshooting advice: keep its opening."""
+    text = " ".join(str(err).split())
+    return text.split(". ")[0].rstrip(".") if text else type(err).__name__
+
+
 class RayWorkerGroup:
     def __init__(self, spec: WorkerSpec, cpus_per_worker: float, store_host: str, store_port: int,
                  start_timeout_s: float, rpc_timeout_s: float = 10.0):
@@ -168,7 +174,7 @@ class RayWorkerGroup:
         info = self.infos.get(rank)
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         kind = "node_lost" if info is not None and info.node_id not in alive else "process_exit"
-        return WorkerFailure(rank, kind, self._pid(rank), _first_line(err))
+        return WorkerFailure(rank, kind, self._pid(rank), _first_sentence(err))
 
     def _pid(self, rank: int) -> Optional[int]:
         info = self.infos.get(rank)

@@ -125,7 +125,8 @@ def test_a_killed_worker_fails_the_job_cleanly(tmp_path):
     assert failed and failed[0]["ranks"] == [2] and failed[0]["pids"] == [victim["pid"]]
     assert failed[0]["kind"] == "process_exit"
     assert _summary(tmp_path)["status"] == "failed"
-    assert "error: worker failure" in out
+    assert "error: worker failure at step" in out
+    assert f"worker 2 lost (process exit, pid {victim['pid']})" in out
     pids = [e["pid"] for e in _events(tmp_path) if e["event"] == "worker_start"]
     time.sleep(1)
     for pid in pids:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -45,6 +46,13 @@ def check_runnable(cfg: Config) -> None:
     if cfg.chaos.events:
         raise ConfigError("chaos.events: fault injection is not available in this version; "
                           "set chaos.events=[]")
+    from coordinator.cluster import probe_address, ray_address
+
+    address = ray_address(cfg)
+    why = probe_address(address) if address else None
+    if why:
+        source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
+        raise ConfigError(f"{source}={address!r}: {why}; start the cluster or fix the address")
 
 
 class _ReporterHandler(logging.Handler):

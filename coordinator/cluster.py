@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from typing import List, Optional
 
 import ray
@@ -21,10 +22,31 @@ from coordinator.config import Config
 logger = logging.getLogger(__name__)
 
 
+def ray_address(cfg: Config) -> Optional[str]:
+    """The cluster to join: RAY_ADDRESS (as set by `ray job submit` and SLURM scripts) wins over
+    `ray.address`; None means start an embedded Ray."""
+    return os.environ.get("RAY_ADDRESS") or cfg.ray.address
+
+
+def probe_address(address: str, timeout_s: float = 5.0) -> Optional[str]:
+    """For a `host:port` (or `ray://host:port`) address, try a TCP connection: ray.init would
+    otherwise retry for minutes. Returns why it is unreachable, or None. `auto` and other forms are
+    left to ray.init, which fails fast for them."""
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return f"nothing answers at {host}:{port} ({e.strerror or e})"
+
+
 class Cluster:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.address: Optional[str] = os.environ.get("RAY_ADDRESS") or cfg.ray.address
+        self.address = ray_address(cfg)
         self.embedded = self.address is None
         self._sim = None  # ray.cluster_utils.Cluster when simulating nodes
         self.sim_nodes: List = []

@@ -37,6 +37,7 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     group = None
     controller = None
     status = "failed"
+    error = None
     try:
         cluster.connect()
         # The rendezvous store lives in the driver: losing any worker, rank 0 included, leaves it up.
@@ -61,6 +62,12 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     except KeyboardInterrupt:
         status = "interrupted"
         reporter.message("interrupted: stopping workers")
+    except ConnectionError as e:  # ray.init found no cluster (e.g. ray.address=auto, none running)
+        error = f"cannot connect to Ray ({cluster.address}): {str(e).splitlines()[0]}"
+        logger.error("%s", error)
+    except Exception as e:  # a bug or an unforeseen runtime failure: record it, then exit 3
+        error = f"{type(e).__name__}: {e}"
+        logger.exception("the coordinator failed: %s", error)
     finally:
         if group is not None:
             group.shutdown()
@@ -69,6 +76,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
 
     summary = controller.summary() if controller else {"job": cfg.job.name, "steps": 0}
     summary["status"] = status
+    if error:
+        summary["error"] = error
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     events.emit("job_end", status=status, step=summary.get("steps", 0))
     events.close()

@@ -14,7 +14,6 @@ import collections
 import logging
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -83,8 +82,6 @@ class TrainWorker:
         self.world_size = 0
         self._reports: "collections.deque[StepReport]" = collections.deque()
         self._last_progress_t = time.time()
-        self._stop_at: Optional[int] = None
-        self._lock = threading.Lock()
 
     def _pick_device(self) -> torch.device:
         if not self.spec.use_gpu:
@@ -109,12 +106,6 @@ class TrainWorker:
         return Heartbeat(self.rank, self.generation, step, time.time(), self._last_progress_t,
                          reports)
 
-    @ray.method(concurrency_group="control")
-    def request_stop(self, at_step: int) -> None:
-        """Stop the training loop at the boundary of `at_step` (all ranks must get the same)."""
-        with self._lock:
-            self._stop_at = at_step
-
     # ---- train group ----------------------------------------------------------------------
     @ray.method(concurrency_group="train")
     def join_group(self, generation: int, rank: int, world_size: int, store_host: str,
@@ -137,16 +128,13 @@ class TrainWorker:
 
     @ray.method(concurrency_group="train")
     def train(self, until_step: int) -> int:
-        """Run steps until `until_step` (or an earlier stop request); returns the completed step."""
+        """Run steps until `until_step`; returns the completed step."""
         assert self.state is not None and self.rank is not None, "join_group first"
         st, spec = self.state, self.spec
         scale = data_lib.loss_scale(spec.global_batch_size, self.world_size, self.rank)
         share = data_lib.share(spec.global_batch_size, self.world_size, self.rank)
         self._last_progress_t = time.time()
         while st.step < until_step:
-            with self._lock:
-                if self._stop_at is not None and st.step >= self._stop_at:
-                    break
             t0 = time.time()
             batch = data_lib.local_batch(self.task, spec.seed, st.step, spec.global_batch_size,
                                          self.world_size, self.rank)
@@ -169,8 +157,3 @@ class TrainWorker:
         assert self.state is not None
         sd = full_model_state(self.state)
         return weights_digest(sd) if self.rank == 0 else None
-
-    @ray.method(concurrency_group="train")
-    def leave_group(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -15,7 +15,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from coordinator.worker import Heartbeat, TrainWorker, WorkerSpec
+from coordinator.worker import Heartbeat, TrainWorker, WorkerError, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +165,9 @@ class RayWorkerGroup:
             except RayActorError as e:
                 failures.append(self._lost(rank, e))
             except RayTaskError as e:
-                kind = "collective_error" if "WorkerError" in type(e).__name__ or \
-                    "WorkerError" in str(e).splitlines()[0] else "task_error"
+                # WorkerError: the collective failed (a peer died or hung); anything else was
+                # raised by the user's task code.
+                kind = "collective_error" if isinstance(e.cause, WorkerError) else "task_error"
                 failures.append(WorkerFailure(rank, kind, self._pid(rank), _first_line(e)))
         return values, failures
 

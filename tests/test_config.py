@@ -91,6 +91,8 @@ def test_file_errors(tmp_path):
     (["run", "configs/local_cpu.yaml", "checkpoint.interval_steps=10"],
      "checkpoint.interval_steps=10: checkpointing is not available"),
     (["run", "configs/nope.yaml"], "config file 'configs/nope.yaml' not found"),
+    (["run", "configs/local_cpu.yaml", "ray.address=127.0.0.1:1"],
+     "ray.address='127.0.0.1:1': nothing answers at 127.0.0.1:1"),
     (["run"], "error: the following arguments are required: config"),
     (["frobnicate"], "error: argument verb: invalid choice"),
 ])

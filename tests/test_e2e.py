@@ -54,6 +54,32 @@ def test_two_workers_readme_task_from_a_path_with_spaces(tmp_path):
     assert "== job local_cpu finished: 30/30 steps" in proc.stdout
 
 
+BROKEN_TASK = """
+from train.tasks.mlp import MLPRegression
+
+
+class Broken(MLPRegression):
+    calls = 0
+
+    def loss(self, model, batch):
+        Broken.calls += 1
+        if Broken.calls > 3:
+            raise ValueError("labels out of range in my loss")
+        return super().loss(model, batch)
+"""
+
+
+def test_an_error_in_the_users_task_fails_the_job_with_its_message(tmp_path):
+    (tmp_path / "broken_task.py").write_text(BROKEN_TASK)
+    proc = run_cli(["run", CONFIG, "train.task=broken_task:Broken", "ray.simulated_nodes=0",
+                    "scaling.max_workers=2", f"run.dir={tmp_path / 'run'}"], cwd=str(tmp_path))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    s = _summary(tmp_path / "run")
+    assert s["status"] == "failed" and s["steps"] == 3
+    assert "task error: ValueError: labels out of range in my loss" in s["error"]
+    assert "labels out of range in my loss" in proc.stdout
+
+
 def test_four_workers_on_two_simulated_nodes_match_plain_ddp(tmp_path):
     """4 workers spread over 2 simulated nodes; two identical runs end with identical weights, and
     those equal what plain torch DDP on 4 gloo processes computes, bit for bit."""

@@ -40,9 +40,15 @@ def check_runnable(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # Settings whose machinery this version does not have: refuse them rather than ignore them.
-    if cfg.checkpoint.interval_steps != 0:
-        raise ConfigError(f"checkpoint.interval_steps={cfg.checkpoint.interval_steps!r}: "
-                          "checkpointing is not available in this version; set 0")
+    if cfg.checkpoint.interval_steps == "auto":
+        raise ConfigError("checkpoint.interval_steps='auto': the auto-tuned interval is not "
+                          "available in this version; give a number of steps")
+    from coordinator.checkpoint.storage import filesystem
+
+    try:
+        filesystem(cfg.checkpoint.uri, cfg.checkpoint.storage_options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.chaos.events:
         raise ConfigError("chaos.events: fault injection is not available in this version; "
                           "set chaos.events=[]")

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+from coordinator.checkpoint.committer import Committer
+from coordinator.checkpoint.manifest import CheckpointInfo
 from coordinator.config import Config
 from coordinator.events import EventLog
 from coordinator.scaling_policy import ScalingPolicy
@@ -74,13 +76,16 @@ def _describe(kind: str, fs: List[WorkerFailure]) -> str:
 
 class Controller:
     def __init__(self, cfg: Config, group: WorkerGroup, events: EventLog,
-                 capacity: Callable[[], int], clock: Callable[[], float] = time.time):
+                 capacity: Callable[[], int], committer: Optional[Committer] = None,
+                 clock: Callable[[], float] = time.time):
         self.cfg = cfg
         self.group = group
         self.events = events
         self.capacity = capacity
         self.clock = clock
         self.policy = ScalingPolicy(cfg.scaling.min_workers, cfg.scaling.max_workers)
+        self.committer = committer
+        self.resume: Optional[CheckpointInfo] = None  # the checkpoint this run started from
         self.phase = Phase.STARTING
         self.generation = 0
         self.world_size = 0
@@ -132,6 +137,13 @@ class Controller:
                     f"{self.cfg.failure.wait_for_workers_s:g}); lower scaling.min_workers or "
                     f"scaling.cpus_per_worker, or add nodes"), None
             return "waiting for capacity", None
+        if self.committer is not None:
+            # A rerun of the same command resumes: a committed checkpoint beats the initial state.
+            self.resume = self.committer.resolve_resume()
+            if self.resume is not None:
+                self.last_step = self.resume.step
+                logger.info("resuming from checkpoint step %d (%s, saved by %s workers)",
+                            self.resume.step, self.resume.path, self.resume.world_size)
         logger.info(decision.reason)
         try:
             infos = self.group.start(decision.world_size)
@@ -146,12 +158,14 @@ class Controller:
 
     def _form(self):
         self.generation += 1
-        failures = self.group.form(self.generation)
+        restore = self.resume.path if self.resume is not None else None
+        failures = self.group.form(self.generation, restore)
         if failures:
             return self._on_failures(failures), None
         self.world_sizes.append(self.world_size)
         self.events.emit("group_formed", generation=self.generation, world_size=self.world_size,
-                         ranks=list(range(self.world_size)), source="init", step=self.last_step)
+                         ranks=list(range(self.world_size)),
+                         source="checkpoint" if restore else "init", step=self.last_step)
         logger.info("generation %d formed: %d workers", self.generation, self.world_size)
         self.group.launch(self.cfg.train.steps)
         self.phase = Phase.RUNNING
@@ -159,16 +173,12 @@ class Controller:
 
     def _run(self):
         poll = self.group.poll()
-        for hb in poll.heartbeats.values():
-            for rep in hb.reports:
-                self._account(rep.step, rep.weighted_loss, rep.t, rep.duration_s)
+        self._absorb(poll.heartbeats)
         if poll.failures:
             return self._on_failures(poll.failures), self.progress()
         if len(poll.finished) == self.world_size:
             # The train calls returned: drain the last reports, which may postdate the heartbeat.
-            for hb in self.group.poll().heartbeats.values():
-                for rep in hb.reports:
-                    self._account(rep.step, rep.weighted_loss, rep.t, rep.duration_s)
+            self._absorb(self.group.poll().heartbeats)
             self.phase = Phase.FINALIZING
             return f"all workers reached step {max(poll.finished.values())}", self.progress()
         return "", self.progress()
@@ -179,6 +189,14 @@ class Controller:
         return "done", self.progress()
 
     # ---- helpers --------------------------------------------------------------------------
+    def _absorb(self, heartbeats) -> None:
+        for hb in heartbeats.values():
+            for rep in hb.reports:
+                self._account(rep.step, rep.weighted_loss, rep.t, rep.duration_s)
+            for save in hb.saves:
+                if self.committer is not None:
+                    self.committer.on_save(save, self.world_size, self.generation)
+
     def _account(self, step: int, weighted_loss: float, t: float, duration: float) -> None:
         entry = self._pending.setdefault(step, [0.0, 0, 0.0, 0.0])
         entry[0] += weighted_loss
@@ -244,6 +262,8 @@ class Controller:
             "generations": self.generation,
             "failures": len(self.failures),
             "recoveries": 0,
+            "resumed_from_step": self.resume.step if self.resume else None,
+            "checkpoints_committed": len(self.committer.committed) if self.committer else 0,
             "steps_per_s": self.steady_steps_per_s(),
             "goodput": {"wall_s": round(wall, 3), "step_s": round(self.step_time_s, 3),
                         "ratio": round(self.step_time_s / wall, 4) if wall > 0 else None},

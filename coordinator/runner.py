@@ -30,6 +30,7 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     # Imported here so that config errors are reported before torch and Ray load.
     import torch.distributed as dist
 
+    from coordinator.checkpoint.committer import Committer, absolute_uri
     from coordinator.worker import WorkerSpec
     from coordinator.worker_group import RayWorkerGroup
 
@@ -48,10 +49,18 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
             total_steps=cfg.train.steps, global_batch_size=cfg.train.global_batch_size,
             parallelism=cfg.train.parallelism, use_gpu=cfg.scaling.use_gpu,
             torch_threads=max(1, int(cfg.scaling.cpus_per_worker)),
-            collective_timeout_s=cfg.train.collective_timeout_s)
+            collective_timeout_s=cfg.train.collective_timeout_s,
+            checkpoint_uri=absolute_uri(cfg.checkpoint.uri) if cfg.checkpoint.interval_steps else "",
+            checkpoint_options=dict(cfg.checkpoint.storage_options),
+            checkpoint_interval=int(cfg.checkpoint.interval_steps or 0),
+            checkpoint_async=cfg.checkpoint.async_,
+            checkpoint_final=bool(cfg.checkpoint.interval_steps))
+        committer = Committer(cfg.checkpoint.uri, cfg.checkpoint.storage_options,
+                              cfg.checkpoint.keep, cfg.checkpoint.verify_on_load,
+                              cfg.config_hash(), events)
         group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, cluster.driver_ip(), store.port,
                                start_timeout_s=cfg.failure.wait_for_workers_s)
-        controller = Controller(cfg, group, events, cluster.capacity)
+        controller = Controller(cfg, group, events, cluster.capacity, committer)
         while not controller.done:
             tr = controller.step()
             if tr.progress is not None:

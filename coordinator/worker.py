@@ -24,7 +24,17 @@ import torch
 import torch.distributed as dist
 
 from train import data as data_lib
-from train.state import TrainState, build_state, full_model_state, weights_digest
+from train import parallel
+from coordinator.checkpoint.saver import CheckpointSaver, SaveReport, load_checkpoint
+from train.state import (
+    TrainState,
+    apply_loaded,
+    build_state,
+    checkpoint_state,
+    full_model_state,
+    load_template,
+    weights_digest,
+)
 from train.step import train_step
 from train.task import make_task
 
@@ -45,6 +55,11 @@ class WorkerSpec:
     use_gpu: bool
     torch_threads: int
     collective_timeout_s: float
+    checkpoint_uri: str = ""
+    checkpoint_options: Dict[str, Any] = field(default_factory=dict)
+    checkpoint_interval: int = 0  # 0 = no periodic saves
+    checkpoint_async: bool = True
+    checkpoint_final: bool = False  # save at the last step (so a longer rerun can continue)
 
 
 @dataclass
@@ -63,6 +78,7 @@ class Heartbeat:
     t: float  # when this heartbeat was taken
     last_progress_t: float  # when the last step completed (or training started)
     reports: List[StepReport] = field(default_factory=list)  # completed steps since last poll
+    saves: List[SaveReport] = field(default_factory=list)  # finished checkpoint writes since then
 
 
 class WorkerError(RuntimeError):
@@ -82,6 +98,7 @@ class TrainWorker:
         self.world_size = 0
         self._reports: "collections.deque[StepReport]" = collections.deque()
         self._last_progress_t = time.time()
+        self.saver: Optional[CheckpointSaver] = None
 
     def _pick_device(self) -> torch.device:
         if not self.spec.use_gpu:
@@ -99,18 +116,24 @@ class TrainWorker:
 
     @ray.method(concurrency_group="control")
     def heartbeat(self) -> Heartbeat:
-        reports = []
+        reports, saves = [], []
         while self._reports:
             reports.append(self._reports.popleft())
+        while self.saver is not None and self.saver.reports:
+            saves.append(self.saver.reports.popleft())
         step = self.state.step if self.state is not None else 0
         return Heartbeat(self.rank, self.generation, step, time.time(), self._last_progress_t,
-                         reports)
+                         reports, saves)
 
     # ---- train group ----------------------------------------------------------------------
     @ray.method(concurrency_group="train")
     def join_group(self, generation: int, rank: int, world_size: int, store_host: str,
-                   store_port: int) -> None:
-        """Leave the previous generation's process group and form generation `generation`."""
+                   store_port: int, restore_path: Optional[str] = None) -> int:
+        """Leave the previous generation's process group and form generation `generation`;
+        with `restore_path`, load that checkpoint (resharded to this world). Returns the step."""
+        if self.saver is not None:
+            self.saver.close()
+            self.saver = None
         if dist.is_initialized():
             dist.destroy_process_group()
         timeout = timedelta(seconds=self.spec.collective_timeout_s)
@@ -118,13 +141,31 @@ class TrainWorker:
         backend = "nccl" if self.spec.use_gpu else "gloo"
         dist.init_process_group(backend, store=dist.PrefixStore(f"gen{generation}/", store),
                                 rank=rank, world_size=world_size, timeout=timeout)
+        # Checkpoint collectives get their own gloo group: they run on the persist thread and must
+        # never interleave with the training group's collectives.
+        ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         self.generation, self.rank, self.world_size = generation, rank, world_size
         if self.state is None:
             self.state = build_state(self.task, self.spec.parallelism, self.device,
                                      self.spec.seed, self.spec.total_steps)
         # Per-rank RNG (dropout and the like) derives from (seed, rank) only.
         torch.manual_seed(self.spec.seed * 100_003 + 1 + rank)
+        if restore_path:
+            st = self.state
+            sd = load_checkpoint(restore_path, self.spec.checkpoint_options,
+                                 lambda saved: load_template(st, rank, saved), ckpt_group)
+            apply_loaded(st, sd, rank)
+        # Same DDP bucket layout for every wrap, resumed or not (see train.parallel.prime).
+        batch = data_lib.local_batch(self.task, self.spec.seed, self.state.step,
+                                     self.spec.global_batch_size, world_size, rank)
+        parallel.prime(self.state.model, self.task.loss,
+                       {k: v.to(self.device) for k, v in batch.items()})
+        if self.spec.checkpoint_uri:
+            self.saver = CheckpointSaver(self.spec.checkpoint_uri, self.spec.checkpoint_options,
+                                         self.spec.checkpoint_async, rank, ckpt_group)
+            self.saver.last_step = self.state.step if restore_path else None
         self._last_progress_t = time.time()
+        return self.state.step
 
     @ray.method(concurrency_group="train")
     def train(self, until_step: int) -> int:
@@ -148,6 +189,15 @@ class TrainWorker:
             now = time.time()
             self._last_progress_t = now
             self._reports.append(StepReport(st.step, loss * share, now, now - t0))
+            interval = spec.checkpoint_interval
+            if self.saver is not None and interval and st.step % interval == 0 \
+                    and st.step < spec.total_steps:
+                self.saver.save(st.step, checkpoint_state(st, self.rank))
+        if self.saver is not None:
+            if spec.checkpoint_final and st.step == spec.total_steps \
+                    and self.saver.last_step != st.step:
+                self.saver.save(st.step, checkpoint_state(st, self.rank))
+            self.saver.wait()  # every save of this call is reported before it returns
         return st.step
 
     @ray.method(concurrency_group="train")

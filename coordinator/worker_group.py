@@ -49,7 +49,7 @@ class CapacityError(RuntimeError):
 
 class WorkerGroup(Protocol):
     def start(self, world_size: int) -> List[WorkerInfo]: ...
-    def form(self, generation: int) -> List[WorkerFailure]: ...
+    def form(self, generation: int, restore_path: Optional[str] = None) -> List[WorkerFailure]: ...
     def launch(self, until_step: int) -> None: ...
     def poll(self) -> PollResult: ...
     def final_digest(self) -> str: ...
@@ -106,11 +106,17 @@ class RayWorkerGroup:
             self.infos[rank] = WorkerInfo(rank, info["pid"], info["node_id"], info["host"])
         return [self.infos[r] for r in sorted(self.infos)]
 
-    def form(self, generation: int) -> List[WorkerFailure]:
+    def form(self, generation: int, restore_path: Optional[str] = None) -> List[WorkerFailure]:
+        """Form generation `generation` over all actors; with `restore_path`, each loads its part
+        of that checkpoint. Loading can take a while: no fixed timeout beyond the collective's."""
         world = len(self.actors)
-        refs = {r: a.join_group.remote(generation, r, world, self.store_host, self.store_port)
+        refs = {r: a.join_group.remote(generation, r, world, self.store_host, self.store_port,
+                                       restore_path)
                 for r, a in self.actors.items()}
-        return self._collect(refs, timeout=self.spec.collective_timeout_s + self.rpc_timeout_s)[1]
+        timeout = self.spec.collective_timeout_s + self.rpc_timeout_s
+        if restore_path:
+            timeout += 600
+        return self._collect(refs, timeout=timeout)[1]
 
     def launch(self, until_step: int) -> None:
         self._train_refs = {r: a.train.remote(until_step) for r, a in self.actors.items()}

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from train import data as data_lib
+from train import parallel
 from train.state import build_state, full_model_state, weights_digest
 from train.step import train_step
 from train.task import make_task
@@ -35,6 +36,10 @@ def main() -> None:
     task = make_task(a.task, {})
     st = build_state(task, a.parallelism, torch.device("cpu"), a.seed, a.steps)
     torch.manual_seed(a.seed * 100_003 + 1 + rank)
+    # The coordinator primes DDP's buckets once per wrap (train.parallel.prime); so does this
+    # baseline, so that both compute the same weights.
+    parallel.prime(st.model, task.loss,
+                   data_lib.local_batch(task, a.seed, 0, a.global_batch_size, world, rank))
     warm = max(1, min(a.steps // 10, 50))  # the coordinator's warm-up (controller.py)
     scale = data_lib.loss_scale(a.global_batch_size, world, rank)
     t_warm = None

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from train import data as data_lib
+from train import parallel
 from train.state import build_state, full_model_state
 from train.step import train_step
 from train.task import make_task
@@ -24,6 +25,7 @@ def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, se
                             timeout=timedelta(seconds=60))
     t = make_task(task, task_args)
     st = build_state(t, parallelism, torch.device("cpu"), seed, steps)
+    parallel.prime(st.model, t.loss, data_lib.local_batch(t, seed, 0, gbs, world, rank))
     losses = []
     for step in range(steps):
         batch = data_lib.local_batch(t, seed, step, gbs, world, rank)

@@ -26,8 +26,9 @@ class FakeGroup:
         self.world = world_size
         return [WorkerInfo(r, 1000 + r, f"node{r % 2}", "host") for r in range(world_size)]
 
-    def form(self, generation):
+    def form(self, generation, restore_path=None):
         self.generation = generation
+        self.restored_from = restore_path
         return []
 
     def launch(self, until_step):

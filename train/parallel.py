@@ -31,3 +31,19 @@ def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task) -
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def prime(model: nn.Module, loss_fn, batch) -> None:
+    """Run one forward/backward with a zero loss so DDP rebuilds its gradient buckets now.
+
+    DDP reorders its buckets after the first backward of a wrapped model, and gloo's all-reduce
+    sums each element in an order that depends on where it sits in its bucket. Without this, the
+    first step after any (re)wrap, such as a resume, would sum in another order than the
+    uninterrupted run did at that step, and the weights would drift in the last bits. Priming
+    gives every wrap the same bucket layout before the first real step. FSDP2 has no buckets to
+    rebuild; it is left alone. The zero gradients are discarded."""
+    if not isinstance(model, DistributedDataParallel):
+        return
+    (loss_fn(model, batch) * 0.0).backward()
+    for p in model.parameters():
+        p.grad = None

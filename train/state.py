@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from train import parallel
 from train.task import Task
@@ -50,3 +56,61 @@ def weights_digest(sd: Dict[str, torch.Tensor]) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# ---- checkpoint state --------------------------------------------------------------------------
+# Everything a resume needs, as a DCP state dict of tensors only (no pickled objects, so nothing
+# but tensors is ever deserialised): model and optimizer (DTensor shards under FSDP2, replicated
+# tensors under DDP), the step (= data cursor), the scheduler as JSON bytes, and this rank's RNG.
+
+def _rng_key(rank: int) -> str:
+    return f"rng/rank{rank}"
+
+
+def _json_tensor(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).clone()
+
+
+def _tensor_json(t: torch.Tensor):
+    return json.loads(bytes(t.to(torch.uint8).tolist()).decode())
+
+
+def checkpoint_state(state: TrainState, rank: int) -> Dict[str, object]:
+    """The state dict to save. Keys shared by all ranks hold equal values (DCP writes each once);
+    `rng/rank<r>` is this rank's own."""
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
+    extra = {"step": torch.tensor(state.step, dtype=torch.int64)}
+    if state.scheduler is not None:
+        try:
+            extra["scheduler"] = _json_tensor(state.scheduler.state_dict())
+        except TypeError as e:
+            raise ValueError(f"the task's LR scheduler state is not JSON-serialisable ({e}); "
+                             "checkpoints hold tensors and JSON only") from None
+    return {"model": model_sd, "optim": optim_sd, "extra": extra,
+            _rng_key(rank): torch.get_rng_state()}
+
+
+def load_template(state: TrainState, rank: int,
+                  saved: Dict[str, torch.Size]) -> Dict[str, object]:
+    """The state dict to load into, given the saved tensors' flattened keys and sizes: this rank's
+    current tensors give shapes and shardings (DCP reshards to them). This rank's RNG is loaded
+    only if the checkpoint has one for its rank (a world that grew has new ranks)."""
+    sd = checkpoint_state(state, rank)
+    if _rng_key(rank) not in saved:
+        del sd[_rng_key(rank)]
+    if "extra.scheduler" in saved and "scheduler" in sd["extra"]:
+        # The saved JSON may be longer or shorter than ours: load into a tensor of its size.
+        sd["extra"]["scheduler"] = torch.empty(saved["extra.scheduler"], dtype=torch.uint8)
+    else:
+        sd["extra"].pop("scheduler", None)
+    return sd
+
+
+def apply_loaded(state: TrainState, sd: Dict[str, object], rank: int) -> None:
+    set_state_dict(state.model, state.optimizer, model_state_dict=sd["model"],
+                   optim_state_dict=sd["optim"])
+    state.step = int(sd["extra"]["step"])
+    if state.scheduler is not None and "scheduler" in sd["extra"]:
+        state.scheduler.load_state_dict(_tensor_json(sd["extra"]["scheduler"]))
+    if _rng_key(rank) in sd:
+        torch.set_rng_state(sd[_rng_key(rank)])

@@ -1,0 +1,1 @@
+"""Sharded asynchronous checkpoints: storage seam, commit protocol, saver and restore."""

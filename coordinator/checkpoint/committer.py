@@ -1,0 +1,107 @@
+"""The driver's side of checkpoints: pick what to resume from, commit saves, apply retention."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional
+
+from coordinator.checkpoint import manifest as mf
+from coordinator.checkpoint.saver import SaveReport
+from coordinator.events import EventLog
+
+logger = logging.getLogger(__name__)
+
+
+def absolute_uri(uri: str) -> str:
+    """Local paths become absolute, so workers with another working directory agree on them."""
+    if "://" in uri:
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+    return os.path.abspath(uri)
+
+
+class Committer:
+    def __init__(self, uri: str, storage_options: Dict, keep: int, verify_on_load: bool,
+                 config_hash: str, events: EventLog):
+        self.uri = absolute_uri(uri)
+        self.options = dict(storage_options)
+        self.keep, self.verify_on_load = keep, verify_on_load
+        self.config_hash = config_hash
+        self.events = events
+        self.protected: set = set()  # steps that must not be deleted (the one restored from)
+        self._pending: Dict[int, Dict[int, SaveReport]] = {}
+        self.committed: List[int] = []
+        self.failed: List[int] = []
+
+    # ---- resume ---------------------------------------------------------------------------
+    def resolve_resume(self) -> Optional[mf.CheckpointInfo]:
+        """The newest committed (and, with verify_on_load, verified) checkpoint, or None. Newer
+        ones passed over are logged with the reason."""
+        chosen, skipped = mf.resolve_latest(self.uri, self.options, self.verify_on_load)
+        for ci in skipped:
+            logger.warning("checkpoint step %d at %s not used: %s%s", ci.step, ci.path, ci.reason,
+                           f"; falling back to step {chosen.step}" if chosen else "")
+            self.events.emit("checkpoint_skipped", step=ci.step, status=ci.status,
+                             reason=ci.reason)
+        if chosen is not None:
+            self.protected.add(chosen.step)
+            if chosen.manifest.get("config_hash") != self.config_hash:
+                logger.info("resuming from step %d saved under another config (hash %s, now %s)",
+                            chosen.step, chosen.manifest.get("config_hash"), self.config_hash)
+        return chosen
+
+    # ---- commit ---------------------------------------------------------------------------
+    def on_save(self, rep: SaveReport, world_size: int, generation: int) -> None:
+        reports = self._pending.setdefault(rep.step, {})
+        reports[rep.rank] = rep
+        if len(reports) < world_size:
+            return
+        del self._pending[rep.step]
+        waited = max(r.waited_s for r in reports.values())
+        if waited > 0.01:
+            logger.warning("checkpoint step %d waited %.2fs for the previous save to persist "
+                           "(raise checkpoint.interval_steps if this recurs)", rep.step, waited)
+            self.events.emit("checkpoint_wait", step=rep.step, waited_s=round(waited, 4))
+        bad = {r: x.error for r, x in sorted(reports.items()) if not x.ok}
+        if bad:
+            ranks = sorted(bad)
+            return self._failed(rep.step, f"ranks {ranks} could not persist: {bad[ranks[0]]}")
+        files: Dict[str, Dict] = {}
+        for r in reports.values():
+            files.update(r.files)
+        try:
+            manifest = mf.write_manifest(self.uri, self.options, rep.step, files, world_size,
+                                         generation, self.config_hash)
+        except Exception as e:  # the storage failed at the last moment: not committed
+            return self._failed(rep.step, f"manifest write failed: {type(e).__name__}: {e}")
+        stall = max(r.stall_s for r in reports.values())
+        persist = max(r.persist_s for r in reports.values())
+        self.committed.append(rep.step)
+        self.events.emit("checkpoint_committed", step=rep.step,
+                         uri=f"{self.uri.rstrip('/')}/{mf.step_name(rep.step)}",
+                         bytes=manifest["bytes"], stall_s=round(stall, 4),
+                         persist_s=round(persist, 4))
+        logger.info("checkpoint step %d committed: %.1f MB, stall %.3fs, persist %.2fs",
+                    rep.step, manifest["bytes"] / 1e6, stall, persist)
+        self.retain()
+
+    def _failed(self, step: int, reason: str) -> None:
+        self.failed.append(step)
+        logger.error("checkpoint step %d not committed: %s", step, reason)
+        self.events.emit("checkpoint_failed", step=step, reason=reason)
+
+    def retain(self) -> None:
+        """Keep the newest `keep` committed checkpoints; a failed delete is logged, not fatal."""
+        try:
+            infos = mf.list_checkpoints(self.uri, self.options)
+        except Exception as e:
+            logger.warning("retention skipped: cannot list %s: %s", self.uri, e)
+            return
+        inflight = set(self._pending)
+        for step in mf.retention_victims(infos, self.keep, self.protected | inflight):
+            try:
+                mf.delete_checkpoint(self.uri, self.options, step)
+                logger.info("retention: deleted checkpoint step %d (checkpoint.keep=%d)", step,
+                            self.keep)
+            except Exception as e:
+                logger.warning("retention: could not delete step %d: %s", step, e)

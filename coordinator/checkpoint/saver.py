@@ -1,0 +1,160 @@
+"""Two-phase asynchronous saves, run inside each worker.
+
+Phase 1 (the only stall): at a step boundary, copy the state to CPU memory. The stager keeps its
+CPU buffers between saves, so steady-state staging is a memcpy into memory already allocated.
+Phase 2 (background thread): torch DCP writes this rank's shards through fsspec while training goes
+on. DCP's planning collectives run on a separate gloo group made for checkpoints, never on the
+training group. Every written byte is hashed on its way out, so the rank can report each file's
+size and sha256 without reading it back; the driver commits (writes the manifest) only when every
+rank has reported.
+
+At most one save is in flight. When the next one is due while the previous is still persisting, we
+WAIT for it rather than skip: every due checkpoint is written, and the wait shows up as a
+`checkpoint_wait` event (raise `checkpoint.interval_steps` if it recurs). Skipping would need the
+ranks to agree on it with a collective, and would silently widen the window of lost work.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from coordinator.checkpoint.manifest import MANIFEST, step_name
+from coordinator.checkpoint.storage import HashingStream, filesystem, join, options_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveReport:
+    step: int
+    rank: int
+    ok: bool
+    files: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> {size, sha256}
+    stall_s: float = 0.0  # training blocked: waiting for the previous save + staging
+    waited_s: float = 0.0  # the part of the stall spent waiting for the previous save
+    persist_s: float = 0.0  # background write time, retries included
+    attempts: int = 0
+    error: str = ""
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's fsspec filesystem, recording the size and sha256 of every file it writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: Dict[str, Dict[str, Any]] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        if not any(ch in mode for ch in "wa+"):
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as stream:
+            hashing = HashingStream(stream, None)
+            yield hashing
+        size, digest = hashing.digest()  # recorded once the file is closed
+        self.records[str(path).rsplit("/", 1)[-1]] = {"size": size, "sha256": digest}
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)
+        old = str(path).rsplit("/", 1)[-1]
+        if old in self.records:
+            self.records[str(new_path).rsplit("/", 1)[-1]] = self.records.pop(old)
+
+
+class _Writer(FsspecWriter):
+    def __init__(self, path: str, options: Dict[str, Any], thread_count: int):
+        super().__init__(path, sync_files=True, thread_count=thread_count, **options)
+        self.fs = _HashingFileSystem()
+        self.path = self.fs.init_path(path, **options)
+
+
+class CheckpointSaver:
+    def __init__(self, uri: str, storage_options: Dict[str, Any], async_: bool, rank: int,
+                 group, retries: int = 3, backoff_s: float = 1.0, thread_count: int = 2):
+        self.uri, self.rank, self.group, self.async_ = uri, rank, group, async_
+        self.options = options_for(uri, storage_options)
+        self.storage_options = storage_options
+        self.retries, self.backoff_s, self.thread_count = retries, backoff_s, thread_count
+        self.reports: "collections.deque[SaveReport]" = collections.deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-persist")
+        self._future: Optional[Future] = None
+        self._stager = DefaultStager(StagingOptions(
+            use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+            use_async_staging=False, use_non_blocking_copy=False))
+        self.last_step: Optional[int] = None
+
+    def save(self, step: int, state_dict: Dict[str, Any]) -> None:
+        t0 = time.time()
+        waited = 0.0
+        if self._future is not None and not self._future.done():
+            self._future.result()  # wait policy: see the module docstring
+            waited = time.time() - t0
+        staged = self._stager.stage(state_dict)
+        stall = time.time() - t0
+        self.last_step = step
+        if self.async_:
+            self._future = self._executor.submit(self._persist, step, staged, stall, waited)
+        else:
+            self._persist(step, staged, stall, waited)
+
+    def wait(self) -> None:
+        if self._future is not None:
+            self._future.result()
+
+    def close(self) -> None:
+        self.wait()
+        self._executor.shutdown(wait=True)
+        self._stager.close()
+
+    def _persist(self, step: int, staged: Dict[str, Any], stall: float, waited: float) -> None:
+        path = join(self.uri, step_name(step))
+        t0 = time.time()
+        error = ""
+        for attempt in range(1, self.retries + 1):
+            try:
+                if self.rank == 0:
+                    self._uncommit(path)
+                writer = _Writer(path, self.options, self.thread_count)
+                dcp.save(staged, storage_writer=writer, process_group=self.group)
+                self.reports.append(SaveReport(step, self.rank, True, dict(writer.fs.records),
+                                               stall, waited, time.time() - t0, attempt))
+                return
+            except Exception as e:  # storage errors of any kind: retry, then report
+                error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                logger.warning("rank %d: checkpoint step %d attempt %d/%d failed: %s",
+                               self.rank, step, attempt, self.retries, error)
+                if attempt < self.retries:
+                    time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        self.reports.append(SaveReport(step, self.rank, False, {}, stall, waited,
+                                       time.time() - t0, self.retries, error))
+
+    def _uncommit(self, path: str) -> None:
+        """A step directory being (re)written must not keep an older manifest."""
+        fs, p = filesystem(path, self.storage_options)
+        if fs.exists(join(p, MANIFEST)):
+            fs.rm(join(p, MANIFEST))
+
+
+def load_checkpoint(path: str, storage_options: Dict[str, Any], template_fn, group):
+    """Load a checkpoint into the state dict `template_fn(saved_sizes)` builds, resharding to its
+    shapes (DCP). Tensors are read with torch.load(weights_only=True) by DCP."""
+    options = options_for(path, storage_options)
+    reader = FsspecReader(path, **options)
+    metadata = reader.read_metadata()
+    saved = {k: md.size for k, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
+    sd = template_fn(saved)
+    dcp.load(sd, storage_reader=FsspecReader(path, **options), process_group=group)
+    return sd

@@ -1,0 +1,82 @@
+"""The storage seam: plain string URIs through fsspec (local paths, file://, memory://, s3://).
+
+URIs stay strings end to end (`pathlib` would mangle `s3://`). For s3:// the botocore timeouts and
+retries are bounded by default so an endpoint outage costs seconds, not minutes; anything given in
+`checkpoint.storage_options` wins.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any, Dict, Iterator, Tuple
+
+import fsspec
+from fsspec.core import url_to_fs
+
+# Bounded S3 behaviour (seconds): connect, read, and botocore's own retry attempts.
+S3_DEFAULT_CONFIG = {"connect_timeout": 5, "read_timeout": 20,
+                     "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+def options_for(uri: str, storage_options: Dict[str, Any]) -> Dict[str, Any]:
+    opts = copy.deepcopy(dict(storage_options or {}))
+    if uri.startswith(("s3://", "s3a://")):
+        cfg = dict(S3_DEFAULT_CONFIG)
+        cfg.update(opts.get("config_kwargs") or {})
+        opts["config_kwargs"] = cfg
+        opts.setdefault("retries", 2)  # s3fs's own retry loop on top of botocore's
+    return opts
+
+
+def filesystem(uri: str, storage_options: Dict[str, Any]) -> Tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a URI. Raises ValueError for an unknown scheme."""
+    try:
+        return url_to_fs(uri, **options_for(uri, storage_options))
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"checkpoint.uri={uri!r}: {e}") from None
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class HashingStream:
+    """A write stream that hashes and counts what passes through it, so the manifest's checksums
+    cost no second read of the data."""
+
+    def __init__(self, stream, on_close):
+        self._stream = stream
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._on_close = on_close
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self._size += view.nbytes
+        return self._stream.write(data)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def digest(self) -> Tuple[int, str]:
+        return self._size, self._hash.hexdigest()
+
+    def __getattr__(self, name):  # flush, fileno, ... (fileno may raise: DCP falls back)
+        return getattr(self._stream, name)
+
+
+def walk_files(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Tuple[str, int]]:
+    """(name relative to path, size) of every file directly under path."""
+    for info in fs.ls(path, detail=True):
+        if info.get("type") == "file":
+            yield info["name"].rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0)

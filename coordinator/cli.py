@@ -28,6 +28,13 @@ def _parser() -> argparse.ArgumentParser:
         "e.g. train.steps=100 scaling.max_workers=4."))
     run.add_argument("config", help="YAML config file, e.g. configs/local_cpu.yaml")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    ins = sub.add_parser("inspect", help="list the checkpoints under a URI", description=(
+        "List the checkpoints under URI (local path or fsspec URI such as s3://bucket/run): step, "
+        "status (committed / incomplete / corrupt), world size, size. Exit 1 if a committed "
+        "checkpoint fails verification. S3 endpoints and credentials come from the standard AWS "
+        "variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."))
+    ins.add_argument("uri", help="the checkpoint location (checkpoint.uri of the run)")
+    ins.add_argument("--verify", action="store_true", help="recheck every file's sha256")
     return p
 
 
@@ -96,4 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         reporter = ProgressReporter(interval_s=cfg.run.log_interval_s)
         _setup_logging(reporter)
         return run_job(cfg, reporter)
+    if args.verb == "inspect":
+        from coordinator.inspect_cmd import run_inspect
+
+        return run_inspect(args.uri, args.verify, {})
     raise AssertionError(f"unhandled verb {args.verb}")

@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -132,8 +133,8 @@ class CheckpointSaver:
                 self.reports.append(SaveReport(step, self.rank, True, dict(writer.fs.records),
                                                stall, waited, time.time() - t0, attempt))
                 return
-            except Exception as e:  # storage errors of any kind: retry, then report
-                error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            except (Exception, CheckpointException) as e:  # (the latter is a BaseException)
+                error = _error_text(e)
                 logger.warning("rank %d: checkpoint step %d attempt %d/%d failed: %s",
                                self.rank, step, attempt, self.retries, error)
                 if attempt < self.retries:
@@ -146,6 +147,16 @@ class CheckpointSaver:
         fs, p = filesystem(path, self.storage_options)
         if fs.exists(join(p, MANIFEST)):
             fs.rm(join(p, MANIFEST))
+
+
+def _error_text(e: BaseException) -> str:
+    """One line: DCP wraps each rank's exception with its traceback; keep rank and reason."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (exc, _) = sorted(e.failures.items())[0]
+        e, prefix = exc, f"rank {rank}: "
+    else:
+        prefix = ""
+    return f"{prefix}{type(e).__name__}: {' '.join(str(e).split())}"[:400]
 
 
 def load_checkpoint(path: str, storage_options: Dict[str, Any], template_fn, group):

@@ -44,21 +44,80 @@ def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, se
 def run_world(world, parallelism="ddp", steps=3, task="train.tasks.gpt:TinyGPT", task_args=None,
               gbs=12, seed=0):
     """Train `steps` steps on `world` processes; returns (full model state, global losses)."""
-    from conftest import free_port
-
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "state.pt")
-        ctx = mp.start_processes(
-            _worker, args=(world, free_port(), out, parallelism, steps, task, task_args or {},
-                           gbs, seed), nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + 240
-        try:
-            while not ctx.join(timeout=5):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"world of {world} did not finish in 240s")
-        finally:
-            for p in ctx.processes:  # never leave a rank behind
-                if p.is_alive():
-                    p.kill()
+        _spawn(_worker, world, (out, parallelism, steps, task, task_args or {}, gbs, seed))
         result = torch.load(out, weights_only=True)
     return result["state"], result["losses"]
+
+
+def _full_states(st):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(st.model, st.optimizer, options=opts)
+
+
+def _reshard_worker(rank, world, port, out, phase, ckpt, parallelism, steps):
+    from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
+    from train.state import apply_loaded, checkpoint_state, load_template
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=(rank == 0),
+                          timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    group = dist.new_group(backend="gloo")
+    t = make_task("train.tasks.gpt:TinyGPT", {})
+    gbs = 12
+    if phase == "save":
+        st = build_state(t, parallelism, torch.device("cpu"), 0, 50)
+        for step in range(steps):
+            batch = data_lib.local_batch(t, 0, step, gbs, world, rank)
+            train_step(st.model, st.optimizer, st.scheduler, t.loss, batch,
+                       data_lib.loss_scale(gbs, world, rank))
+            st.step += 1
+        saver = CheckpointSaver(ckpt, {}, True, rank, group)
+        saver.save(st.step, checkpoint_state(st, rank))
+        saver.close()
+        assert saver.reports[0].ok, saver.reports[0].error
+    else:
+        st = build_state(t, parallelism, torch.device("cpu"), 123, 50)  # another init
+        path = f"{ckpt}/step-{steps:08d}"
+        sd = load_checkpoint(path, {}, lambda saved: load_template(st, rank, saved), group)
+        apply_loaded(st, sd, rank)
+    model_sd, optim_sd = _full_states(st)
+    if rank == 0:
+        torch.save({"model": model_sd, "optim": optim_sd, "step": st.step,
+                    "last_epoch": st.scheduler.last_epoch}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def reshard_roundtrip(world_save, world_load, parallelism="fsdp", steps=3):
+    """Train on `world_save` ranks and checkpoint; load on `world_load` ranks. Returns the full
+    (gathered) states as saved and as loaded."""
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = os.path.join(d, "ckpt")
+        for phase, world in (("save", world_save), ("load", world_load)):
+            out = os.path.join(d, f"{phase}.pt")
+            _spawn(_reshard_worker, world, (out, phase, ckpt, parallelism, steps))
+            results.append(torch.load(out, weights_only=True))
+    return results
+
+
+def _spawn(fn, world, args):
+    from conftest import free_port
+
+    ctx = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 240
+    try:
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"world of {world} did not finish in 240s")
+    finally:
+        for p in ctx.processes:  # never leave a rank behind
+            if p.is_alive():
+                p.kill()

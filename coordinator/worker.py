@@ -162,7 +162,8 @@ class TrainWorker:
                        {k: v.to(self.device) for k, v in batch.items()})
         if self.spec.checkpoint_uri:
             self.saver = CheckpointSaver(self.spec.checkpoint_uri, self.spec.checkpoint_options,
-                                         self.spec.checkpoint_async, rank, ckpt_group)
+                                         self.spec.checkpoint_async, rank, ckpt_group,
+                                         split_replicated=self.spec.parallelism == "ddp")
             self.saver.last_step = self.state.step if restore_path else None
         self._last_progress_t = time.time()
         return self.state.step

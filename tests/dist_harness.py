@@ -77,7 +77,8 @@ def _reshard_worker(rank, world, port, out, phase, ckpt, parallelism, steps):
             train_step(st.model, st.optimizer, st.scheduler, t.loss, batch,
                        data_lib.loss_scale(gbs, world, rank))
             st.step += 1
-        saver = CheckpointSaver(ckpt, {}, True, rank, group)
+        saver = CheckpointSaver(ckpt, {}, True, rank, group,
+                                split_replicated=parallelism == "ddp")
         saver.save(st.step, checkpoint_state(st, rank))
         saver.close()
         assert saver.reports[0].ok, saver.reports[0].error

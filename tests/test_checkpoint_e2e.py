@@ -1,0 +1,142 @@
+"""Checkpoints end to end: kill the whole job, rerun the same command; kill a worker mid-persist."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_cli
+from coordinator.checkpoint import manifest as mf
+from coordinator.events import read_events
+
+pytestmark = pytest.mark.timeout(420)
+
+CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
+
+
+def _events(run_dir):
+    path = os.path.join(run_dir, "events.jsonl")
+    return list(read_events(path)) if os.path.exists(path) else []
+
+
+def _summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _start(args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    # A session of its own, so the whole job (driver, raylets, workers) can be killed at once.
+    return subprocess.Popen([sys.executable, "-m", "coordinator", "run", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _kill_job(proc, run_dir):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for e in _events(run_dir):  # workers live in their raylet's session: kill them by pid
+        if e["event"] == "worker_start":
+            try:
+                os.kill(e["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _wait_for(pred, run_dir, timeout=120, poll=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hit = pred(_events(run_dir))
+        if hit:
+            return hit
+        time.sleep(poll)
+    raise AssertionError(f"timed out; events: {[e['event'] for e in _events(run_dir)]}")
+
+
+def test_sigkill_whole_job_then_rerun_resumes_to_identical_weights(tmp_path):
+    args = [CONFIG, "train.steps=300", "checkpoint.interval_steps=50"]
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed run"
+    proc = _start(args + [f"run.dir={run_dir}"])
+    try:
+        _wait_for(lambda ev: [e for e in ev if e["event"] == "checkpoint_committed"
+                              and e["step"] >= 100], run_dir)
+    finally:
+        _kill_job(proc, run_dir)
+    assert not os.path.exists(run_dir / "summary.json"), "killed before the end"
+    rerun = run_cli(["run", *args, f"run.dir={run_dir}"])
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming from checkpoint step" in rerun.stdout
+    events = _events(run_dir)
+    assert [e["event"] for e in events].count("job_start") == 2, "events.jsonl is appended"
+    formed = [e for e in events if e["event"] == "group_formed"]
+    assert formed[-1]["source"] == "checkpoint" and formed[-1]["step"] >= 100
+    ref = run_cli(["run", *args, f"run.dir={ref_dir}"])
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert _summary(run_dir)["weights_digest"] == _summary(ref_dir)["weights_digest"]
+    assert _summary(run_dir)["steps"] == 300
+
+    # A rerun with more steps continues from the final checkpoint.
+    more = run_cli(["run", CONFIG, "train.steps=340", "checkpoint.interval_steps=50",
+                    f"run.dir={run_dir}"])
+    assert more.returncode == 0, more.stdout + more.stderr
+    s = _summary(run_dir)
+    assert s["steps"] == 340 and s["resumed_from_step"] == 300
+    infos = mf.list_checkpoints(str(run_dir / "checkpoints"), {}, verify=True)
+    assert all(ci.status == "committed" for ci in infos) and infos[-1].step == 340
+    assert len(infos) <= 3 + 1, "retention keeps checkpoint.keep (+ the one resumed from)"
+
+
+def test_worker_killed_during_persist_leaves_no_manifest(tmp_path):
+    """A big model (~130 MB of state) so that persisting takes a while; SIGKILL one worker while a
+    step directory has shards but no manifest. That step is never committed nor loaded. Also:
+    under DDP each rank writes about half of the bytes (the big matrices are split)."""
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints"
+    args = [CONFIG, "train.task=train.tasks.mlp:MLPRegression",
+            "train.task_args={hidden: 4096}", "train.steps=60", "checkpoint.interval_steps=5",
+            "scaling.max_workers=2", "checkpoint.keep=20", f"run.dir={run_dir}"]
+    proc = _start(args)
+    victim_step = None
+    try:
+        _wait_for(lambda ev: [e for e in ev if e["event"] == "checkpoint_committed"], run_dir)
+        deadline = time.monotonic() + 120
+        while victim_step is None and time.monotonic() < deadline:
+            for step in mf.list_steps(str(ckpt), {}):
+                d = ckpt / mf.step_name(step)
+                try:
+                    names = os.listdir(d)
+                except FileNotFoundError:
+                    continue
+                if "manifest.json" not in names and any(n.endswith(".distcp") for n in names):
+                    victim_step = step
+                    break
+            else:
+                time.sleep(0.005)
+        assert victim_step is not None, "never caught a save in flight"
+        pid = next(e["pid"] for e in _events(run_dir)
+                   if e["event"] == "worker_start" and e["rank"] == 1)
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            _kill_job(proc, run_dir)
+    assert proc.returncode == 3, out
+    assert not (ckpt / mf.step_name(victim_step) / "manifest.json").exists()
+    committed = [e["step"] for e in _events(run_dir) if e["event"] == "checkpoint_committed"]
+    assert victim_step not in committed
+    # The rerun skips the torn step and resumes from the last committed one.
+    rerun = run_cli(["run", *args])
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    formed = [e for e in _events(run_dir) if e["event"] == "group_formed"][-1]
+    assert formed["source"] == "checkpoint" and formed["step"] == max(committed)
+    assert formed["step"] < victim_step
+    # Sharded writes: each rank's files hold about half of the ~135 MB.
+    (ci, *_) = [c for c in mf.list_checkpoints(str(ckpt), {}) if c.status == "committed"]
+    per_rank = [sum(f["size"] for n, f in ci.manifest["files"].items()
+                    if n.startswith(f"__{r}_")) for r in (0, 1)]
+    assert ci.bytes > 100e6 and max(per_rank) / min(per_rank) < 1.2, per_rank

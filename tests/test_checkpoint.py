@@ -223,3 +223,18 @@ def test_torch_dcp_to_torch_save_reads_our_checkpoint(world1, tmp_path):
     for k, v in full.items():
         assert torch.equal(sd["model"][k], v)
     assert int(sd["extra"]["step"]) == 2 and "rng/rank0" in sd
+
+
+def test_rewriting_a_step_uncommits_it_first(world1, tmp_path):
+    """A step saved again (e.g. after a resume from an older one) loses its old manifest before
+    any shard is overwritten: a half-rewritten directory is never taken as committed."""
+    uri = str(tmp_path / "ck")
+    _, st = _trained(1)
+    _save(uri, st, world1, 10, _committer(uri, tmp_path))
+    assert os.path.exists(join(uri, "step-00000010", "manifest.json"))
+    saver = CheckpointSaver(uri, {}, False, 0, world1)
+    saver.save(10, checkpoint_state(st, 0))  # not handed to the committer
+    saver.close()
+    assert saver.reports[0].ok
+    assert not os.path.exists(join(uri, "step-00000010", "manifest.json"))
+    assert mf.list_checkpoints(uri, {})[0].status == "incomplete"

@@ -73,13 +73,15 @@ def _parse_manifest(raw: bytes, step: int) -> Tuple[Optional[Dict[str, Any]], st
     return m, ""
 
 
-def inspect_step(fs, root: str, step: int, verify: bool) -> CheckpointInfo:
+def inspect_step(fs, root: str, uri: str, step: int, verify: bool) -> CheckpointInfo:
+    """Status of one step directory. `root` is `uri` as the filesystem names it (no scheme);
+    the returned path is a full URI that any process can open."""
     path = join(root, step_name(step))
     present = {}
     for info in fs.ls(path, detail=True):
         if info.get("type") == "file":
             present[info["name"].rstrip("/").rsplit("/", 1)[-1]] = int(info.get("size") or 0)
-    ci = CheckpointInfo(step, path, "incomplete", files=present,
+    ci = CheckpointInfo(step, join(uri, step_name(step)), "incomplete", files=present,
                         bytes=sum(v for k, v in present.items() if k != MANIFEST))
     if MANIFEST not in present:
         ci.reason = "no manifest.json (never committed, or still being written)"
@@ -123,7 +125,7 @@ def list_steps(uri: str, storage_options: Dict[str, Any]) -> List[int]:
 def list_checkpoints(uri: str, storage_options: Dict[str, Any],
                      verify: bool = False) -> List[CheckpointInfo]:
     fs, root = filesystem(uri, storage_options)
-    return [inspect_step(fs, root, s, verify) for s in list_steps(uri, storage_options)]
+    return [inspect_step(fs, root, uri, s, verify) for s in list_steps(uri, storage_options)]
 
 
 def resolve_latest(uri: str, storage_options: Dict[str, Any],
@@ -133,7 +135,7 @@ def resolve_latest(uri: str, storage_options: Dict[str, Any],
     fs, root = filesystem(uri, storage_options)
     skipped = []
     for step in reversed(list_steps(uri, storage_options)):
-        ci = inspect_step(fs, root, step, verify)
+        ci = inspect_step(fs, root, uri, step, verify)
         if ci.status == "committed":
             return ci, skipped
         skipped.append(ci)

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecRe
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from coordinator.checkpoint.manifest import MANIFEST, step_name
-from coordinator.checkpoint.storage import HashingStream, filesystem, join, options_for
+from coordinator.checkpoint.storage import HashingStream, join, options_for
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,15 @@ class _Writer(FsspecWriter):
         self.fs = _HashingFileSystem()
         self.path = self.fs.init_path(path, **options)
 
+    def prepare_global_plan(self, plans):
+        # Runs on the coordinator rank inside DCP's collective, so a failure here fails the save
+        # on every rank alike (a rank failing on its own would leave its peers in a collective).
+        # A step directory being (re)written must not keep an older manifest.
+        manifest = self.fs.concat_path(self.path, MANIFEST)
+        if self.fs.exists(manifest):
+            self.fs.rm_file(manifest)
+        return super().prepare_global_plan(plans)
+
 
 # Replicated tensors at least this large are split across the writers (see _split_replicated).
 SPLIT_MIN_NUMEL = 4096
@@ -112,7 +121,6 @@ class CheckpointSaver:
                  split_replicated: bool = False):
         self.uri, self.rank, self.group, self.async_ = uri, rank, group, async_
         self.options = options_for(uri, storage_options)
-        self.storage_options = storage_options
         self.retries, self.backoff_s, self.thread_count = retries, backoff_s, thread_count
         self.reports: "collections.deque[SaveReport]" = collections.deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-persist")
@@ -158,8 +166,6 @@ class CheckpointSaver:
         error = ""
         for attempt in range(1, self.retries + 1):
             try:
-                if self.rank == 0:
-                    self._uncommit(path)
                 writer = _Writer(path, self.options, self.thread_count)
                 dcp.save(staged, storage_writer=writer, process_group=self.group)
                 self.reports.append(SaveReport(step, self.rank, True, dict(writer.fs.records),
@@ -173,12 +179,6 @@ class CheckpointSaver:
                     time.sleep(self.backoff_s * 2 ** (attempt - 1))
         self.reports.append(SaveReport(step, self.rank, False, {}, stall, waited,
                                        time.time() - t0, self.retries, error))
-
-    def _uncommit(self, path: str) -> None:
-        """A step directory being (re)written must not keep an older manifest."""
-        fs, p = filesystem(path, self.storage_options)
-        if fs.exists(join(p, MANIFEST)):
-            fs.rm(join(p, MANIFEST))
 
 
 def _error_text(e: BaseException) -> str:

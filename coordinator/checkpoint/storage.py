@@ -25,7 +25,6 @@ def options_for(uri: str, storage_options: Dict[str, Any]) -> Dict[str, Any]:
         cfg = dict(S3_DEFAULT_CONFIG)
         cfg.update(opts.get("config_kwargs") or {})
         opts["config_kwargs"] = cfg
-        opts.setdefault("retries", 2)  # s3fs's own retry loop on top of botocore's
     return opts
 
 

@@ -1,0 +1,168 @@
+"""Checkpoint cost: synchronous save vs the async stall, against raw memcpy and raw writes.
+
+    .venv/bin/python scripts/bench_checkpoint.py --json [--size-gb 1.0] [--s3]
+
+A model state of --size-gb on CPU (one process, a gloo group of 1), saved with our saver to local
+disk (a temp dir under --dir) and, with --s3, to a moto S3 server started on 127.0.0.1. Prints one
+JSON object per target with:
+  sync_save_s      CheckpointSaver(async=False): stage + persist, all blocking
+  async_stall_s    CheckpointSaver(async=True): what training waits for (staging into reused
+                   buffers), the second save of the run
+  stall_ratio      async_stall_s / sync_save_s                              (goal <= 0.05)
+  memcpy_s         a raw copy of the same tensors into preallocated buffers
+  stall_vs_memcpy  async_stall_s / memcpy_s                                 (goal <= 2)
+  persist_s        background persist time of that async save (sha256 on the fly included)
+  raw_write_s      the same bytes written sequentially to the same place, then fsync/closed
+  throughput_ratio (bytes / persist_s) / (bytes / raw_write_s)             (goal >= 0.8)
+Figures from moto say nothing about real S3 throughput: they show the path works at this size.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from coordinator.checkpoint.saver import CheckpointSaver  # noqa: E402
+from coordinator.checkpoint.storage import filesystem, join  # noqa: E402
+
+
+def make_state(size_gb: float):
+    """~size_gb of float32 tensors shaped like a transformer's weights (4096-wide matrices)."""
+    n = int(size_gb * 1e9 / 4)
+    rows = max(1, n // (4096 * 4096))
+    sd = {f"layers.{i}.weight": torch.randn(4096, 4096) for i in range(rows)}
+    sd["embed.weight"] = torch.randn(max(1, (n - rows * 4096 * 4096) // 4096), 4096)
+    return {"model": sd}
+
+
+def nbytes(sd) -> int:
+    return sum(t.numel() * t.element_size() for t in sd["model"].values())
+
+
+def time_memcpy(sd) -> float:
+    dst = {k: torch.empty_like(v) for k, v in sd["model"].items()}
+    for k, v in sd["model"].items():  # touch the pages once, like reused staging buffers
+        dst[k].copy_(v)
+    t0 = time.perf_counter()
+    for k, v in sd["model"].items():
+        dst[k].copy_(v)
+    return time.perf_counter() - t0
+
+
+def time_raw_write(sd, uri: str, options) -> float:
+    fs, root = filesystem(uri, options)
+    path = join(root, "raw-write.bin")
+    fs.makedirs(root, exist_ok=True)
+    t0 = time.perf_counter()
+    with fs.open(path, "wb") as f:
+        for t in sd["model"].values():
+            f.write(memoryview(t.numpy()).cast("B"))
+        f.flush()
+        if hasattr(f, "fileno"):
+            try:
+                os.fsync(f.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+    elapsed = time.perf_counter() - t0
+    fs.rm(path)
+    return elapsed
+
+
+def bench_target(name: str, uri: str, options, sd, group) -> dict:
+    size = nbytes(sd)
+    sync = CheckpointSaver(uri, options, False, 0, group)
+    t0 = time.perf_counter()
+    sync.save(1, sd)
+    sync_s = time.perf_counter() - t0
+    sync.close()
+    assert sync.reports[-1].ok, sync.reports[-1].error
+    saver = CheckpointSaver(uri, options, True, 0, group)
+    saver.save(2, sd)  # first async save allocates the staging buffers
+    saver.wait()
+    t0 = time.perf_counter()
+    saver.save(3, sd)
+    stall = time.perf_counter() - t0
+    saver.close()
+    rep = saver.reports[-1]
+    assert rep.ok, rep.error
+    memcpy = time_memcpy(sd)
+    raw = time_raw_write(sd, uri, options)
+    return {
+        "target": name, "bytes": size, "sync_save_s": round(sync_s, 4),
+        "async_stall_s": round(stall, 4), "stall_ratio": round(stall / sync_s, 4),
+        "memcpy_s": round(memcpy, 4), "stall_vs_memcpy": round(stall / memcpy, 3),
+        "persist_s": round(rep.persist_s, 4), "raw_write_s": round(raw, 4),
+        "persist_MBps": round(size / rep.persist_s / 1e6, 1),
+        "raw_write_MBps": round(size / raw / 1e6, 1),
+        "throughput_ratio": round(raw / rep.persist_s, 4),
+        "goals": {"stall_ratio": "<= 0.05", "stall_vs_memcpy": "<= 2",
+                  "throughput_ratio": ">= 0.8"},
+    }
+
+
+def start_moto():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    urllib.request.urlopen(urllib.request.Request(f"{url}/bench", method="PUT"), timeout=10)
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
+                      AWS_ENDPOINT_URL=url)
+    return proc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print JSON only (the default output)")
+    p.add_argument("--size-gb", type=float, default=1.0)
+    p.add_argument("--dir", default=None, help="where the local target lives (default: tmp)")
+    p.add_argument("--s3", action="store_true", help="also bench a moto S3 server")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    group = dist.new_group(backend="gloo")
+    sd = make_state(a.size_gb)
+    print(f"state: {nbytes(sd) / 1e9:.2f} GB", file=sys.stderr)
+    results = []
+    d = tempfile.mkdtemp(prefix="bench-ckpt-", dir=a.dir)
+    try:
+        results.append(bench_target("local", os.path.join(d, "ckpt"), {}, sd, group))
+        print(json.dumps(results[-1]), file=sys.stderr)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    if a.s3:
+        proc = start_moto()
+        try:
+            results.append(bench_target("s3-moto", "s3://bench/ckpt", {}, sd, group))
+        finally:
+            proc.kill()
+    print(json.dumps({"benchmark": "checkpoint", "results": results}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

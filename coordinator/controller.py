@@ -144,6 +144,11 @@ class Controller:
                 self.last_step = self.resume.step
                 logger.info("resuming from checkpoint step %d (%s, saved by %s workers)",
                             self.resume.step, self.resume.path, self.resume.world_size)
+                if self.resume.step >= self.cfg.train.steps:
+                    logger.warning("nothing left to train: the checkpoint is at step %d and "
+                                   "train.steps=%d; raise train.steps to continue, or use "
+                                   "another run.dir / checkpoint.uri to start afresh",
+                                   self.resume.step, self.cfg.train.steps)
         logger.info(decision.reason)
         try:
             infos = self.group.start(decision.world_size)

@@ -193,13 +193,17 @@ class TrainWorker:
             interval = spec.checkpoint_interval
             if self.saver is not None and interval and st.step % interval == 0 \
                     and st.step < spec.total_steps:
-                self.saver.save(st.step, checkpoint_state(st, self.rank))
+                self._checkpoint()
         if self.saver is not None:
             if spec.checkpoint_final and st.step == spec.total_steps \
                     and self.saver.last_step != st.step:
-                self.saver.save(st.step, checkpoint_state(st, self.rank))
+                self._checkpoint()
             self.saver.wait()  # every save of this call is reported before it returns
         return st.step
+
+    def _checkpoint(self) -> None:
+        t0 = time.time()  # the stall includes gathering the state dict, not only staging it
+        self.saver.save(self.state.step, checkpoint_state(self.state, self.rank), started=t0)
 
     @ray.method(concurrency_group="train")
     def final_digest(self) -> Optional[str]:

@@ -19,8 +19,7 @@ from train.task import make_task
 
 def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, seed):
     torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=(rank == 0),
-                          timeout=timedelta(seconds=60))
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     t = make_task(task, task_args)
@@ -63,8 +62,7 @@ def _reshard_worker(rank, world, port, out, phase, ckpt, parallelism, steps):
     from train.state import apply_loaded, checkpoint_state, load_template
 
     torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=(rank == 0),
-                          timeout=timedelta(seconds=60))
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     group = dist.new_group(backend="gloo")
@@ -109,9 +107,11 @@ def reshard_roundtrip(world_save, world_load, parallelism="fsdp", steps=3):
 
 
 def _spawn(fn, world, args):
-    from conftest import free_port
-
-    ctx = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=False,
+    # The store lives here, as in the coordinator's driver: a rank that exits first (rank 0
+    # included) must not take the store away from peers still tearing down.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=60))
+    ctx = mp.start_processes(fn, args=(world, store.port, *args), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + 240
     try:

@@ -44,6 +44,8 @@ def prime(model: nn.Module, loss_fn, batch) -> None:
     rebuild; it is left alone. The zero gradients are discarded."""
     if not isinstance(model, DistributedDataParallel):
         return
-    (loss_fn(model, batch) * 0.0).backward()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # dropout here must not shift the RNG stream
+        (loss_fn(model, batch) * 0.0).backward()
     for p in model.parameters():
         p.grad = None

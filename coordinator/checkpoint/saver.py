@@ -135,7 +135,8 @@ class CheckpointSaver:
 
             self._mesh = DeviceMesh.from_group(group, "cpu")
 
-    def save(self, step: int, state_dict: Dict[str, Any]) -> None:
+    def save(self, step: int, state_dict: Dict[str, Any], started: Optional[float] = None) -> None:
+        """`started`: when the caller began building `state_dict`, so the stall counts it."""
         t0 = time.time()
         waited = 0.0
         if self._future is not None and not self._future.done():
@@ -144,7 +145,7 @@ class CheckpointSaver:
         staged = self._stager.stage(state_dict)
         if self._mesh is not None:
             staged = _split_replicated(staged, self._mesh, self._mesh.size(), self.rank)
-        stall = time.time() - t0
+        stall = time.time() - (started if started is not None else t0)
         self.last_step = step
         if self.async_:
             self._future = self._executor.submit(self._persist, step, staged, stall, waited)

@@ -4,6 +4,7 @@ retention, torch's own tools."""
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -238,3 +239,32 @@ def test_rewriting_a_step_uncommits_it_first(world1, tmp_path):
     assert saver.reports[0].ok
     assert not os.path.exists(join(uri, "step-00000010", "manifest.json"))
     assert mf.list_checkpoints(uri, {})[0].status == "incomplete"
+
+
+def test_a_save_due_while_one_persists_waits_for_it(world1, tmp_path, monkeypatch):
+    """At most one save in flight: the second waits (and says so), both commit."""
+    import coordinator.checkpoint.saver as saver_mod
+
+    real_save = saver_mod.dcp.save
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.6)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(saver_mod.dcp, "save", slow_save)
+    uri = str(tmp_path / "ck")
+    _, st = _trained(1)
+    c = _committer(uri, tmp_path)
+    saver = CheckpointSaver(uri, {}, True, 0, world1)
+    saver.save(1, checkpoint_state(st, 0))
+    t0 = time.time()
+    saver.save(2, checkpoint_state(st, 0))
+    assert time.time() - t0 >= 0.3, "the second save waited for the first"
+    saver.close()
+    first, second = saver.reports
+    assert first.waited_s == 0 and second.waited_s >= 0.3 and second.stall_s >= second.waited_s
+    for rep in (first, second):
+        c.on_save(rep, 1, 1)
+    assert c.committed == [1, 2]
+    (wait,) = events_of(str(tmp_path / "events.jsonl"), "checkpoint_wait")
+    assert wait["step"] == 2 and wait["waited_s"] >= 0.3

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT, run_cli
 from coordinator.checkpoint import manifest as mf
@@ -79,6 +80,15 @@ def test_sigkill_whole_job_then_rerun_resumes_to_identical_weights(tmp_path):
     assert ref.returncode == 0, ref.stdout + ref.stderr
     assert _summary(run_dir)["weights_digest"] == _summary(ref_dir)["weights_digest"]
     assert _summary(run_dir)["steps"] == 300
+
+    # torch's own tool reads a checkpoint written by 4 DDP ranks (replicated tensors split).
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = str(tmp_path / "full.pt")
+    dcp_to_torch_save(str(run_dir / "checkpoints" / "step-00000300"), out)
+    full = torch.load(out, weights_only=True)
+    assert full["model"]["tok.weight"].shape == (64, 64) and int(full["extra"]["step"]) == 300
+    assert all(f"rng/rank{r}" in full for r in range(4))
 
     # A rerun with more steps continues from the final checkpoint.
     more = run_cli(["run", CONFIG, "train.steps=340", "checkpoint.interval_steps=50",

@@ -136,6 +136,9 @@ def test_s3_outage_training_goes_on_and_later_saves_commit(s3, tmp_path):
         later = wait_event(lambda e: e["event"] == "checkpoint_committed"
                            and e["step"] > failed["step"])
         assert later["step"] > failed["step"]  # training went on through the outage
+        # The save due while the failing one still retried waited for it, and said so.
+        wait = wait_event(lambda e: e["event"] == "checkpoint_wait")
+        assert wait["waited_s"] > 1
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

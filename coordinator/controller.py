@@ -269,6 +269,7 @@ class Controller:
             "recoveries": 0,
             "resumed_from_step": self.resume.step if self.resume else None,
             "checkpoints_committed": len(self.committer.committed) if self.committer else 0,
+            "checkpoints_failed": len(self.committer.failed) if self.committer else 0,
             "steps_per_s": self.steady_steps_per_s(),
             "goodput": {"wall_s": round(wall, 3), "step_s": round(self.step_time_s, 3),
                         "ratio": round(self.step_time_s / wall, 4) if wall > 0 else None},

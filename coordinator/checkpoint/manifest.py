@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from coordinator.checkpoint.storage import filesystem, join, sha256_file
+from coordinator.checkpoint.storage import basename, filesystem, join, list_files, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,7 @@ def inspect_step(fs, root: str, uri: str, step: int, verify: bool) -> Checkpoint
     """Status of one step directory. `root` is `uri` as the filesystem names it (no scheme);
     the returned path is a full URI that any process can open."""
     path = join(root, step_name(step))
-    present = {}
-    for info in fs.ls(path, detail=True):
-        if info.get("type") == "file":
-            present[info["name"].rstrip("/").rsplit("/", 1)[-1]] = int(info.get("size") or 0)
+    present = list_files(fs, path)
     ci = CheckpointInfo(step, join(uri, step_name(step)), "incomplete", files=present,
                         bytes=sum(v for k, v in present.items() if k != MANIFEST))
     if MANIFEST not in present:
@@ -116,7 +113,7 @@ def list_steps(uri: str, storage_options: Dict[str, Any]) -> List[int]:
         return []
     steps = []
     for info in fs.ls(root, detail=True):
-        m = _STEP_DIR.match(info["name"].rstrip("/").rsplit("/", 1)[-1])
+        m = _STEP_DIR.match(basename(info["name"]))
         if m and info.get("type") == "directory":
             steps.append(int(m.group(1)))
     return sorted(steps)

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecRe
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from coordinator.checkpoint.manifest import MANIFEST, step_name
-from coordinator.checkpoint.storage import HashingStream, join, options_for
+from coordinator.checkpoint.storage import HashingStream, basename, join, options_for
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +63,16 @@ class _HashingFileSystem(FileSystem):
                 yield stream
             return
         with super().create_stream(path, mode) as stream:
-            hashing = HashingStream(stream, None)
+            hashing = HashingStream(stream)
             yield hashing
         size, digest = hashing.digest()  # recorded once the file is closed
-        self.records[str(path).rsplit("/", 1)[-1]] = {"size": size, "sha256": digest}
+        self.records[basename(str(path))] = {"size": size, "sha256": digest}
 
     def rename(self, path, new_path) -> None:
         super().rename(path, new_path)
-        old = str(path).rsplit("/", 1)[-1]
+        old = basename(str(path))
         if old in self.records:
-            self.records[str(new_path).rsplit("/", 1)[-1]] = self.records.pop(old)
+            self.records[basename(str(new_path))] = self.records.pop(old)
 
 
 class _Writer(FsspecWriter):

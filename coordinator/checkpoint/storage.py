@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Tuple
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -52,11 +52,10 @@ class HashingStream:
     """A write stream that hashes and counts what passes through it, so the manifest's checksums
     cost no second read of the data."""
 
-    def __init__(self, stream, on_close):
+    def __init__(self, stream):
         self._stream = stream
         self._hash = hashlib.sha256()
         self._size = 0
-        self._on_close = on_close
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -74,8 +73,11 @@ class HashingStream:
         return getattr(self._stream, name)
 
 
-def walk_files(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Tuple[str, int]]:
-    """(name relative to path, size) of every file directly under path."""
-    for info in fs.ls(path, detail=True):
-        if info.get("type") == "file":
-            yield info["name"].rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0)
+def basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def list_files(fs: fsspec.AbstractFileSystem, path: str) -> Dict[str, int]:
+    """{name: size} of every file directly under path."""
+    return {basename(info["name"]): int(info.get("size") or 0)
+            for info in fs.ls(path, detail=True) if info.get("type") == "file"}

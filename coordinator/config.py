@@ -133,7 +133,7 @@ class CheckpointConfig:
 @dataclass
 class FailureConfig:
     max_failures: int = 10  # failures the job may survive before it fails (exit 3)
-    hang_timeout_s: float = 30.0  # no progress heartbeat for this long while others progress = hang
+    hang_timeout_s: float = 10.0  # no heartbeat answer for this long while peers answer = hang
     wait_for_workers_s: float = 60.0  # how long to wait for min_workers worth of capacity
 
     def __post_init__(self) -> None:

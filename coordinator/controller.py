@@ -179,6 +179,14 @@ class Controller:
     def _run(self):
         poll = self.group.poll()
         self._absorb(poll.heartbeats)
+        hung = self._hung(poll.silent_s)
+        if hung and not poll.failures:
+            for f in hung:
+                logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs while "
+                               "its peers did (failure.hang_timeout_s=%g): killing it", f.rank,
+                               f.pid, poll.silent_s[f.rank], self.cfg.failure.hang_timeout_s)
+                self.group.kill(f.rank)
+            poll.failures = hung
         if poll.failures:
             return self._on_failures(poll.failures), self.progress()
         if len(poll.finished) == self.world_size:
@@ -194,6 +202,18 @@ class Controller:
         return "done", self.progress()
 
     # ---- helpers --------------------------------------------------------------------------
+    def _hung(self, silent_s: Dict[int, float]) -> List[WorkerFailure]:
+        """Workers silent for longer than failure.hang_timeout_s while some peer still answers.
+        A frozen process (SIGSTOP, a GIL-bound loop) cannot answer on its control thread; its
+        peers, blocked in a collective with it, still can. If nobody answers, the driver's view is
+        in doubt (e.g. the whole node is frozen) and nothing is decided here."""
+        limit = self.cfg.failure.hang_timeout_s
+        quiet = [r for r, s in silent_s.items() if s > limit]
+        if not quiet or len(quiet) == len(silent_s):
+            return []
+        return [WorkerFailure(r, "hang", self.group.pid(r), f"no heartbeat for {silent_s[r]:.0f}s")
+                for r in sorted(quiet)]
+
     def _absorb(self, heartbeats) -> None:
         for hb in heartbeats.values():
             for rep in hb.reports:

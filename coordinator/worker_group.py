@@ -7,6 +7,7 @@ a placement group), and the controller tests use fakes with the same methods.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Protocol
 
@@ -41,6 +42,7 @@ class PollResult:
     heartbeats: Dict[int, Heartbeat] = field(default_factory=dict)
     finished: Dict[int, int] = field(default_factory=dict)  # rank -> completed step
     failures: List[WorkerFailure] = field(default_factory=list)
+    silent_s: Dict[int, float] = field(default_factory=dict)  # rank -> seconds without an answer
 
 
 class CapacityError(RuntimeError):
@@ -52,6 +54,12 @@ class WorkerGroup(Protocol):
     def form(self, generation: int, restore_path: Optional[str] = None) -> List[WorkerFailure]: ...
     def launch(self, until_step: int) -> None: ...
     def poll(self) -> PollResult: ...
+    def kill(self, rank: int) -> None: ...
+    def pid(self, rank: int) -> Optional[int]: ...
+    def kill(self, rank: int) -> None:
+        """Kill one worker (a hung one: its peers are then released from their collective)."""
+        ray.kill(self.actors[rank], no_restart=True)
+
     def final_digest(self) -> str: ...
     def shutdown(self) -> None: ...
 
@@ -80,6 +88,9 @@ class RayWorkerGroup:
         self.infos: Dict[int, WorkerInfo] = {}
         self._pg = None
         self._train_refs: Dict[int, ray.ObjectRef] = {}
+        self._hb_refs: Dict[int, ray.ObjectRef] = {}  # heartbeats in flight
+        self._last_heard: Dict[int, float] = {}  # rank -> monotonic time of its last answer
+        self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self, world_size: int) -> List[WorkerInfo]:
@@ -120,13 +131,29 @@ class RayWorkerGroup:
 
     def launch(self, until_step: int) -> None:
         self._train_refs = {r: a.train.remote(until_step) for r, a in self.actors.items()}
+        now = time.monotonic()
+        self._last_heard = {r: now for r in self.actors}
 
     def poll(self) -> PollResult:
+        """One round of heartbeats. A worker whose previous heartbeat is still unanswered (a
+        frozen process) gets no new one; `silent_s` says how long each has not answered."""
         result = PollResult()
-        hb_refs = {r: a.heartbeat.remote() for r, a in self.actors.items()}
-        values, failures = self._collect(hb_refs, timeout=self.rpc_timeout_s)
+        for r, a in self.actors.items():
+            if r not in self._hb_refs:
+                self._hb_refs[r] = a.heartbeat.remote()
+        ray.wait(list(self._hb_refs.values()), num_returns=len(self._hb_refs),
+                 timeout=self.heartbeat_wait_s)
+        answered = {r: ref for r, ref in self._hb_refs.items()
+                    if ray.wait([ref], timeout=0)[0]}
+        for r in answered:
+            del self._hb_refs[r]
+        values, failures = self._collect(answered, timeout=0)
+        now = time.monotonic()
+        for r in values:
+            self._last_heard[r] = now
         result.heartbeats = values
         result.failures.extend(failures)
+        result.silent_s = {r: now - t for r, t in self._last_heard.items()}
         done, _ = ray.wait(list(self._train_refs.values()), num_returns=len(self._train_refs),
                            timeout=0)
         done_set = set(done)
@@ -136,6 +163,10 @@ class RayWorkerGroup:
         seen = {f.rank for f in result.failures}
         result.failures.extend(f for f in failures if f.rank not in seen)
         return result
+
+    def kill(self, rank: int) -> None:
+        """Kill one worker (a hung one: its peers are then released from their collective)."""
+        ray.kill(self.actors[rank], no_restart=True)
 
     def final_digest(self) -> str:
         digests = ray.get([a.final_digest.remote() for a in self.actors.values()],
@@ -174,15 +205,15 @@ class RayWorkerGroup:
                 # WorkerError: the collective failed (a peer died or hung); anything else was
                 # raised by the user's task code.
                 kind = "collective_error" if isinstance(e.cause, WorkerError) else "task_error"
-                failures.append(WorkerFailure(rank, kind, self._pid(rank), _first_line(e)))
+                failures.append(WorkerFailure(rank, kind, self.pid(rank), _first_line(e)))
         return values, failures
 
     def _lost(self, rank: int, err: RayActorError) -> WorkerFailure:
         info = self.infos.get(rank)
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         kind = "node_lost" if info is not None and info.node_id not in alive else "process_exit"
-        return WorkerFailure(rank, kind, self._pid(rank), _first_sentence(err))
+        return WorkerFailure(rank, kind, self.pid(rank), _first_sentence(err))
 
-    def _pid(self, rank: int) -> Optional[int]:
+    def pid(self, rank: int) -> Optional[int]:
         info = self.infos.get(rank)
         return info.pid if info else None

@@ -21,6 +21,8 @@ class FakeGroup:
         self.until = None
         self.generation = None
         self.shut = False
+        self.killed = []
+        self.silent = {}  # rank -> seconds without a heartbeat, reported by poll
 
     def start(self, world_size):
         self.world = world_size
@@ -35,7 +37,7 @@ class FakeGroup:
         self.until = until_step
 
     def poll(self):
-        res = PollResult()
+        res = PollResult(silent_s={r: self.silent.get(r, 0.0) for r in range(self.world)})
         if self.fail_at_step is not None and self.step >= self.fail_at_step:
             res.failures = [WorkerFailure(1, self.fail_kind, 1001, "boom"),
                             WorkerFailure(0, "collective_error", 1000, "peer closed")]
@@ -52,6 +54,12 @@ class FakeGroup:
 
     def final_digest(self):
         return "abc123"
+
+    def pid(self, rank):
+        return 1000 + rank
+
+    def kill(self, rank):
+        self.killed.append(rank)
 
     def shutdown(self):
         self.shut = True
@@ -147,3 +155,27 @@ def test_scaling_policy():
     assert p.initial(8).world_size == 4
     assert p.initial(3).world_size == 3
     assert p.initial(1).world_size is None
+
+
+def test_a_silent_worker_is_killed_as_hung(tmp_path):
+    group = FakeGroup()
+    c, events = _controller(tmp_path, group, overrides=["failure.hang_timeout_s=5"])
+    c.step(), c.step()
+    group.silent = {2: 4.0}
+    c.step()
+    assert c.phase == Phase.RUNNING and group.killed == []
+    group.silent = {2: 6.0}
+    c.step()
+    assert c.phase == Phase.FAILED and group.killed == [2]
+    (f,) = [e for e in read_events(events.path) if e["event"] == "failure_detected"]
+    assert f["kind"] == "hang" and f["ranks"] == [2] and f["pids"] == [1002]
+    assert "worker 2 lost (hang, pid 1002)" in c.error
+
+
+def test_nobody_answering_is_not_a_hang(tmp_path):
+    group = FakeGroup()
+    c, _ = _controller(tmp_path, group, overrides=["failure.hang_timeout_s=5"])
+    c.step(), c.step()
+    group.silent = {r: 60.0 for r in range(4)}
+    c.step()
+    assert c.phase == Phase.RUNNING and group.killed == []

@@ -120,13 +120,17 @@ def test_fsdp_three_workers_match_plain_fsdp(tmp_path):
     assert weights_digest(state) == s["weights_digest"]
 
 
-def test_a_killed_worker_fails_the_job_cleanly(tmp_path):
+@pytest.mark.parametrize("sig, kind", [(signal.SIGKILL, "process_exit"),
+                                       (signal.SIGSTOP, "hang")], ids=["sigkill", "sigstop"])
+def test_a_lost_or_hung_worker_fails_the_job_cleanly(tmp_path, sig, kind):
     """Without elastic recovery, SIGKILL of a worker ends the job with exit 3, a failure_detected
-    event naming the worker, and no process left behind."""
+    event naming the worker, and no process left behind. A SIGSTOPped worker is detected as hung
+    within failure.hang_timeout_s (+ a poll), killed, and reported the same way."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "coordinator", "run", CONFIG,
-                             "train.steps=100000", f"run.dir={tmp_path}"], cwd=ROOT, env=env,
+                             "train.steps=100000", "failure.hang_timeout_s=5",
+                             f"run.dir={tmp_path}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -140,7 +144,8 @@ def test_a_killed_worker_fails_the_job_cleanly(tmp_path):
                                   and e["rank"] == 2)
         assert victim is not None, "the group never formed"
         time.sleep(2)
-        os.kill(victim["pid"], signal.SIGKILL)
+        t_fault = time.time()
+        os.kill(victim["pid"], sig)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -149,10 +154,11 @@ def test_a_killed_worker_fails_the_job_cleanly(tmp_path):
     assert proc.returncode == 3, out
     failed = [e for e in _events(tmp_path) if e["event"] == "failure_detected"]
     assert failed and failed[0]["ranks"] == [2] and failed[0]["pids"] == [victim["pid"]]
-    assert failed[0]["kind"] == "process_exit"
+    assert failed[0]["kind"] == kind
+    assert failed[0]["t"] - t_fault < 5 + 10, "detected within the bound"
     assert _summary(tmp_path)["status"] == "failed"
     assert "error: worker failure at step" in out
-    assert f"worker 2 lost (process exit, pid {victim['pid']})" in out
+    assert f"worker 2 lost ({kind.replace('_', ' ')}, pid {victim['pid']})" in out
     pids = [e["pid"] for e in _events(tmp_path) if e["event"] == "worker_start"]
     time.sleep(1)
     for pid in pids:

@@ -24,7 +24,8 @@ def ours(world: int, steps: int, gbs: int, run_dir: str) -> dict:
     subprocess.run([sys.executable, "-m", "coordinator", "run", "configs/local_cpu.yaml",
                     "ray.simulated_nodes=0", f"scaling.min_workers={world}",
                     f"scaling.max_workers={world}", f"train.steps={steps}",
-                    f"train.global_batch_size={gbs}", f"run.dir={run_dir}"],
+                    f"train.global_batch_size={gbs}", "checkpoint.interval_steps=0",
+                    f"run.dir={run_dir}"],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)

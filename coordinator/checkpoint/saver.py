@@ -77,7 +77,9 @@ class _HashingFileSystem(FileSystem):
 
 class _Writer(FsspecWriter):
     def __init__(self, path: str, options: Dict[str, Any], thread_count: int):
-        super().__init__(path, sync_files=True, thread_count=thread_count, **options)
+        # overwrite: a step re-saved after a resume replaces its old files (uncommitted first).
+        super().__init__(path, sync_files=True, thread_count=thread_count, overwrite=True,
+                         **options)
         self.fs = _HashingFileSystem()
         self.path = self.fs.init_path(path, **options)
 

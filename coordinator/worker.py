@@ -75,8 +75,6 @@ class Heartbeat:
     rank: Optional[int]
     generation: int
     step: int  # completed steps
-    t: float  # when this heartbeat was taken
-    last_progress_t: float  # when the last step completed (or training started)
     reports: List[StepReport] = field(default_factory=list)  # completed steps since last poll
     saves: List[SaveReport] = field(default_factory=list)  # finished checkpoint writes since then
 
@@ -97,7 +95,6 @@ class TrainWorker:
         self.rank: Optional[int] = None
         self.world_size = 0
         self._reports: "collections.deque[StepReport]" = collections.deque()
-        self._last_progress_t = time.time()
         self.saver: Optional[CheckpointSaver] = None
 
     def _pick_device(self) -> torch.device:
@@ -122,8 +119,7 @@ class TrainWorker:
         while self.saver is not None and self.saver.reports:
             saves.append(self.saver.reports.popleft())
         step = self.state.step if self.state is not None else 0
-        return Heartbeat(self.rank, self.generation, step, time.time(), self._last_progress_t,
-                         reports, saves)
+        return Heartbeat(self.rank, self.generation, step, reports, saves)
 
     # ---- train group ----------------------------------------------------------------------
     @ray.method(concurrency_group="train")
@@ -165,7 +161,6 @@ class TrainWorker:
                                          self.spec.checkpoint_async, rank, ckpt_group,
                                          split_replicated=self.spec.parallelism == "ddp")
             self.saver.last_step = self.state.step if restore_path else None
-        self._last_progress_t = time.time()
         return self.state.step
 
     @ray.method(concurrency_group="train")
@@ -175,7 +170,6 @@ class TrainWorker:
         st, spec = self.state, self.spec
         scale = data_lib.loss_scale(spec.global_batch_size, self.world_size, self.rank)
         share = data_lib.share(spec.global_batch_size, self.world_size, self.rank)
-        self._last_progress_t = time.time()
         while st.step < until_step:
             t0 = time.time()
             batch = data_lib.local_batch(self.task, spec.seed, st.step, spec.global_batch_size,
@@ -188,7 +182,6 @@ class TrainWorker:
                 raise WorkerError(f"rank {self.rank} step {st.step + 1}: {e}") from None
             st.step += 1
             now = time.time()
-            self._last_progress_t = now
             self._reports.append(StepReport(st.step, loss * share, now, now - t0))
             interval = spec.checkpoint_interval
             if self.saver is not None and interval and st.step % interval == 0 \

@@ -8,7 +8,6 @@ the steady-state steps/s (after the same warm-up) and the final weights digest.
 
 import argparse
 import json
-import os
 import time
 
 import torch

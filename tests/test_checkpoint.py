@@ -1,9 +1,7 @@
 """Checkpoints in one process (a world of 1 on gloo): commit, torn checkpoints, fallback,
 retention, torch's own tools."""
 
-import json
 import os
-import shutil
 import time
 
 import pytest

@@ -47,7 +47,7 @@ class FakeGroup:
         for r in range(self.world):
             # rank r's weighted loss: (10 - step) * share, shares equal
             reps = [StepReport(s, (10.0 - s / 10) / self.world, 100.0 + s, 0.01) for s in new]
-            res.heartbeats[r] = Heartbeat(r, self.generation, self.step, 0.0, 0.0, reps)
+            res.heartbeats[r] = Heartbeat(r, self.generation, self.step, reps)
         if self.step >= self.until:
             res.finished = {r: self.step for r in range(self.world)}
         return res

@@ -1,9 +1,7 @@
 """Checkpoints on a real S3 endpoint (moto's server on 127.0.0.1): round trip with multipart
 shards, inspect, resume; and an outage in the middle of a run."""
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import List, Optional
 
-from coordinator.config import Config, ConfigError, load_config
+from coordinator.config import RANK_ACTIONS, Config, ConfigError, load_config
 
 EXIT_USAGE = 2
 
@@ -56,12 +56,21 @@ def check_runnable(cfg: Config) -> None:
         filesystem(cfg.checkpoint.uri, cfg.checkpoint.storage_options)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.chaos.events:
-        raise ConfigError("chaos.events: fault injection is not available in this version; "
-                          "set chaos.events=[]")
     from coordinator.cluster import probe_address, ray_address
 
     address = ray_address(cfg)
+    node_actions = {"kill_node", "add_node"}
+    wanted = {e.action for e in cfg.chaos.events} | (
+        set(cfg.chaos.random_actions) if cfg.chaos.random_faults else set())
+    if wanted & node_actions and (address or not cfg.ray.simulated_nodes):
+        raise ConfigError(f"chaos {'/'.join(sorted(wanted & node_actions))} removes or adds "
+                          "simulated nodes: it needs an embedded cluster with "
+                          "ray.simulated_nodes > 0 (and no ray.address / RAY_ADDRESS)")
+    for i, ev in enumerate(cfg.chaos.events):
+        if isinstance(ev.target, int) and ev.action in RANK_ACTIONS \
+                and ev.target >= cfg.scaling.max_workers:
+            raise ConfigError(f"chaos.events[{i}].target={ev.target}: no such rank with "
+                              f"scaling.max_workers={cfg.scaling.max_workers}")
     why = probe_address(address) if address else None
     if why:
         source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import socket
-from typing import List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import ray
 
@@ -95,16 +95,56 @@ class Cluster:
         self.sim_nodes.append(node)
         return node
 
+    def add_node_if_simulated(self) -> None:
+        """The add_node chaos action: a new simulated node, or a warning on a real cluster."""
+        if self._sim is None:
+            logger.warning("chaos add_node ignored: not a simulated cluster (ray.simulated_nodes)")
+            return
+        node = self.add_node()
+        logger.info("simulated node %s added (%g CPUs)", node.node_id[:8], self.cpus_per_node())
+
     def driver_ip(self) -> str:
         return "127.0.0.1" if self.embedded else ray.util.get_node_ip_address()
 
-    def capacity(self) -> int:
-        """How many workers the free resources can hold right now."""
-        free = ray.available_resources()
-        n = int(free.get("CPU", 0) // self.cfg.scaling.cpus_per_worker)
-        if self.cfg.scaling.use_gpu:
-            n = min(n, int(free.get("GPU", 0)))
-        return n
+    def free_slots(self, exclude: Iterable[str] = ()) -> Dict[str, int]:
+        """{node_id: how many more workers fit on it now}, alive nodes not in `exclude` only."""
+        excluded = set(exclude)
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        try:
+            from ray._private.state import state  # per-node availability, as the autoscaler reads it
+
+            per_node = state.available_resources_per_node()
+        except Exception as e:  # a Ray without it: count the cluster as one pool
+            logger.debug("per-node resources unavailable (%s): using cluster totals", e)
+            per_node = {"": ray.available_resources()}
+        slots = {}
+        for node_id, free in per_node.items():
+            if node_id in excluded or (node_id and node_id not in alive):
+                continue
+            n = int(free.get("CPU", 0) // self.cfg.scaling.cpus_per_worker + 1e-9)
+            if self.cfg.scaling.use_gpu:
+                n = min(n, int(free.get("GPU", 0)))
+            if n > 0:
+                slots[node_id] = n
+        return slots
+
+    def capacity(self, exclude: Iterable[str] = ()) -> int:
+        """How many workers the free resources can hold right now (nodes in `exclude` aside)."""
+        return sum(self.free_slots(exclude).values())
+
+    # ---- simulated nodes (chaos) -------------------------------------------------------------
+    def remove_node_of(self, node_id: str) -> bool:
+        """Remove the simulated node with this Ray node id, as if the machine died. Returns False
+        when it is not a simulated node of this process (a real cluster's nodes are not ours)."""
+        for node in list(self.sim_nodes):
+            if node.node_id == node_id:
+                self.sim_nodes.remove(node)
+                # Graceful: the raylet stops its workers (SIGKILLed mid-step as far as training
+                # is concerned) and tells the GCS at once, as a drained or reclaimed machine does;
+                # an abrupt kill would also make Ray print the raylet's log to our terminal.
+                self._sim.remove_node(node, allow_graceful=True)
+                return True
+        return False
 
     def shutdown(self) -> None:
         ray.shutdown()

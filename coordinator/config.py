@@ -41,6 +41,7 @@ CHAOS_ACTIONS = (
     "kill_worker", "hang_worker", "kill_node", "add_node",
     "kill_during_checkpoint", "preempt", "storage_outage",
 )
+RANK_ACTIONS = ("kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint")
 
 
 @dataclass
@@ -84,8 +85,11 @@ class ScalingConfig:
     max_workers: int = 2  # most workers (one per CPU slot or GPU)
     use_gpu: bool = False  # one GPU per worker, nccl backend; otherwise CPU with gloo
     cpus_per_worker: float = 1.0  # logical CPUs reserved per worker (also its torch thread count)
+    grow: bool = True  # add workers (up to max_workers) at a step boundary when capacity appears
+    grow_check_s: float = 2.0  # how often a running job looks for capacity to grow into
 
     def __post_init__(self) -> None:
+        _check(self.grow_check_s > 0, "scaling.grow_check_s", self.grow_check_s, "must be > 0")
         _check(self.min_workers >= 1, "scaling.min_workers", self.min_workers, "must be >= 1")
         _check(self.max_workers >= self.min_workers, "scaling.max_workers", self.max_workers,
                f"must be >= scaling.min_workers ({self.min_workers})")
@@ -135,8 +139,19 @@ class FailureConfig:
     max_failures: int = 10  # failures the job may survive before it fails (exit 3)
     hang_timeout_s: float = 10.0  # no heartbeat answer for this long while peers answer = hang
     wait_for_workers_s: float = 60.0  # how long to wait for min_workers worth of capacity
+    replace_timeout_s: float = 30.0  # how long a recovery waits for placed replacements to start
+    node_failure_limit: int = 3  # failures on one node before the job stops using it (0 = never)
+    backoff_s: float = 1.0  # wait before re-forming after the 2nd failure in a row, doubling
+    backoff_max_s: float = 30.0  # cap of that wait
 
     def __post_init__(self) -> None:
+        _check(self.replace_timeout_s >= 0, "failure.replace_timeout_s", self.replace_timeout_s,
+               "must be >= 0")
+        _check(self.node_failure_limit >= 0, "failure.node_failure_limit",
+               self.node_failure_limit, "must be >= 0")
+        _check(self.backoff_s >= 0, "failure.backoff_s", self.backoff_s, "must be >= 0")
+        _check(self.backoff_max_s >= self.backoff_s, "failure.backoff_max_s", self.backoff_max_s,
+               f"must be >= failure.backoff_s ({self.backoff_s})")
         _check(self.max_failures >= 0, "failure.max_failures", self.max_failures, "must be >= 0")
         _check(self.hang_timeout_s > 0, "failure.hang_timeout_s", self.hang_timeout_s,
                "must be > 0")
@@ -148,18 +163,42 @@ class FailureConfig:
 class ChaosEvent:
     at_step: int = 0  # inject when the job reaches this step
     action: str = "kill_worker"  # one of CHAOS_ACTIONS
-    target: Any = None  # a rank, or a simulated node index, depending on the action
+    # kill_worker, hang_worker, kill_during_checkpoint: the rank; kill_node: the rank whose node
+    # is removed; add_node: how many nodes (default 1); storage_outage: seconds (default 10);
+    # preempt: unused
+    target: Any = None
 
 
 @dataclass
 class ChaosConfig:
     events: List[ChaosEvent] = field(default_factory=list)  # scheduled faults (local simulation)
+    # A seeded random schedule on top of `events`: `random_faults` faults drawn from
+    # `random_actions`, at least `random_min_gap` steps apart, targets drawn among live ranks.
+    random_faults: int = 0
+    random_seed: int = 0
+    random_actions: List[str] = field(default_factory=lambda: [
+        "kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint"])
+    random_min_gap: int = 25
 
     def __post_init__(self) -> None:
         for i, ev in enumerate(self.events):
             _check(ev.action in CHAOS_ACTIONS, f"chaos.events[{i}].action", ev.action,
                    f"must be one of {', '.join(CHAOS_ACTIONS)}")
             _check(ev.at_step >= 0, f"chaos.events[{i}].at_step", ev.at_step, "must be >= 0")
+            if ev.action in RANK_ACTIONS:
+                _check(isinstance(ev.target, int) and not isinstance(ev.target, bool)
+                       and ev.target >= 0, f"chaos.events[{i}].target", ev.target,
+                       f"must be a worker rank (an integer >= 0) for {ev.action}")
+            elif ev.action in ("add_node", "storage_outage") and ev.target is not None:
+                _check(isinstance(ev.target, (int, float)) and not isinstance(ev.target, bool)
+                       and ev.target > 0, f"chaos.events[{i}].target", ev.target,
+                       f"must be a number > 0 for {ev.action}")
+        for a in self.random_actions:
+            _check(a in CHAOS_ACTIONS and a != "preempt", "chaos.random_actions", a,
+                   f"must be among {', '.join(x for x in CHAOS_ACTIONS if x != 'preempt')}")
+        _check(self.random_faults >= 0, "chaos.random_faults", self.random_faults, "must be >= 0")
+        _check(self.random_min_gap >= 1, "chaos.random_min_gap", self.random_min_gap,
+               "must be >= 1")
 
 
 @dataclass

@@ -1,13 +1,21 @@
 """The job controller: a state machine you can step.
 
     STARTING -> FORMING -> RUNNING -> FINALIZING -> DONE
-        \\           \\          \\            \\
-         +-----------+----------+------------+--> FAILED
+                  ^  |       |  \
+                  |  v       v   PAUSING (grow at a step boundary, or preempt) -> INTERRUPTED
+                RECOVERING <-+
+    (any phase) -> FAILED
 
-Each `step()` performs one transition (or, in RUNNING, one poll of the workers) and returns a
-`Transition` saying what happened. The controller carries out decisions; *what* to decide comes from
-the policies (`scaling_policy`). It never sleeps: the caller paces RUNNING polls, so tests can drive
-it one iteration at a time with a fake `WorkerGroup`.
+Each `step()` performs one transition (or one poll of the workers) and returns a `Transition`
+saying what happened. The controller gathers facts and carries out decisions; *what* to decide
+comes from the policies (`failure_policy`, `scaling_policy`). It never sleeps: the caller paces the
+polls, so tests can drive it one iteration at a time with a fake `WorkerGroup`.
+
+A failure (a lost process or node, a hang, a collective error) moves RUNNING to RECOVERING: the
+survivors' train calls return (their broken group is torn down), replacements are placed where
+capacity allows, the failure policy plans the next generation, and FORMING re-forms it in place:
+survivors are not restarted. The `recovered` event is written when the new generation completes
+its first step.
 """
 
 from __future__ import annotations
@@ -16,15 +24,20 @@ import collections
 import enum
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Set
 
+from coordinator import failure_policy
+from coordinator.chaos import ChaosPlan
+from coordinator.checkpoint import storage
 from coordinator.checkpoint.committer import Committer
 from coordinator.checkpoint.manifest import CheckpointInfo
-from coordinator.config import Config
+from coordinator.config import Config, ChaosEvent
 from coordinator.events import EventLog
+from coordinator.failure_policy import Facts, NodeIsolation, Plan
 from coordinator.scaling_policy import ScalingPolicy
-from coordinator.worker_group import CapacityError, WorkerFailure, WorkerGroup
+from coordinator.worker import STOP_CHECKPOINT, STOP_PAUSE, Source
+from coordinator.worker_group import CapacityError, PollResult, WorkerFailure, WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +46,41 @@ class Phase(enum.Enum):
     STARTING = "starting"
     FORMING = "forming"
     RUNNING = "running"
+    PAUSING = "pausing"
+    RECOVERING = "recovering"
     FINALIZING = "finalizing"
     DONE = "done"
     FAILED = "failed"
+    INTERRUPTED = "interrupted"
 
 
-TERMINAL = (Phase.DONE, Phase.FAILED)
+TERMINAL = (Phase.DONE, Phase.FAILED, Phase.INTERRUPTED)
+LOST_KINDS = ("process_exit", "node_lost", "hang")
+
+
+@dataclass
+class Hooks:
+    """What the controller may do to the cluster beyond its workers (chaos and signals)."""
+    remove_node: Callable[[str], bool] = lambda node_id: False  # a simulated node, by id
+    add_node: Callable[[], None] = lambda: None
+    preempt: Callable[[], None] = lambda: None  # signal the driver as a scheduler would
+
+
+@dataclass
+class Recovery:
+    """One recovery in progress (from detection to the first step of the new generation)."""
+    t0: float  # when the failure was detected
+    generation: int  # the generation that failed
+    world_size: int
+    lost: Set[int] = field(default_factory=set)
+    nodes_hit: Set[str] = field(default_factory=set)  # nodes counted toward isolation
+    step_before: int = 0  # the highest step any rank completed before the failure
+    settled: bool = False
+    survivors: Dict[int, int] = field(default_factory=dict)  # rank -> completed step
+    spawned_at: Optional[float] = None
+    wait_since: Optional[float] = None
+    plan: Optional[Plan] = None
+    not_before: float = 0.0  # backoff
 
 
 @dataclass
@@ -76,14 +118,17 @@ def _describe(kind: str, fs: List[WorkerFailure]) -> str:
 
 class Controller:
     def __init__(self, cfg: Config, group: WorkerGroup, events: EventLog,
-                 capacity: Callable[[], int], committer: Optional[Committer] = None,
-                 clock: Callable[[], float] = time.time):
+                 capacity: Callable[..., int], committer: Optional[Committer] = None,
+                 clock: Callable[[], float] = time.time, hooks: Optional[Hooks] = None):
         self.cfg = cfg
         self.group = group
         self.events = events
-        self.capacity = capacity
+        self.capacity = capacity  # capacity(exclude=[node ids]) -> workers that fit now
         self.clock = clock
+        self.hooks = hooks or Hooks()
         self.policy = ScalingPolicy(cfg.scaling.min_workers, cfg.scaling.max_workers)
+        self.isolation = NodeIsolation(cfg.failure.node_failure_limit)
+        self.chaos = ChaosPlan(cfg.chaos, cfg.train.steps, cfg.scaling.max_workers)
         self.committer = committer
         self.resume: Optional[CheckpointInfo] = None  # the checkpoint this run started from
         self.phase = Phase.STARTING
@@ -91,10 +136,21 @@ class Controller:
         self.world_size = 0
         self.world_sizes: List[int] = []
         self.failures: List[WorkerFailure] = []
+        self.incidents = 0  # failures counted against failure.max_failures
+        self.recoveries: List[Dict[str, Any]] = []
+        self._streak = 0  # failures without a completed step in between
         self.error: Optional[str] = None
         self.digest: Optional[str] = None
         self.started_at = clock()
+        self.preempt_signal: Optional[str] = None  # set by the runner's signal handler
         self._waiting_since: Optional[float] = None
+        self._plan: Optional[Plan] = None  # the generation FORMING will form
+        self._rec: Optional[Recovery] = None
+        self._rec_checkpoint: Optional[CheckpointInfo] = None  # what a recovery restores
+        self._awaiting_recovered: Optional[Dict[str, Any]] = None
+        self._pause_reason: Optional[str] = None  # grow | preempt
+        self._last_grow_check = -1e18
+        self._max_step_seen = 0
         # Per-step loss aggregation: step -> [sum of weighted losses, ranks reported, max t, max dur]
         self._pending: Dict[int, List[float]] = {}
         self.last_step = 0
@@ -113,6 +169,8 @@ class Controller:
             Phase.STARTING: self._start,
             Phase.FORMING: self._form,
             Phase.RUNNING: self._run,
+            Phase.PAUSING: self._pause,
+            Phase.RECOVERING: self._recover,
             Phase.FINALIZING: self._finalize,
         }.get(self.phase)
         if handler is None:
@@ -121,8 +179,15 @@ class Controller:
         note, progress = handler()
         return Transition(before, self.phase, note, progress)
 
+    def request_preempt(self, signal_name: str) -> None:
+        """A scheduler's notice (SIGTERM, SIGUSR1): checkpoint at the next step, then stop."""
+        if self.preempt_signal is None:
+            self.preempt_signal = signal_name
+
     def _start(self):
-        cap = self.capacity()
+        if self.preempt_signal is not None:
+            return self._interrupt("preempted before the workers started"), None
+        cap = self.capacity(exclude=self.isolation.isolated)
         decision = self.policy.initial(cap)
         if decision.world_size is None:
             now = self.clock()
@@ -137,11 +202,13 @@ class Controller:
                     f"{self.cfg.failure.wait_for_workers_s:g}); lower scaling.min_workers or "
                     f"scaling.cpus_per_worker, or add nodes"), None
             return "waiting for capacity", None
+        plan = Plan("reform", "initial", world_size=decision.world_size, source="init")
         if self.committer is not None:
             # A rerun of the same command resumes: a committed checkpoint beats the initial state.
             self.resume = self.committer.resolve_resume()
             if self.resume is not None:
-                self.last_step = self.resume.step
+                self.last_step = self._max_step_seen = self.resume.step
+                plan.source, plan.resumed_step = "checkpoint", self.resume.step
                 logger.info("resuming from checkpoint step %d (%s, saved by %s workers)",
                             self.resume.step, self.resume.path, self.resume.world_size)
                 if self.resume.step >= self.cfg.train.steps:
@@ -151,57 +218,170 @@ class Controller:
                                    self.resume.step, self.cfg.train.steps)
         logger.info(decision.reason)
         try:
-            infos = self.group.start(decision.world_size)
+            infos = self.group.start(decision.world_size, exclude=self.isolation.isolated)
         except CapacityError as e:
             return self._fail(str(e)), None
         for info in infos:
-            self.events.emit("worker_start", rank=info.rank, pid=info.pid, node_id=info.node_id,
-                             host=info.host, generation=self.generation + 1)
+            self._worker_started(info)
         self.world_size = len(infos)
+        self._plan = plan
         self.phase = Phase.FORMING
         return f"started {len(infos)} workers", None
 
+    def _worker_started(self, info) -> None:
+        self.events.emit("worker_start", rank=info.rank, pid=info.pid, node_id=info.node_id,
+                         host=info.host, generation=self.generation + 1)
+
     def _form(self):
+        plan = self._plan
+        assert plan is not None
+        if self._rec is not None and self.clock() < self._rec.not_before:
+            return "backing off", None
         self.generation += 1
-        restore = self.resume.path if self.resume is not None else None
-        failures = self.group.form(self.generation, restore)
+        source = Source(plan.source, src=plan.src,
+                        gather=plan.source == "peer" and self.cfg.train.parallelism == "fsdp")
+        if plan.source == "checkpoint":
+            info = self.resume if self._rec is None else self._rec_checkpoint
+            source.path = info.path
+        failures = self.group.form(self.generation, source)
         if failures:
-            return self._on_failures(failures), None
+            # A new failure: its recovery starts from the members this attempt had, under their
+            # new ranks (the recovery in progress, if any, keeps its start time).
+            logger.warning("generation %d did not form", self.generation)
+            prev, self._rec = self._rec, None
+            self.world_size = plan.world_size
+            note = self._failure(failures, during="forming")
+            if prev is not None and self._rec is not None:
+                self._rec.t0 = prev.t0
+                self._rec.step_before = max(self._rec.step_before, prev.step_before)
+            return note, None
+        if self.committer is not None:
+            self.committer.end_generation(self.generation - 1)
+        self.world_size = plan.world_size
+        self._pending.clear()
+        self.last_step = plan.resumed_step
         self.world_sizes.append(self.world_size)
         self.events.emit("group_formed", generation=self.generation, world_size=self.world_size,
-                         ranks=list(range(self.world_size)),
-                         source="checkpoint" if restore else "init", step=self.last_step)
-        logger.info("generation %d formed: %d workers", self.generation, self.world_size)
+                         ranks=self.group.ranks(), source=plan.source, step=plan.resumed_step)
+        logger.info("generation %d formed: %d workers, state from %s at step %d",
+                    self.generation, self.world_size, plan.source, plan.resumed_step)
+        if self._rec is not None:
+            rec = self._rec
+            self._awaiting_recovered = {
+                "t0": rec.t0, "generation": self.generation, "world_size": self.world_size,
+                "source": plan.source, "resumed_step": plan.resumed_step,
+                "lost_steps": max(0, rec.step_before - plan.resumed_step)}
+            self._rec = None
+        self._plan = None
         self.group.launch(self.cfg.train.steps)
         self.phase = Phase.RUNNING
         return f"generation {self.generation} formed", None
 
     def _run(self):
         poll = self.group.poll()
-        self._absorb(poll.heartbeats)
-        hung = self._hung(poll.silent_s)
-        if hung and not poll.failures:
-            for f in hung:
-                logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs while "
-                               "its peers did (failure.hang_timeout_s=%g): killing it", f.rank,
-                               f.pid, poll.silent_s[f.rank], self.cfg.failure.hang_timeout_s)
-                self.group.kill(f.rank)
-            poll.failures = hung
-        if poll.failures:
-            return self._on_failures(poll.failures), self.progress()
-        if len(poll.finished) == self.world_size:
+        self._absorb(poll)
+        failures = poll.failures or self._kill_hung(poll)
+        if failures:
+            return self._failure(failures), self.progress()
+        finished = poll.finished
+        if finished and not self.group.busy() and not any(r.stopped for r in finished.values()) \
+                and self.last_step_of(finished) >= self.cfg.train.steps:
             # The train calls returned: drain the last reports, which may postdate the heartbeat.
-            self._absorb(self.group.poll().heartbeats)
+            self._absorb(self.group.poll())
             self.phase = Phase.FINALIZING
-            return f"all workers reached step {max(poll.finished.values())}", self.progress()
-        return "", self.progress()
+            return f"all workers reached step {self.last_step_of(finished)}", self.progress()
+        if self.preempt_signal is not None:
+            return self._begin_pause("preempt"), self.progress()
+        for ev in self.chaos.due(self.last_step):
+            self._inject(ev)
+        note = self._maybe_grow()
+        return note, self.progress()
 
-    def _finalize(self):
-        self.digest = self.group.final_digest()
-        self.phase = Phase.DONE
-        return "done", self.progress()
+    @staticmethod
+    def last_step_of(finished) -> int:
+        return max(r.step for r in finished.values()) if finished else 0
 
-    # ---- helpers --------------------------------------------------------------------------
+    def _begin_pause(self, reason: str) -> str:
+        self._pause_reason = reason
+        if reason == "preempt":
+            self.events.emit("failure_detected", kind="preempt", ranks=[], pids=[],
+                             generation=self.generation, step=self.last_step,
+                             error=f"{self.preempt_signal} received")
+            logger.warning("%s received: taking an emergency checkpoint, then stopping",
+                           self.preempt_signal)
+            self.group.request_stop(STOP_CHECKPOINT)
+        else:
+            self.group.request_stop(STOP_PAUSE)
+        self.phase = Phase.PAUSING
+        return f"pausing ({reason})"
+
+    def _pause(self):
+        poll = self.group.poll()
+        self._absorb(poll)
+        failures = poll.failures or self._kill_hung(poll)
+        if failures:
+            return self._failure(failures), self.progress()
+        if self.preempt_signal is not None and self._pause_reason != "preempt":
+            self._pause_reason = "preempt"  # a notice during a grow pause: checkpoint first
+            self.group.request_stop(STOP_CHECKPOINT)
+        if self.group.busy():
+            return "", self.progress()
+        # Every train call returned at the same step. Drain the reports (the emergency
+        # checkpoint's among them) before deciding.
+        self._absorb(self.group.poll())
+        if self._pause_reason == "preempt":
+            return self._interrupt(f"stopped at step {self.last_step} on "
+                                   f"{self.preempt_signal}"), self.progress()
+        if self.last_step >= self.cfg.train.steps:
+            self.phase = Phase.FINALIZING
+            return "finished while pausing", self.progress()
+        ready = self.group.collect_ready()
+        plan = failure_policy.grow_plan(self.world_size, ready, self.cfg.scaling.max_workers,
+                                        self.cfg.train.parallelism, self.last_step)
+        if plan.world_size <= self.world_size:  # the newcomers vanished: carry on as we were
+            self.group.launch(self.cfg.train.steps)
+            self.phase = Phase.RUNNING
+            return "no newcomer ready: resuming", self.progress()
+        for info in self.group.assign(plan.ranks, plan.newcomers):
+            self._worker_started(info)
+        logger.info("%s at step %d", plan.reason, self.last_step)
+        self._plan = plan
+        self.phase = Phase.FORMING
+        return plan.reason, self.progress()
+
+    def _maybe_grow(self) -> str:
+        """Look for capacity every scaling.grow_check_s; start newcomers in the background and
+        pause for them (at a step boundary) once they are ready."""
+        if not self.cfg.scaling.grow or self.world_size >= self.cfg.scaling.max_workers:
+            return ""
+        if self.group.collect_ready() > 0:
+            logger.info("%d new worker(s) ready: growing at the next step boundary",
+                        self.group.collect_ready())
+            return self._begin_pause("grow")
+        now = self.clock()
+        if now - self._last_grow_check < self.cfg.scaling.grow_check_s:
+            return ""
+        self._last_grow_check = now
+        want = self.cfg.scaling.max_workers - self.world_size - self.group.pending()
+        if want <= 0:
+            return ""
+        cap = self.capacity(exclude=self.isolation.isolated)
+        n = self.group.spawn(min(want, cap), exclude=self.isolation.isolated) if cap else 0
+        if n:
+            logger.info("capacity for %d more worker(s): starting them", n)
+            return f"starting {n} newcomers"
+        return ""
+
+    # ---- failures and recovery ------------------------------------------------------------
+    def _kill_hung(self, poll: PollResult) -> List[WorkerFailure]:
+        hung = self._hung(poll.silent_s)
+        for f in hung:
+            logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs while "
+                           "its peers did (failure.hang_timeout_s=%g): killing it", f.rank,
+                           f.pid, poll.silent_s[f.rank], self.cfg.failure.hang_timeout_s)
+            self.group.kill(f.rank)
+        return hung
+
     def _hung(self, silent_s: Dict[int, float]) -> List[WorkerFailure]:
         """Workers silent for longer than failure.hang_timeout_s while some peer still answers.
         A frozen process (SIGSTOP, a GIL-bound loop) cannot answer on its control thread; its
@@ -214,13 +394,190 @@ class Controller:
         return [WorkerFailure(r, "hang", self.group.pid(r), f"no heartbeat for {silent_s[r]:.0f}s")
                 for r in sorted(quiet)]
 
-    def _absorb(self, heartbeats) -> None:
-        for hb in heartbeats.values():
+    def _failure(self, failures: List[WorkerFailure], during: str = "training") -> str:
+        """Record failures; a user-code error fails the job, anything else starts a recovery
+        (or joins the one in progress)."""
+        task_errors = [f for f in failures if f.kind == "task_error"]
+        if task_errors:
+            self._report(task_errors)
+            return self._fail(f"worker failure at step {self.last_step}: "
+                              f"{_describe('task_error', task_errors)}")
+        new_incident = self._rec is None
+        if new_incident:
+            self.incidents += 1
+            self._streak += 1
+            self._rec = Recovery(self.clock(), self.generation, self.world_size,
+                                 step_before=max(self._max_step_seen, self.last_step))
+        rec = self._rec
+        lost = [f for f in failures if f.kind in LOST_KINDS and f.rank not in rec.lost]
+        rec.lost.update(f.rank for f in lost)
+        shown = lost or ([] if not new_incident else failures)
+        if shown:
+            self._report(shown)
+        for node in dict.fromkeys(self.group.node_of(f.rank) for f in lost):
+            if node in rec.nodes_hit:
+                continue  # one failure per node and incident, however many workers it held
+            rec.nodes_hit.add(node)
+            if self.isolation.record(node):
+                logger.warning("node %s had %d worker failures (failure.node_failure_limit=%d): "
+                               "this job no longer places workers on it", node,
+                               self.isolation.counts[node], self.isolation.limit)
+                self.events.emit("node_isolated", node_id=node, failures=self.isolation.counts[node])
+        if rec.settled and lost:
+            rec.settled, rec.plan = False, None  # a survivor died while we planned: look again
+        self.phase = Phase.RECOVERING
+        desc = "; ".join(_describe(k, fs) for k, fs in _by_kind(shown).items()) or "failure"
+        if new_incident:
+            logger.warning("%s at step %d (%s); recovering (failure %d of "
+                           "failure.max_failures=%d)", desc, self.last_step, during,
+                           self.incidents, self.cfg.failure.max_failures)
+        return desc
+
+    def _report(self, failures: List[WorkerFailure]) -> None:
+        self.failures.extend(failures)
+        for kind, fs in _by_kind(failures).items():
+            self.events.emit("failure_detected", kind=kind, ranks=[f.rank for f in fs],
+                             pids=[f.pid for f in fs], generation=self.generation,
+                             step=self.last_step, error=fs[0].error)
+
+    def _recover(self):
+        rec = self._rec
+        assert rec is not None
+        now = self.clock()
+        if self.preempt_signal is not None:  # no whole group to checkpoint: the last commit stands
+            return self._interrupt(f"{self.preempt_signal} received while recovering at step "
+                                   f"{self.last_step}: stopping without a new checkpoint"), None
+        poll = self.group.poll()
+        self._absorb(poll)
+        more = [f for f in poll.failures if f.kind in LOST_KINDS + ("task_error",)]
+        if more:
+            self._failure(more)
+            if self.phase == Phase.FAILED:
+                return self.error, None
+        if not rec.settled:
+            busy = self.group.busy() - rec.lost
+            if busy:
+                # Survivors leave their broken collective within moments (their peers close
+                # the group); one that does not within failure.hang_timeout_s is stuck: kill it.
+                if now - rec.t0 <= self.cfg.failure.hang_timeout_s:
+                    return "waiting for survivors to leave the failed group", None
+                stuck = [WorkerFailure(r, "hang", self.group.pid(r),
+                                       "still in the failed collective") for r in sorted(busy)]
+                for f in stuck:
+                    logger.warning("worker %d did not leave the failed group within %gs: "
+                                   "killing it", f.rank, self.cfg.failure.hang_timeout_s)
+                    self.group.kill(f.rank)
+                self._failure(stuck)
+                return "killed stuck survivors", None
+            fresh = self.group.poll(fresh=True)  # every survivor's final step
+            self._absorb(fresh)
+            lost_now = [f for f in fresh.failures if f.kind in LOST_KINDS]
+            if lost_now:
+                self._failure(lost_now)
+                return "a survivor was lost while settling", None
+            rec.survivors = {r: hb.step for r, hb in fresh.heartbeats.items()
+                             if r not in rec.lost}
+            missing = set(self.group.ranks()) - rec.lost - set(rec.survivors)
+            if missing:  # no answer: treat as lost
+                for r in sorted(missing):
+                    self.group.kill(r)
+                self._failure([WorkerFailure(r, "hang", self.group.pid(r), "no answer")
+                               for r in sorted(missing)])
+                return "survivors did not answer", None
+            rec.settled = True
+            self._max_step_seen = max([self._max_step_seen, *rec.survivors.values()])
+        # Replacements: start as many as fit now, up to the size before the failure.
+        target = min(self.cfg.scaling.max_workers, max(rec.world_size, self.cfg.scaling.min_workers))
+        want = target - len(rec.survivors) - self.group.pending()
+        if want > 0 and (rec.spawned_at is None or now - rec.spawned_at >= 1.0):
+            cap = self.capacity(exclude=self.isolation.isolated)
+            if cap > 0 and self.group.spawn(min(want, cap), exclude=self.isolation.isolated):
+                rec.spawned_at = now
+        ready = self.group.collect_ready()
+        starting = self.group.pending() - ready
+        if starting and rec.spawned_at is not None \
+                and now - rec.spawned_at < self.cfg.failure.replace_timeout_s:
+            return f"waiting for {starting} replacement(s) to start", None
+        plan = failure_policy.decide(self._facts(rec, ready, now))
+        if plan.action == "abort":
+            return self._fail(f"cannot recover: {plan.reason}"), None
+        if plan.action == "wait":
+            if rec.wait_since is None:
+                rec.wait_since = now
+                logger.warning("waiting for capacity: %s (up to failure.wait_for_workers_s=%gs)",
+                               plan.reason, self.cfg.failure.wait_for_workers_s)
+            return "waiting for capacity", None
+        if plan.source == "checkpoint":
+            self._rec_checkpoint = self.committer.resolve_resume()  # reads and verifies it
+            if self._rec_checkpoint is None:
+                logger.error("no readable committed checkpoint: starting over from step 0")
+                plan.source, plan.resumed_step = "init", 0
+            else:
+                plan.resumed_step = self._rec_checkpoint.step
+        for info in self.group.assign(plan.ranks, plan.newcomers):
+            self._worker_started(info)
+        rec.plan = plan
+        rec.not_before = now + plan.backoff_s
+        if plan.backoff_s:
+            logger.warning("failure %d in a row without progress: waiting %.1fs before "
+                           "re-forming (failure.backoff_s=%g)", self._streak, plan.backoff_s,
+                           self.cfg.failure.backoff_s)
+        logger.info("recovery plan: %s", plan.reason)
+        self._plan = plan
+        self.phase = Phase.FORMING
+        return plan.reason, None
+
+    def _facts(self, rec: Recovery, ready: int, now: float) -> Facts:
+        ckpt = self.committer.latest_step() if self.committer is not None else None
+        fc = self.cfg.failure
+        return Facts(world_size=rec.world_size, survivors=dict(rec.survivors),
+                     lost=sorted(rec.lost), ready=ready,
+                     min_workers=self.cfg.scaling.min_workers,
+                     max_workers=self.cfg.scaling.max_workers,
+                     parallelism=self.cfg.train.parallelism, checkpoint_step=ckpt,
+                     failures=self.incidents, max_failures=fc.max_failures, streak=self._streak,
+                     backoff_s=fc.backoff_s, backoff_max_s=fc.backoff_max_s,
+                     waited_s=(now - rec.wait_since) if rec.wait_since is not None else 0.0,
+                     wait_limit_s=fc.wait_for_workers_s)
+
+    # ---- chaos ----------------------------------------------------------------------------
+    def _inject(self, ev: ChaosEvent) -> None:
+        ranks = self.group.ranks()
+        rank = None
+        if isinstance(ev.target, int) and ranks:
+            rank = ev.target if ev.target in ranks else ranks[ev.target % len(ranks)]
+        pid = self.group.pid(rank) if rank is not None else None
+        logger.warning("chaos at step %d: %s%s", self.last_step, ev.action,
+                       f" rank {rank} (pid {pid})" if rank is not None else "")
+        self.events.emit("chaos", action=ev.action, rank=rank, pid=pid, step=self.last_step,
+                         at_step=ev.at_step)
+        if ev.action in ("kill_worker", "hang_worker", "kill_during_checkpoint"):
+            self.group.chaos(rank, ev.action)
+        elif ev.action == "kill_node":
+            node = self.group.node_of(rank)
+            if not self.hooks.remove_node(node):
+                logger.warning("chaos: node %s is not a simulated node of this run: not removed",
+                               node)
+        elif ev.action == "add_node":
+            for _ in range(int(ev.target or 1)):
+                self.hooks.add_node()
+        elif ev.action == "preempt":
+            self.hooks.preempt()
+        elif ev.action == "storage_outage":
+            seconds = float(ev.target or 10.0)
+            storage.inject_outage(seconds)  # the driver writes the manifests
+            for r in ranks:
+                self.group.chaos(r, "storage_outage", seconds)
+
+    # ---- accounting -----------------------------------------------------------------------
+    def _absorb(self, poll: PollResult) -> None:
+        for hb in poll.heartbeats.values():
             for rep in hb.reports:
                 self._account(rep.step, rep.weighted_loss, rep.t, rep.duration_s)
             for save in hb.saves:
                 if self.committer is not None:
-                    self.committer.on_save(save, self.world_size, self.generation)
+                    self.committer.on_save(save)
+            self._max_step_seen = max(self._max_step_seen, hb.step)
 
     def _account(self, step: int, weighted_loss: float, t: float, duration: float) -> None:
         entry = self._pending.setdefault(step, [0.0, 0, 0.0, 0.0])
@@ -234,10 +591,22 @@ class Controller:
         if step <= self.last_step:
             return
         self.last_step, self.last_loss = step, entry[0]
+        self._max_step_seen = max(self._max_step_seen, step)
+        self._streak = 0
         self.step_time_s += entry[3]
         self._recent.append((step, entry[2]))
         if self._warm is None and step >= max(1, min(self.cfg.train.steps // 10, 50)):
             self._warm = (step, entry[2])
+        if self._awaiting_recovered is not None:
+            rec = self._awaiting_recovered
+            self._awaiting_recovered = None
+            rec["recovery_s"] = round(max(0.0, entry[2] - rec.pop("t0")), 3)
+            self.recoveries.append(rec)
+            self.events.emit("recovered", **rec)
+            logger.warning("recovered: generation %d, %d workers, state from %s at step %d, "
+                           "%d steps lost, %.2fs from detection to this step",
+                           rec["generation"], rec["world_size"], rec["source"],
+                           rec["resumed_step"], rec["lost_steps"], rec["recovery_s"])
 
     def progress(self) -> Progress:
         return Progress(self.last_step, self.cfg.train.steps, self.last_loss, self.world_size,
@@ -253,20 +622,17 @@ class Controller:
         """Steps/s after a warm-up of 10% of the steps (at most 50), start-up excluded."""
         return self._rate(self._warm)
 
-    def _on_failures(self, failures: List[WorkerFailure]) -> str:
-        # Survivors of a lost peer see collective errors; the lost workers are the cause.
-        primary = [f for f in failures if f.kind in ("process_exit", "node_lost", "hang")]
-        shown = primary or failures
-        self.failures.extend(shown)
-        by_kind: Dict[str, List[WorkerFailure]] = collections.defaultdict(list)
-        for f in shown:
-            by_kind[f.kind].append(f)
-        for kind, fs in by_kind.items():
-            self.events.emit("failure_detected", kind=kind, ranks=[f.rank for f in fs],
-                             pids=[f.pid for f in fs], generation=self.generation,
-                             step=self.last_step, error=fs[0].error)
-        desc = "; ".join(_describe(kind, fs) for kind, fs in by_kind.items())
-        return self._fail(f"worker failure at step {self.last_step}: {desc}")
+    # ---- endings --------------------------------------------------------------------------
+    def _finalize(self):
+        self.digest = self.group.final_digest()
+        self.phase = Phase.DONE
+        return "done", self.progress()
+
+    def _interrupt(self, message: str) -> str:
+        self.error = message
+        self.phase = Phase.INTERRUPTED
+        logger.warning(message)
+        return message
 
     def _fail(self, message: str) -> str:
         self.error = message
@@ -276,9 +642,11 @@ class Controller:
 
     def summary(self) -> Dict[str, Any]:
         wall = self.clock() - self.started_at
+        status = {Phase.DONE: "finished", Phase.INTERRUPTED: "interrupted"}.get(self.phase,
+                                                                               "failed")
         return {
             "job": self.cfg.job.name,
-            "status": "finished" if self.phase == Phase.DONE else "failed",
+            "status": status,
             "steps": self.last_step,
             "total_steps": self.cfg.train.steps,
             "final_loss": self.last_loss,
@@ -286,12 +654,21 @@ class Controller:
             "world_sizes": self.world_sizes,
             "generations": self.generation,
             "failures": len(self.failures),
-            "recoveries": 0,
+            "recoveries": len(self.recoveries),
+            "lost_steps": sum(r["lost_steps"] for r in self.recoveries),
             "resumed_from_step": self.resume.step if self.resume else None,
             "checkpoints_committed": len(self.committer.committed) if self.committer else 0,
             "checkpoints_failed": len(self.committer.failed) if self.committer else 0,
+            "isolated_nodes": list(self.isolation.isolated),
             "steps_per_s": self.steady_steps_per_s(),
             "goodput": {"wall_s": round(wall, 3), "step_s": round(self.step_time_s, 3),
                         "ratio": round(self.step_time_s / wall, 4) if wall > 0 else None},
             "error": self.error,
         }
+
+
+def _by_kind(failures: List[WorkerFailure]) -> Dict[str, List[WorkerFailure]]:
+    out: Dict[str, List[WorkerFailure]] = collections.defaultdict(list)
+    for f in failures:
+        out[f.kind].append(f)
+    return dict(out)

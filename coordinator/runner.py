@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from datetime import timedelta
 
 from coordinator.cluster import Cluster
 from coordinator.config import Config
-from coordinator.controller import Controller, Phase
+from coordinator.controller import Controller, Hooks, Phase
 from coordinator.events import EventLog, write_json_atomic
 from coordinator.progress import ProgressReporter
 
@@ -50,7 +51,9 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
             parallelism=cfg.train.parallelism, use_gpu=cfg.scaling.use_gpu,
             torch_threads=max(1, int(cfg.scaling.cpus_per_worker)),
             collective_timeout_s=cfg.train.collective_timeout_s,
-            checkpoint_uri=absolute_uri(cfg.checkpoint.uri) if cfg.checkpoint.interval_steps else "",
+            # Checkpoints are written when periodic saves are on, or when a preemption notice
+            # asks for an emergency one (checkpoint.interval_steps=0 still takes that one).
+            checkpoint_uri=absolute_uri(cfg.checkpoint.uri),
             checkpoint_options=dict(cfg.checkpoint.storage_options),
             checkpoint_interval=int(cfg.checkpoint.interval_steps or 0),
             checkpoint_async=cfg.checkpoint.async_,
@@ -58,16 +61,21 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
         committer = Committer(cfg.checkpoint.uri, cfg.checkpoint.storage_options,
                               cfg.checkpoint.keep, cfg.checkpoint.verify_on_load,
                               cfg.config_hash(), events)
-        group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, cluster.driver_ip(), store.port,
-                               start_timeout_s=cfg.failure.wait_for_workers_s)
-        controller = Controller(cfg, group, events, cluster.capacity, committer)
+        group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, store, cluster.driver_ip(),
+                               cluster.free_slots, start_timeout_s=cfg.failure.wait_for_workers_s,
+                               hang_timeout_s=cfg.failure.hang_timeout_s)
+        hooks = Hooks(remove_node=cluster.remove_node_of, add_node=cluster.add_node_if_simulated,
+                      preempt=lambda: os.kill(os.getpid(), signal.SIGUSR1))
+        controller = Controller(cfg, group, events, cluster.capacity, committer, hooks=hooks)
+        restore_signals = _install_preemption_handlers(controller, reporter)
         while not controller.done:
             tr = controller.step()
             if tr.progress is not None:
                 reporter.update(tr.progress)
             if tr.before == tr.after and not controller.done:
                 time.sleep(POLL_INTERVAL_S if tr.after == Phase.RUNNING else 1.0)
-        status = "finished" if controller.phase == Phase.DONE else "failed"
+        status = {Phase.DONE: "finished", Phase.INTERRUPTED: "interrupted"}.get(controller.phase,
+                                                                               "failed")
     except KeyboardInterrupt:
         status = "interrupted"
         reporter.message("interrupted: stopping workers")
@@ -78,6 +86,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
         error = f"{type(e).__name__}: {e}"
         logger.exception("the coordinator failed: %s", error)
     finally:
+        if controller is not None:
+            restore_signals()
         if group is not None:
             group.shutdown()
         cluster.shutdown()
@@ -92,6 +102,28 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     events.close()
     reporter.message(format_summary(summary, run_dir))
     return {"finished": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
+
+
+def _install_preemption_handlers(controller: Controller, reporter: ProgressReporter):
+    """SIGTERM and SIGUSR1 (what SLURM and spot reclaimers send ahead of a kill) ask the
+    controller for an emergency checkpoint and a clean stop (exit 130). Returns a function that
+    puts the previous handlers back."""
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        reporter.message(f"{name} received: checkpointing, then stopping")
+        controller.request_preempt(name)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (embedded use): no handlers
+            pass
+
+    def restore():
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return restore
 
 
 def format_summary(s: dict, run_dir: str) -> str:

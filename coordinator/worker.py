@@ -11,9 +11,12 @@ included) never takes the rendezvous down with it.
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,15 +26,19 @@ import ray
 import torch
 import torch.distributed as dist
 
+from coordinator.checkpoint import storage
+from coordinator.checkpoint.restore import broadcast_full_state
+from coordinator.checkpoint.saver import CheckpointSaver, SaveReport, load_checkpoint
 from train import data as data_lib
 from train import parallel
-from coordinator.checkpoint.saver import CheckpointSaver, SaveReport, load_checkpoint
 from train.state import (
     TrainState,
+    apply_full_state,
     apply_loaded,
     build_state,
     checkpoint_state,
     full_model_state,
+    full_state,
     load_template,
     weights_digest,
 )
@@ -41,6 +48,10 @@ from train.task import make_task
 logger = logging.getLogger(__name__)
 
 CONCURRENCY_GROUPS = {"control": 2, "train": 1}
+
+# Stop requests, agreed by all ranks after every step (a MAX all-reduce of each rank's request), so
+# every rank stops after the same step whichever of them heard the controller first.
+STOP_NONE, STOP_PAUSE, STOP_CHECKPOINT = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,21 @@ class StepReport:
 
 
 @dataclass
+class Source:
+    """Where the members of a new generation take their training state from."""
+    kind: str = "init"  # init | checkpoint | peer | keep
+    path: Optional[str] = None  # checkpoint: the step directory to load
+    src: Optional[int] = None  # peer: the new-generation rank that sends its full state
+    gather: bool = False  # peer under FSDP2: gather the shards over the old group first
+
+
+@dataclass
+class TrainResult:
+    step: int  # completed steps
+    stopped: bool  # True: stopped early on a stop request (a pause or an emergency checkpoint)
+
+
+@dataclass
 class Heartbeat:
     rank: Optional[int]
     generation: int
@@ -95,7 +121,12 @@ class TrainWorker:
         self.rank: Optional[int] = None
         self.world_size = 0
         self._reports: "collections.deque[StepReport]" = collections.deque()
+        self._save_reports: "collections.deque[SaveReport]" = collections.deque()
         self.saver: Optional[CheckpointSaver] = None
+        self._ctl_group = None  # gloo group for stop agreement and peer state (None: default)
+        self._stop = STOP_NONE
+        self._broken = False  # the current group failed: nothing more may run on it
+        self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
 
     def _pick_device(self) -> torch.device:
         if not self.spec.use_gpu:
@@ -116,60 +147,152 @@ class TrainWorker:
         reports, saves = [], []
         while self._reports:
             reports.append(self._reports.popleft())
-        while self.saver is not None and self.saver.reports:
-            saves.append(self.saver.reports.popleft())
+        while self._save_reports:
+            saves.append(self._save_reports.popleft())
         step = self.state.step if self.state is not None else 0
         return Heartbeat(self.rank, self.generation, step, reports, saves)
+
+    @ray.method(concurrency_group="control")
+    def request_stop(self, mode: int) -> None:
+        """Ask the training loop to stop after the current step (STOP_PAUSE), or to take a
+        checkpoint and stop (STOP_CHECKPOINT). All ranks agree on the step (see train)."""
+        self._stop = max(self._stop, mode)
+
+    @ray.method(concurrency_group="control")
+    def chaos(self, action: str, arg: Optional[float] = None) -> None:
+        """Fault injection, run on the worker's own node so it works on any cluster."""
+        if action == "kill_worker":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "hang_worker":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif action == "kill_during_checkpoint":
+            self._kill_in_checkpoint = True
+        elif action == "storage_outage":
+            storage.inject_outage(float(arg or 10.0))
+        else:
+            raise ValueError(f"unknown chaos action {action!r}")
 
     # ---- train group ----------------------------------------------------------------------
     @ray.method(concurrency_group="train")
     def join_group(self, generation: int, rank: int, world_size: int, store_host: str,
-                   store_port: int, restore_path: Optional[str] = None) -> int:
-        """Leave the previous generation's process group and form generation `generation`;
-        with `restore_path`, load that checkpoint (resharded to this world). Returns the step."""
-        if self.saver is not None:
-            self.saver.close()
-            self.saver = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+                   store_port: int, source: Optional[Source] = None) -> int:
+        """Leave the previous generation's process group (if any) and form generation
+        `generation` as `rank` of `world_size`; take the training state from `source`. A survivor
+        keeps its model and optimizer objects (DDP) and only rewraps them. Returns the step."""
+        source = source or Source()
+        try:
+            return self._join(generation, rank, world_size, store_host, store_port, source)
+        except RuntimeError as e:  # a peer was lost while forming: gloo/store errors
+            self._broken = True
+            error = str(e) if isinstance(e, WorkerError) else (
+                f"rank {rank} joining generation {generation}: {' '.join(str(e).split())[:300]}")
+        self._teardown()
+        raise WorkerError(error)
+
+    def _join(self, generation: int, rank: int, world_size: int, store_host: str,
+              store_port: int, source: Source) -> int:
+        held = None
+        if source.gather and self.state is not None and not self._broken:
+            held = full_state(self.state)  # FSDP2: a collective over the old group, all alive
+        self._teardown()
+        self._stop = STOP_NONE
         timeout = timedelta(seconds=self.spec.collective_timeout_s)
         store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
+        prefix = f"gen{generation}/"
+        self._arrive(store, prefix, world_size)
         backend = "nccl" if self.spec.use_gpu else "gloo"
-        dist.init_process_group(backend, store=dist.PrefixStore(f"gen{generation}/", store),
+        dist.init_process_group(backend, store=dist.PrefixStore(prefix, store),
                                 rank=rank, world_size=world_size, timeout=timeout)
         # Checkpoint collectives get their own gloo group: they run on the persist thread and must
         # never interleave with the training group's collectives.
         ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
+        self._ctl_group = dist.new_group(backend="gloo", timeout=timeout) \
+            if backend != "gloo" else None
+        self._broken = False
         self.generation, self.rank, self.world_size = generation, rank, world_size
-        if self.state is None:
+        ddp = self.spec.parallelism == "ddp"
+        fresh = self.state is None
+        if fresh:
+            # DDP stays unwrapped until its state is final: wrapping broadcasts rank 0's weights.
             self.state = build_state(self.task, self.spec.parallelism, self.device,
-                                     self.spec.seed, self.spec.total_steps)
-        # Per-rank RNG (dropout and the like) derives from (seed, rank) only.
-        torch.manual_seed(self.spec.seed * 100_003 + 1 + rank)
-        if restore_path:
-            st = self.state
-            sd = load_checkpoint(restore_path, self.spec.checkpoint_options,
+                                     self.spec.seed, self.spec.total_steps, wrap_ddp=False)
+        st = self.state
+        if source.kind == "checkpoint":
+            sd = load_checkpoint(source.path, self.spec.checkpoint_options,
                                  lambda saved: load_template(st, rank, saved), ckpt_group)
             apply_loaded(st, sd, rank)
+        elif source.kind == "peer":
+            mine = held if held is not None else (
+                full_state(st) if rank == source.src and ddp else None)
+            full = broadcast_full_state(mine, source.src, self._ctl_group)
+            if not (rank == source.src and ddp):  # the source's own replica is already in place
+                apply_full_state(st, full)
+            del full, mine, held
+        if fresh and source.kind != "checkpoint":
+            # Per-rank RNG (dropout and the like): a newcomer seeds from (seed, rank, step); a
+            # survivor keeps its stream; a checkpoint restores the saved one.
+            torch.manual_seed(self.spec.seed * 100_003 + 1 + rank + 7_919 * st.step)
+        if ddp:
+            st.model = parallel.wrap(st.model, "ddp", self.device, self.task)
         # Same DDP bucket layout for every wrap, resumed or not (see train.parallel.prime).
-        batch = data_lib.local_batch(self.task, self.spec.seed, self.state.step,
+        batch = data_lib.local_batch(self.task, self.spec.seed, st.step,
                                      self.spec.global_batch_size, world_size, rank)
-        parallel.prime(self.state.model, self.task.loss,
-                       {k: v.to(self.device) for k, v in batch.items()})
+        parallel.prime(st.model, self.task.loss, {k: v.to(self.device) for k, v in batch.items()})
         if self.spec.checkpoint_uri:
             self.saver = CheckpointSaver(self.spec.checkpoint_uri, self.spec.checkpoint_options,
                                          self.spec.checkpoint_async, rank, ckpt_group,
-                                         split_replicated=self.spec.parallelism == "ddp")
-            self.saver.last_step = self.state.step if restore_path else None
-        return self.state.step
+                                         split_replicated=ddp, generation=generation,
+                                         reports=self._save_reports)
+            # A restored step is on storage already: the final save does not repeat it.
+            self.saver.last_step = st.step if source.kind == "checkpoint" else None
+        return st.step
+
+    def _arrive(self, store, prefix: str, world_size: int) -> None:
+        """Wait until every member of the generation has arrived, or the controller aborts the
+        generation (a member died while joining) by setting `<prefix>abort`. Without this, peers
+        of a member lost here would wait in the rendezvous for the whole collective timeout."""
+        store.add(prefix + "arrived", 1)
+        deadline = time.monotonic() + self.spec.collective_timeout_s
+        while store.add(prefix + "arrived", 0) < world_size:
+            if store.check([prefix + "abort"]):
+                raise WorkerError(f"generation {prefix.strip('/')} aborted by the controller")
+            if time.monotonic() > deadline:
+                raise WorkerError(f"{prefix.strip('/')}: peers did not arrive within "
+                                  f"train.collective_timeout_s={self.spec.collective_timeout_s:g}")
+            time.sleep(0.01)
+
+    def _teardown(self) -> None:
+        """Leave the current process group. After a failure the group is broken: the save in
+        flight is abandoned, and every reference to the group is dropped before it is destroyed,
+        so its sockets close and peers still blocked in a collective with us fail at once
+        (gloo only notices a lost peer through a closed connection)."""
+        if self.saver is not None:
+            if self._broken:
+                self.saver.abandon()
+            else:
+                self.saver.close()  # a clean pause: the save in flight completes and reports
+            self.saver = None
+        if self.state is not None:
+            if self.spec.parallelism == "ddp":
+                self.state.model = parallel.unwrap(self.state.model)
+            else:
+                # FSDP2's shards belong to the old mesh: the model is rebuilt on the new one and
+                # its state comes from the held full state or a checkpoint.
+                self.state = None
+        self._ctl_group = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        gc.collect()
 
     @ray.method(concurrency_group="train")
-    def train(self, until_step: int) -> int:
-        """Run steps until `until_step`; returns the completed step."""
+    def train(self, until_step: int) -> TrainResult:
+        """Run steps until `until_step`, or until a stop request all ranks agree on."""
         assert self.state is not None and self.rank is not None, "join_group first"
         st, spec = self.state, self.spec
         scale = data_lib.loss_scale(spec.global_batch_size, self.world_size, self.rank)
         share = data_lib.share(spec.global_batch_size, self.world_size, self.rank)
+        stop = torch.zeros(1, dtype=torch.int32)
+        error = None
         while st.step < until_step:
             t0 = time.time()
             batch = data_lib.local_batch(self.task, spec.seed, st.step, spec.global_batch_size,
@@ -178,25 +301,49 @@ class TrainWorker:
             try:
                 loss = train_step(st.model, st.optimizer, st.scheduler, self.task.loss, batch,
                                   scale)
+                stop[0] = self._stop
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self._ctl_group)
             except RuntimeError as e:  # a peer died or hung: gloo/nccl raise here
-                raise WorkerError(f"rank {self.rank} step {st.step + 1}: {e}") from None
+                error = f"rank {self.rank} step {st.step + 1}: {' '.join(str(e).split())[:300]}"
+                break
             st.step += 1
             now = time.time()
             self._reports.append(StepReport(st.step, loss * share, now, now - t0))
+            if int(stop[0]) >= STOP_CHECKPOINT:
+                if self.saver is not None and self.saver.last_step != st.step:
+                    self._checkpoint()
+                break
+            if int(stop[0]) >= STOP_PAUSE:
+                break
             interval = spec.checkpoint_interval
             if self.saver is not None and interval and st.step % interval == 0 \
                     and st.step < spec.total_steps:
                 self._checkpoint()
+        if error is not None:
+            # Outside the except block, so the traceback (and the group it references) is gone.
+            self._broken = True
+            self._teardown()
+            raise WorkerError(error)
         if self.saver is not None:
             if spec.checkpoint_final and st.step == spec.total_steps \
                     and self.saver.last_step != st.step:
                 self._checkpoint()
             self.saver.wait()  # every save of this call is reported before it returns
-        return st.step
+        return TrainResult(st.step, st.step < until_step)
 
     def _checkpoint(self) -> None:
         t0 = time.time()  # the stall includes gathering the state dict, not only staging it
         self.saver.save(self.state.step, checkpoint_state(self.state, self.rank), started=t0)
+        if self._kill_in_checkpoint:
+            threading.Thread(target=self._kill_while_writing, args=(self.saver,),
+                             daemon=True).start()
+
+    @staticmethod
+    def _kill_while_writing(saver: CheckpointSaver) -> None:
+        deadline = time.monotonic() + 5.0
+        while saver.files_written < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     @ray.method(concurrency_group="train")
     def final_digest(self) -> Optional[str]:

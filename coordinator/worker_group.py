@@ -1,22 +1,36 @@
-"""The workers of a job as a group: create, place, form a generation, train, poll, shut down.
+"""The workers of a job as a group: place, form a generation, train, poll, stop, shut down.
 
-`WorkerGroup` is the seam the controller talks to; `RayWorkerGroup` is the real one (Ray actors in
-a placement group), and the controller tests use fakes with the same methods.
+`WorkerGroup` is the seam the controller talks to; `RayWorkerGroup` is the real one (one Ray actor
+per worker, each pinned to a node we choose), and the controller tests use fakes with the same
+methods.
+
+Members are keyed by their rank in the current generation. Newcomers (replacements, growth) are
+*spawned* while the others keep training, and join with a rank only when the controller re-forms
+the group (`assign`, then `form`). Each worker is placed on a node picked here rather than in one
+placement group: a placement group cannot grow, and picking nodes lets us spread workers and keep
+away from nodes the failure policy has isolated.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Set
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from coordinator.worker import Heartbeat, TrainWorker, WorkerError, WorkerSpec
+from coordinator.worker import (
+    Heartbeat,
+    Source,
+    TrainResult,
+    TrainWorker,
+    WorkerError,
+    WorkerSpec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +54,7 @@ class WorkerFailure:
 @dataclass
 class PollResult:
     heartbeats: Dict[int, Heartbeat] = field(default_factory=dict)
-    finished: Dict[int, int] = field(default_factory=dict)  # rank -> completed step
+    finished: Dict[int, TrainResult] = field(default_factory=dict)  # train calls that returned
     failures: List[WorkerFailure] = field(default_factory=list)
     silent_s: Dict[int, float] = field(default_factory=dict)  # rank -> seconds without an answer
 
@@ -50,12 +64,21 @@ class CapacityError(RuntimeError):
 
 
 class WorkerGroup(Protocol):
-    def start(self, world_size: int) -> List[WorkerInfo]: ...
-    def form(self, generation: int, restore_path: Optional[str] = None) -> List[WorkerFailure]: ...
+    def start(self, world_size: int, exclude: Iterable[str] = ()) -> List[WorkerInfo]: ...
+    def spawn(self, n: int, exclude: Iterable[str] = ()) -> int: ...
+    def collect_ready(self) -> int: ...
+    def pending(self) -> int: ...
+    def assign(self, ranks: Dict[int, int], newcomers: List[int]) -> List[WorkerInfo]: ...
+    def form(self, generation: int, source: Source) -> List[WorkerFailure]: ...
     def launch(self, until_step: int) -> None: ...
-    def poll(self) -> PollResult: ...
+    def poll(self, fresh: bool = False) -> PollResult: ...
+    def busy(self) -> Set[int]: ...
+    def request_stop(self, mode: int) -> None: ...
+    def chaos(self, rank: int, action: str, arg: Optional[float] = None) -> None: ...
     def kill(self, rank: int) -> None: ...
     def pid(self, rank: int) -> Optional[int]: ...
+    def node_of(self, rank: int) -> Optional[str]: ...
+    def ranks(self) -> List[int]: ...
     def final_digest(self) -> str: ...
     def shutdown(self) -> None: ...
 
@@ -66,103 +89,289 @@ def _first_line(err: BaseException) -> str:
     return text[-1] if text else type(err).__name__
 
 
+def _node_reachable(node_id: str, timeout_s: float = 1.0) -> bool:
+    """Is the node alive? The GCS may take seconds to mark a dead node, so besides its view we
+    try the node's raylet port: a machine that is gone refuses or does not answer."""
+    for node in ray.nodes():
+        if node["NodeID"] != node_id:
+            continue
+        if not node.get("Alive"):
+            return False
+        try:
+            with socket.create_connection((node["NodeManagerAddress"],
+                                           int(node["NodeManagerPort"])), timeout=timeout_s):
+                return True
+        except (OSError, KeyError, ValueError):
+            return False
+    return False
+
+
 def _first_sentence(err: BaseException) -> str:
     """Ray's actor-death text runs to a paragraph of troubleshooting advice: keep its opening."""
     text = " ".join(str(err).split())
     return text.split(". ")[0].rstrip(".") if text else type(err).__name__
 
 
+@dataclass
+class _Newcomer:
+    actor: "ray.actor.ActorHandle"
+    info_ref: "ray.ObjectRef"
+    node_id: str
+    since: float
+    info: Optional[WorkerInfo] = None
+
+
 class RayWorkerGroup:
-    def __init__(self, spec: WorkerSpec, cpus_per_worker: float, store_host: str, store_port: int,
-                 start_timeout_s: float, rpc_timeout_s: float = 10.0):
+    def __init__(self, spec: WorkerSpec, cpus_per_worker: float, store, store_host: str,
+                 free_slots: Callable[[Iterable[str]], Dict[str, int]], start_timeout_s: float,
+                 hang_timeout_s: float = 10.0, rpc_timeout_s: float = 10.0):
         self.spec = spec
         self.cpus_per_worker = cpus_per_worker
-        self.store_host, self.store_port = store_host, store_port
+        self.store = store  # the driver's TCPStore (master): rendezvous and abort keys
+        self.store_host, self.store_port = store_host, store.port
+        self.free_slots = free_slots
         self.start_timeout_s = start_timeout_s
         self.rpc_timeout_s = rpc_timeout_s
+        self.hang_timeout_s = hang_timeout_s
         self.actors: Dict[int, ray.actor.ActorHandle] = {}
         self.infos: Dict[int, WorkerInfo] = {}
-        self._pg = None
+        self.dead: Set[int] = set()  # ranks whose process is gone (reported once)
+        self._spawning: List[_Newcomer] = []  # placed, not yet answering
+        self._ready: List[_Newcomer] = []  # answering, waiting for a rank
         self._train_refs: Dict[int, ray.ObjectRef] = {}
         self._hb_refs: Dict[int, ray.ObjectRef] = {}  # heartbeats in flight
         self._last_heard: Dict[int, float] = {}  # rank -> monotonic time of its last answer
+        self._stash = PollResult()  # heartbeats taken outside poll(), handed out by the next one
         self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
 
-    # ---- lifecycle ------------------------------------------------------------------------
-    def start(self, world_size: int) -> List[WorkerInfo]:
+    # ---- membership -----------------------------------------------------------------------
+    def start(self, world_size: int, exclude: Iterable[str] = ()) -> List[WorkerInfo]:
+        """Place `world_size` workers and give them ranks 0..world_size-1."""
+        placed = self.spawn(world_size, exclude)
+        if placed < world_size:
+            self._drop_newcomers()
+            raise CapacityError(f"could place only {placed} of {world_size} workers of "
+                                f"{self._bundle()} (free slots: {self.free_slots(exclude)})")
+        deadline = time.monotonic() + self.start_timeout_s
+        while self.collect_ready() < world_size:
+            if not self._spawning or time.monotonic() > deadline:
+                n = len(self._ready)
+                self._drop_newcomers()
+                raise CapacityError(
+                    f"only {n} of {world_size} workers started within "
+                    f"failure.wait_for_workers_s={self.start_timeout_s:g}s")
+            time.sleep(0.05)
+        return self.assign({}, list(range(world_size)))
+
+    def _bundle(self) -> Dict[str, float]:
         bundle = {"CPU": self.cpus_per_worker}
         if self.spec.use_gpu:
             bundle["GPU"] = 1
-        # SPREAD: one bundle per worker, spread over nodes where the cluster allows it.
-        self._pg = placement_group([dict(bundle) for _ in range(world_size)], strategy="SPREAD")
-        try:
-            ray.get(self._pg.ready(), timeout=self.start_timeout_s)
-        except GetTimeoutError:
-            raise CapacityError(
-                f"could not place {world_size} workers of {bundle} within "
-                f"failure.wait_for_workers_s={self.start_timeout_s:g}s") from None
-        for rank in range(world_size):
-            self.actors[rank] = TrainWorker.options(
-                num_cpus=self.cpus_per_worker, num_gpus=1 if self.spec.use_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=rank),
-            ).remote(self.spec)
-        infos = ray.get([a.info.remote() for a in self.actors.values()],
-                        timeout=self.start_timeout_s)
-        for rank, info in zip(self.actors, infos):
-            self.infos[rank] = WorkerInfo(rank, info["pid"], info["node_id"], info["host"])
-        return [self.infos[r] for r in sorted(self.infos)]
+        return bundle
 
-    def form(self, generation: int, restore_path: Optional[str] = None) -> List[WorkerFailure]:
-        """Form generation `generation` over all actors; with `restore_path`, each loads its part
-        of that checkpoint. Loading can take a while: no fixed timeout beyond the collective's."""
+    def spawn(self, n: int, exclude: Iterable[str] = ()) -> int:
+        """Start up to `n` new workers on nodes with room (spread: the node with the fewest of our
+        workers first), without waiting for them. Returns how many were placed."""
+        slots = self.free_slots(exclude)
+        ours: Dict[str, int] = {}
+        for info in self.infos.values():
+            ours[info.node_id] = ours.get(info.node_id, 0) + 1
+        for nc in self._spawning + self._ready:
+            ours[nc.node_id] = ours.get(nc.node_id, 0) + 1
+        placed = 0
+        while placed < n and slots:
+            node = min(slots, key=lambda nd: (ours.get(nd, 0), -slots[nd], nd))
+            strategy = (NodeAffinitySchedulingStrategy(node, soft=False) if node
+                        else "SPREAD")  # "" = per-node view unavailable: let Ray spread
+            actor = TrainWorker.options(num_cpus=self.cpus_per_worker,
+                                        num_gpus=1 if self.spec.use_gpu else 0,
+                                        scheduling_strategy=strategy).remote(self.spec)
+            self._spawning.append(_Newcomer(actor, actor.info.remote(), node, time.monotonic()))
+            ours[node] = ours.get(node, 0) + 1
+            slots[node] -= 1
+            if slots[node] <= 0:
+                del slots[node]
+            placed += 1
+        return placed
+
+    def collect_ready(self) -> int:
+        """Newcomers that answer move to the ready list; ones that died or could not be placed
+        in time are dropped. Returns how many are ready."""
+        still = []
+        for nc in self._spawning:
+            done, _ = ray.wait([nc.info_ref], timeout=0)
+            if not done:
+                if time.monotonic() - nc.since > self.start_timeout_s:
+                    logger.warning("a new worker on node %s did not start within %gs: dropped",
+                                   nc.node_id[:8], self.start_timeout_s)
+                    self._kill(nc.actor)
+                else:
+                    still.append(nc)
+                continue
+            try:
+                info = ray.get(nc.info_ref, timeout=0)
+            except (RayActorError, RayTaskError) as e:
+                logger.warning("a new worker failed to start: %s", _first_sentence(e))
+                continue
+            nc.info = WorkerInfo(-1, info["pid"], info["node_id"], info["host"])
+            self._ready.append(nc)
+        self._spawning = still
+        return len(self._ready)
+
+    def pending(self) -> int:
+        """Newcomers placed and not yet assigned a rank (starting or ready)."""
+        return len(self._spawning) + len(self._ready)
+
+    def ready_nodes(self) -> List[str]:
+        return [nc.info.node_id for nc in self._ready]
+
+    def assign(self, ranks: Dict[int, int], newcomers: List[int]) -> List[WorkerInfo]:
+        """The next generation's membership: `ranks` maps each staying member's current rank to
+        its new one; ready newcomers take the ranks in `newcomers`. Members left out are killed.
+        Returns the newcomers' infos."""
+        assert len(newcomers) <= len(self._ready), "assign: not enough ready newcomers"
+        actors, infos = {}, {}
+        for old, new in ranks.items():
+            actors[new] = self.actors[old]
+            info = self.infos[old]
+            infos[new] = WorkerInfo(new, info.pid, info.node_id, info.host)
+        for old, actor in self.actors.items():
+            if old not in ranks:
+                self._kill(actor)
+        added = []
+        for new in newcomers:
+            nc = self._ready.pop(0)
+            actors[new] = nc.actor
+            infos[new] = WorkerInfo(new, nc.info.pid, nc.info.node_id, nc.info.host)
+            added.append(infos[new])
+        self.actors, self.infos = actors, infos
+        self.dead = set()
+        self._train_refs, self._hb_refs, self._last_heard = {}, {}, {}
+        return added
+
+    def ranks(self) -> List[int]:
+        return sorted(self.actors)
+
+    # ---- a generation ---------------------------------------------------------------------
+    def form(self, generation: int, source: Source) -> List[WorkerFailure]:
+        """Every member joins generation `generation` and takes its state from `source`. If one
+        is lost while joining, the generation is aborted through the store so the others return
+        at once instead of waiting in the rendezvous."""
         world = len(self.actors)
         refs = {r: a.join_group.remote(generation, r, world, self.store_host, self.store_port,
-                                       restore_path)
+                                       source)
                 for r, a in self.actors.items()}
         timeout = self.spec.collective_timeout_s + self.rpc_timeout_s
-        if restore_path:
+        if source.kind == "checkpoint":
             timeout += 600
-        return self._collect(refs, timeout=timeout)[1]
+        deadline = time.monotonic() + timeout
+        failures: List[WorkerFailure] = []
+        aborted = False
+        self._hb_refs, self._last_heard = {}, {r: time.monotonic() for r in self.actors}
+        while refs and time.monotonic() < deadline:
+            done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0.5)
+            finished = {r: ref for r, ref in refs.items() if ref in set(done)}
+            for r in finished:
+                del refs[r]
+            _, fs = self._collect(finished, timeout=0)
+            # A member frozen while joining (SIGSTOP) blocks the others: find it by its silence.
+            self._heartbeats(self._stash, 0.0)  # its reports reach the controller's next poll
+            now = time.monotonic()
+            quiet = [r for r in refs if now - self._last_heard.get(r, now) > self.hang_timeout_s]
+            if quiet and len(quiet) < len(self._last_heard):
+                for r in quiet:
+                    self.kill(r)
+                    fs.append(WorkerFailure(r, "hang", self.pid(r),
+                                            f"no heartbeat for {self.hang_timeout_s:g}s while "
+                                            f"joining generation {generation}"))
+                    del refs[r]
+            failures.extend(fs)
+            if fs and not aborted:
+                self.store.set(f"gen{generation}/abort", "1")
+                aborted = True
+        self._hb_refs = {}
+        for r in refs:  # still joining at the deadline
+            failures.append(WorkerFailure(r, "hang", self.pid(r),
+                                          f"did not join generation {generation} in {timeout:g}s"))
+        return failures
 
     def launch(self, until_step: int) -> None:
         self._train_refs = {r: a.train.remote(until_step) for r, a in self.actors.items()}
         now = time.monotonic()
         self._last_heard = {r: now for r in self.actors}
 
-    def poll(self) -> PollResult:
+    def busy(self) -> Set[int]:
+        """Ranks whose train call has not returned yet."""
+        return set(self._train_refs)
+
+    def poll(self, fresh: bool = False) -> PollResult:
         """One round of heartbeats. A worker whose previous heartbeat is still unanswered (a
-        frozen process) gets no new one; `silent_s` says how long each has not answered."""
-        result = PollResult()
+        frozen process) gets no new one; `silent_s` says how long each has not answered. A lost
+        worker is reported once; a train call is reported once, when it returns. `fresh`: wait
+        (up to the RPC timeout) for answers to heartbeats sent now, so each step is current."""
+        result, self._stash = self._stash, PollResult()
+        result.failures = []  # failures seen while forming were reported by form()
+        self._heartbeats(result, self.rpc_timeout_s if fresh else self.heartbeat_wait_s)
+        if fresh:
+            self._heartbeats(result, self.rpc_timeout_s)
+        now = time.monotonic()
+        result.silent_s = {r: now - t for r, t in self._last_heard.items() if r not in self.dead}
+        if self._train_refs:
+            done, _ = ray.wait(list(self._train_refs.values()),
+                               num_returns=len(self._train_refs), timeout=0)
+            done_set = set(done)
+            finished = {r: ref for r, ref in self._train_refs.items() if ref in done_set}
+            for r in finished:
+                del self._train_refs[r]
+            values, failures = self._collect(finished, timeout=self.rpc_timeout_s)
+            result.finished = values
+            seen = {f.rank for f in result.failures}
+            result.failures.extend(f for f in failures if f.rank not in seen)
+        for f in result.failures:
+            if f.kind in ("process_exit", "node_lost"):
+                self.dead.add(f.rank)
+                self._hb_refs.pop(f.rank, None)
+                self._train_refs.pop(f.rank, None)
+                self._last_heard.pop(f.rank, None)
+        return result
+
+    def _heartbeats(self, result: PollResult, wait_s: float) -> None:
         for r, a in self.actors.items():
-            if r not in self._hb_refs:
+            if r not in self._hb_refs and r not in self.dead:
                 self._hb_refs[r] = a.heartbeat.remote()
-        ray.wait(list(self._hb_refs.values()), num_returns=len(self._hb_refs),
-                 timeout=self.heartbeat_wait_s)
-        answered = {r: ref for r, ref in self._hb_refs.items()
-                    if ray.wait([ref], timeout=0)[0]}
+        if self._hb_refs:
+            ray.wait(list(self._hb_refs.values()), num_returns=len(self._hb_refs),
+                     timeout=wait_s)
+        answered = {r: ref for r, ref in self._hb_refs.items() if ray.wait([ref], timeout=0)[0]}
         for r in answered:
             del self._hb_refs[r]
         values, failures = self._collect(answered, timeout=0)
         now = time.monotonic()
-        for r in values:
+        for r, hb in values.items():
             self._last_heard[r] = now
-        result.heartbeats = values
-        result.failures.extend(failures)
-        result.silent_s = {r: now - t for r, t in self._last_heard.items()}
-        done, _ = ray.wait(list(self._train_refs.values()), num_returns=len(self._train_refs),
-                           timeout=0)
-        done_set = set(done)
-        finished_refs = {r: ref for r, ref in self._train_refs.items() if ref in done_set}
-        values, failures = self._collect(finished_refs, timeout=self.rpc_timeout_s)
-        result.finished = values
+            prev = result.heartbeats.get(r)
+            if prev is not None:  # two answers in one poll: keep every report, the newer step
+                hb.reports[:0] = prev.reports
+                hb.saves[:0] = prev.saves
+            result.heartbeats[r] = hb
         seen = {f.rank for f in result.failures}
-        result.failures.extend(f for f in failures if f.rank not in seen)
-        return result
+        for f in failures:
+            if f.rank not in seen:
+                result.failures.append(f)
+                if f.kind in ("process_exit", "node_lost"):
+                    self.dead.add(f.rank)
+
+    def request_stop(self, mode: int) -> None:
+        for r, a in self.actors.items():
+            if r not in self.dead:
+                a.request_stop.remote(mode)
+
+    def chaos(self, rank: int, action: str, arg: Optional[float] = None) -> None:
+        self.actors[rank].chaos.remote(action, arg)
 
     def kill(self, rank: int) -> None:
         """Kill one worker (a hung one: its peers are then released from their collective)."""
-        ray.kill(self.actors[rank], no_restart=True)
+        self._kill(self.actors[rank])
 
     def final_digest(self) -> str:
         digests = ray.get([a.final_digest.remote() for a in self.actors.values()],
@@ -170,20 +379,25 @@ class RayWorkerGroup:
         return digests[0]
 
     def shutdown(self) -> None:
-        for actor in self.actors.values():
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception as e:  # already dead: nothing to clean
-                logger.debug("kill failed: %s", e)
+        for actor in list(self.actors.values()) + [nc.actor for nc in
+                                                   self._spawning + self._ready]:
+            self._kill(actor)
         self.actors.clear()
-        if self._pg is not None:
-            try:
-                remove_placement_group(self._pg)
-            except Exception as e:
-                logger.debug("placement group removal failed: %s", e)
-            self._pg = None
+        self._spawning, self._ready = [], []
 
     # ---- helpers --------------------------------------------------------------------------
+    def _drop_newcomers(self) -> None:
+        for nc in self._spawning + self._ready:
+            self._kill(nc.actor)
+        self._spawning, self._ready = [], []
+
+    @staticmethod
+    def _kill(actor) -> None:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as e:  # already dead: nothing to clean
+            logger.debug("kill failed: %s", e)
+
     def _collect(self, refs: Dict[int, ray.ObjectRef], timeout: float):
         """ray.get each ref; a dead actor or a raised error becomes a WorkerFailure."""
         values, failures = {}, []
@@ -206,10 +420,14 @@ class RayWorkerGroup:
 
     def _lost(self, rank: int, err: RayActorError) -> WorkerFailure:
         info = self.infos.get(rank)
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        kind = "node_lost" if info is not None and info.node_id not in alive else "process_exit"
+        lost_node = info is not None and not _node_reachable(info.node_id)
+        kind = "node_lost" if lost_node else "process_exit"
         return WorkerFailure(rank, kind, self.pid(rank), _first_sentence(err))
 
     def pid(self, rank: int) -> Optional[int]:
         info = self.infos.get(rank)
         return info.pid if info else None
+
+    def node_of(self, rank: int) -> Optional[str]:
+        info = self.infos.get(rank)
+        return info.node_id if info else None

@@ -46,7 +46,7 @@ def _save(uri, st, group, step, committer, async_=True):
     saver.save(step, checkpoint_state(st, 0))
     saver.close()
     for rep in saver.reports:
-        committer.on_save(rep, 1, 1)
+        committer.on_save(rep)
     return saver.reports
 
 

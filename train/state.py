@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -30,12 +30,15 @@ class TrainState:
 
 
 def build_state(task: Task, parallelism: str, device: torch.device, seed: int,
-                total_steps: int) -> TrainState:
-    """Build and wrap the model over the current process group. Every rank seeds identically, so
-    every rank starts from the same weights (FSDP2 shards them, DDP verifies them)."""
+                total_steps: int, wrap_ddp: bool = True) -> TrainState:
+    """Build the model over the current process group. Every rank seeds identically, so every
+    rank starts from the same weights (FSDP2 shards them in place, DDP verifies them when it wraps).
+    `wrap_ddp=False` leaves a DDP model unwrapped (see `parallel.wrap`), for a caller that loads
+    state into it before wrapping."""
     torch.manual_seed(seed)
     model = task.build_model().to(device)
-    model = parallel.wrap(model, parallelism, device, task)
+    if parallelism != "ddp" or wrap_ddp:
+        model = parallel.wrap(model, parallelism, device, task)
     optimizer = task.build_optimizer(parallel.unwrap(model))
     scheduler = task.build_scheduler(optimizer, total_steps)
     return TrainState(task, model, optimizer, scheduler)
@@ -46,6 +49,31 @@ def full_model_state(state: TrainState) -> Dict[str, torch.Tensor]:
     it; only rank 0 receives the tensors (the others get an empty dict)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(state.model, options=opts)
+
+
+# A rank's whole training state in full (unsharded) form, as a peer sends it to a new group:
+# {"model": FQN -> tensor, "optim": optimizer state keyed by FQN, "step": int, "scheduler": dict}.
+FullState = Dict[str, Any]
+
+
+def full_state(state: TrainState) -> FullState:
+    """The full training state. DDP: this rank's own replica (no collective). FSDP2: a
+    collective that gathers every shard; only rank 0 receives the tensors (offloaded to CPU)."""
+    fsdp = not isinstance(state.model, parallel.DistributedDataParallel)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=fsdp)
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=opts)
+    return {"model": model_sd, "optim": optim_sd, "step": state.step,
+            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None}
+
+
+def apply_full_state(state: TrainState, full: FullState) -> None:
+    """Load a full state into this rank's model and optimizer (FSDP2 keeps its own shard)."""
+    set_state_dict(state.model, state.optimizer, model_state_dict=full["model"],
+                   optim_state_dict=full["optim"],
+                   options=StateDictOptions(full_state_dict=True))
+    state.step = int(full["step"])
+    if state.scheduler is not None and full.get("scheduler") is not None:
+        state.scheduler.load_state_dict(full["scheduler"])
 
 
 def weights_digest(sd: Dict[str, torch.Tensor]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from coordinator.checkpoint import manifest as mf
 from coordinator.checkpoint.saver import SaveReport
@@ -29,7 +29,10 @@ class Committer:
         self.config_hash = config_hash
         self.events = events
         self.protected: set = set()  # steps that must not be deleted (the one restored from)
-        self._pending: Dict[int, Dict[int, SaveReport]] = {}
+        # (generation, step) -> rank -> report: a save commits once every rank of the generation
+        # that wrote it reported; a generation that ends first leaves its save uncommitted.
+        self._pending: Dict[Tuple[int, int], Dict[int, SaveReport]] = {}
+        self._ended = -1  # the newest generation ended by end_generation
         self.committed: List[int] = []
         self.failed: List[int] = []
 
@@ -50,13 +53,23 @@ class Committer:
                             chosen.step, chosen.manifest.get("config_hash"), self.config_hash)
         return chosen
 
+    def latest_step(self) -> Optional[int]:
+        """The newest checkpoint known committed (this run's commits or the one resumed from),
+        without touching storage; `resolve_resume` reads and verifies it before a restore."""
+        steps = self.committed + sorted(self.protected)
+        return max(steps) if steps else None
+
     # ---- commit ---------------------------------------------------------------------------
-    def on_save(self, rep: SaveReport, world_size: int, generation: int) -> None:
-        reports = self._pending.setdefault(rep.step, {})
+    def on_save(self, rep: SaveReport) -> None:
+        world_size, generation = rep.world_size, rep.generation
+        if generation <= self._ended:
+            return  # its generation already ended without it: never committed
+        key = (generation, rep.step)
+        reports = self._pending.setdefault(key, {})
         reports[rep.rank] = rep
         if len(reports) < world_size:
             return
-        del self._pending[rep.step]
+        del self._pending[key]
         waited = max(r.waited_s for r in reports.values())
         if waited > 0.01:
             logger.warning("checkpoint step %d waited %.2fs for the previous save to persist "
@@ -85,6 +98,16 @@ class Committer:
                     rep.step, manifest["bytes"] / 1e6, stall, persist)
         self.retain()
 
+    def end_generation(self, generation: int) -> None:
+        """Generation `generation` (and older) is over: saves some of its ranks never reported
+        (a rank was lost while writing) can no longer commit."""
+        self._ended = max(self._ended, generation)
+        for key in sorted(k for k in self._pending if k[0] <= generation):
+            reports = self._pending.pop(key)
+            missing = reports[next(iter(reports))].world_size - len(reports)
+            self._failed(key[1], f"{missing} rank(s) of generation {key[0]} never finished "
+                                 "writing (lost during the save)")
+
     def _failed(self, step: int, reason: str) -> None:
         self.failed.append(step)
         logger.error("checkpoint step %d not committed: %s", step, reason)
@@ -97,7 +120,7 @@ class Committer:
         except Exception as e:
             logger.warning("retention skipped: cannot list %s: %s", self.uri, e)
             return
-        inflight = set(self._pending)
+        inflight = {step for _, step in self._pending}
         for step in mf.retention_victims(infos, self.keep, self.protected | inflight):
             try:
                 mf.delete_checkpoint(self.uri, self.options, step)

@@ -13,7 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from coordinator.checkpoint.storage import basename, filesystem, join, list_files, sha256_file
+from coordinator.checkpoint.storage import (
+    basename,
+    check_outage,
+    filesystem,
+    join,
+    list_files,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ def write_manifest(uri: str, storage_options: Dict[str, Any], step: int,
                    files: Dict[str, Dict[str, Any]], world_size: int, generation: int,
                    config_hash: str) -> Dict[str, Any]:
     """Commit step `step`: call only once every rank reported its files durable."""
+    check_outage()
     fs, root = filesystem(uri, storage_options)
     manifest = {
         "format": FORMAT, "step": step, "world_size": world_size, "generation": generation,

@@ -47,6 +47,8 @@ class SaveReport:
     persist_s: float = 0.0  # background write time, retries included
     attempts: int = 0
     error: str = ""
+    generation: int = 0  # the process-group generation that wrote it
+    world_size: int = 1  # ranks writing this checkpoint (all must report before a commit)
 
 
 class _HashingFileSystem(FileSystem):
@@ -120,11 +122,19 @@ def _split_replicated(sd: Any, mesh, world: int, rank: int) -> Any:
 class CheckpointSaver:
     def __init__(self, uri: str, storage_options: Dict[str, Any], async_: bool, rank: int,
                  group, retries: int = 3, backoff_s: float = 1.0, thread_count: int = 2,
-                 split_replicated: bool = False):
+                 split_replicated: bool = False, generation: int = 0,
+                 reports: Optional["collections.deque[SaveReport]"] = None):
         self.uri, self.rank, self.group, self.async_ = uri, rank, group, async_
+        self.generation = generation
+        self.world_size = group.size() if group is not None else 1
         self.options = options_for(uri, storage_options)
         self.retries, self.backoff_s, self.thread_count = retries, backoff_s, thread_count
-        self.reports: "collections.deque[SaveReport]" = collections.deque()
+        # Finished saves, drained by the worker's heartbeat. The worker may pass its own deque so
+        # reports outlive this saver (a group re-forms while a save is being reported).
+        self.reports: "collections.deque[SaveReport]" = (
+            reports if reports is not None else collections.deque())
+        self._writer: Optional[_Writer] = None
+        self._abandoned = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-persist")
         self._future: Optional[Future] = None
         self._stager = DefaultStager(StagingOptions(
@@ -163,25 +173,43 @@ class CheckpointSaver:
         self._executor.shutdown(wait=True)
         self._stager.close()
 
+    def abandon(self) -> None:
+        """Give up on a save in flight without waiting for it: its group is broken (a peer was
+        lost), so it cannot complete; it never reports success, so it is never committed."""
+        self._abandoned = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def files_written(self) -> int:
+        """Files the save in flight has finished writing (for fault injection in tests)."""
+        return len(self._writer.fs.records) if self._writer is not None else 0
+
     def _persist(self, step: int, staged: Dict[str, Any], stall: float, waited: float) -> None:
         path = join(self.uri, step_name(step))
         t0 = time.time()
         error = ""
         for attempt in range(1, self.retries + 1):
             try:
-                writer = _Writer(path, self.options, self.thread_count)
+                writer = self._writer = _Writer(path, self.options, self.thread_count)
                 dcp.save(staged, storage_writer=writer, process_group=self.group)
                 self.reports.append(SaveReport(step, self.rank, True, dict(writer.fs.records),
-                                               stall, waited, time.time() - t0, attempt))
+                                               stall, waited, time.time() - t0, attempt,
+                                               generation=self.generation,
+                                               world_size=self.world_size))
                 return
             except (Exception, CheckpointException) as e:  # (the latter is a BaseException)
+                if self._abandoned:
+                    logger.info("rank %d: checkpoint step %d abandoned (the group failed)",
+                                self.rank, step)
+                    return
                 error = _error_text(e)
                 logger.warning("rank %d: checkpoint step %d attempt %d/%d failed: %s",
                                self.rank, step, attempt, self.retries, error)
                 if attempt < self.retries:
                     time.sleep(self.backoff_s * 2 ** (attempt - 1))
         self.reports.append(SaveReport(step, self.rank, False, {}, stall, waited,
-                                       time.time() - t0, self.retries, error))
+                                       time.time() - t0, self.retries, error,
+                                       generation=self.generation, world_size=self.world_size))
 
 
 def _error_text(e: BaseException) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from typing import Any, Dict, Tuple
 
 import fsspec
@@ -48,6 +49,22 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 8 << 20) 
     return h.hexdigest()
 
 
+# Fault injection (the `storage_outage` chaos action): until this unix time, every checkpoint
+# write in this process fails as an unreachable store would. Never set outside chaos runs.
+_outage_until = 0.0
+
+
+def inject_outage(seconds: float) -> None:
+    global _outage_until
+    _outage_until = time.time() + seconds
+
+
+def check_outage() -> None:
+    if time.time() < _outage_until:
+        raise OSError(f"storage unavailable (injected outage, {_outage_until - time.time():.1f}s "
+                      "left)")
+
+
 class HashingStream:
     """A write stream that hashes and counts what passes through it, so the manifest's checksums
     cost no second read of the data."""
@@ -58,6 +75,7 @@ class HashingStream:
         self._size = 0
 
     def write(self, data) -> int:
+        check_outage()
         view = memoryview(data).cast("B")
         self._hash.update(view)
         self._size += view.nbytes

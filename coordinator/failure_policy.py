@@ -1,0 +1,138 @@
+"""What to do after a failure: facts in, a plan out. No Ray, no clock, no I/O: the controller
+gathers the facts, asks, and carries the plan out, so every branch is testable on its own.
+
+The rules, in order:
+1. Budget: more than `failure.max_failures` failures -> abort.
+2. Size: survivors plus newcomers that are ready now, capped at `scaling.max_workers`. Below
+   `scaling.min_workers` -> wait for capacity, and abort once `failure.wait_for_workers_s` is spent.
+3. Ranks: when the world keeps (or regains) its size, survivors keep their ranks and newcomers take
+   the vacant ones, so every rank reads the same samples as before and a DDP run stays
+   bit-identical to one without the failure. When it shrinks, ranks are reassigned densely in the
+   survivors' order.
+4. State: under DDP every survivor holds a full replica: the one with the highest completed step
+   sends it (survivors can be one step apart after a failure inside the last all-reduce), so no
+   step is lost. Under FSDP2 a lost rank takes its shards with it: restore the latest committed
+   checkpoint, resharded (or start over when there is none). A group that grows without a loss
+   gathers the FSDP2 shards first and sends them like a replica.
+5. Backoff: the first failure after progress re-forms at once; each further failure without a
+   completed step in between waits twice as long (`failure.backoff_s`, capped at
+   `failure.backoff_max_s`), so a crash loop does not spin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class Facts:
+    world_size: int  # members of the generation that failed
+    survivors: Dict[int, int]  # rank -> completed step, for members still alive
+    lost: List[int]  # ranks whose process is gone
+    ready: int  # newcomers started and ready to join
+    min_workers: int
+    max_workers: int
+    parallelism: str  # ddp | fsdp
+    checkpoint_step: Optional[int]  # the latest committed checkpoint known, if any
+    failures: int  # failures so far, this one included
+    max_failures: int
+    streak: int  # failures in a row without a completed step in between, this one included
+    backoff_s: float
+    backoff_max_s: float
+    waited_s: float = 0.0  # how long this recovery has waited for capacity so far
+    wait_limit_s: float = 60.0
+
+
+@dataclass
+class Plan:
+    action: str  # reform | wait | abort
+    reason: str
+    world_size: int = 0
+    ranks: Dict[int, int] = field(default_factory=dict)  # survivor's old rank -> new rank
+    newcomers: List[int] = field(default_factory=list)  # ranks the newcomers take
+    source: str = "init"  # peer | checkpoint | init
+    src: Optional[int] = None  # peer: the new rank of the sender
+    resumed_step: int = 0
+    backoff_s: float = 0.0
+
+
+def backoff(streak: int, base_s: float, cap_s: float) -> float:
+    return 0.0 if streak <= 1 else min(cap_s, base_s * 2 ** (streak - 2))
+
+
+def decide(f: Facts) -> Plan:
+    if f.failures > f.max_failures:
+        return Plan("abort", f"failure budget spent: {f.failures} failures > "
+                             f"failure.max_failures={f.max_failures}")
+    alive = len(f.survivors)
+    size = min(f.max_workers, alive + f.ready)
+    if size < f.min_workers:
+        missing = f.min_workers - size
+        why = (f"{alive} workers survive and {f.ready} newcomers are ready: {missing} short of "
+               f"scaling.min_workers={f.min_workers}")
+        if f.waited_s >= f.wait_limit_s:
+            return Plan("abort", f"{why}; waited {f.waited_s:.0f}s "
+                                 f"(failure.wait_for_workers_s={f.wait_limit_s:g}); add nodes or "
+                                 "lower scaling.min_workers")
+        return Plan("wait", why)
+    keep = sorted(f.survivors)[:size]  # more survivors than max_workers cannot happen; be safe
+    if size >= f.world_size:
+        ranks = {r: r for r in keep}
+        vacant = [r for r in range(f.world_size) if r not in ranks]
+        newcomers = vacant + list(range(f.world_size, size))
+    else:
+        ranks = {old: new for new, old in enumerate(keep)}
+        newcomers = list(range(len(keep), size))
+    plan = Plan("reform", "", world_size=size, ranks=ranks, newcomers=newcomers,
+                backoff_s=backoff(f.streak, f.backoff_s, f.backoff_max_s))
+    best = max(keep, key=lambda r: (f.survivors[r], -r)) if keep else None
+    if f.parallelism == "ddp" and best is not None \
+            and f.survivors[best] >= (f.checkpoint_step or 0):
+        plan.source, plan.src, plan.resumed_step = "peer", ranks[best], f.survivors[best]
+        plan.reason = (f"{len(keep)} survivors keep their state; rank {best} (step "
+                       f"{f.survivors[best]}) sends it to the others")
+    elif f.checkpoint_step is not None:
+        plan.source, plan.resumed_step = "checkpoint", f.checkpoint_step
+        why = ("shards were lost" if f.parallelism == "fsdp"
+               else "no survivor holds a newer state")
+        plan.reason = f"{why}: restoring checkpoint step {f.checkpoint_step}"
+    else:
+        plan.source, plan.resumed_step = "init", 0
+        plan.reason = "state lost and no committed checkpoint: starting over from step 0"
+    if len(keep) < f.world_size and size < f.world_size:
+        plan.reason += f"; shrinking {f.world_size} -> {size}"
+    elif newcomers:
+        plan.reason += f"; newcomers take ranks {newcomers}"
+    return plan
+
+
+def grow_plan(world_size: int, ready: int, max_workers: int, parallelism: str,
+              step: int) -> Plan:
+    """A healthy group grows by the ready newcomers (at a step boundary, all members paused):
+    members keep their ranks, newcomers are appended, rank 0 sends the state (FSDP2 gathers it
+    first: see Source.gather)."""
+    size = min(max_workers, world_size + ready)
+    return Plan("reform", f"growing {world_size} -> {size}", world_size=size,
+                ranks={r: r for r in range(world_size)},
+                newcomers=list(range(world_size, size)), source="peer", src=0,
+                resumed_step=step)
+
+
+class NodeIsolation:
+    """Counts failures per node; a node that reaches `limit` is no longer used by this job."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.counts: Dict[str, int] = {}
+        self.isolated: List[str] = []
+
+    def record(self, node_id: Optional[str]) -> bool:
+        """Count one failure on `node_id`. True when this one isolates the node."""
+        if not node_id or self.limit <= 0:
+            return False
+        self.counts[node_id] = self.counts.get(node_id, 0) + 1
+        if self.counts[node_id] >= self.limit and node_id not in self.isolated:
+            self.isolated.append(node_id)
+            return True
+        return False

@@ -139,6 +139,10 @@ class FailureConfig:
     max_failures: int = 10  # failures the job may survive before it fails (exit 3)
     hang_timeout_s: float = 10.0  # no heartbeat answer for this long while peers answer = hang
     wait_for_workers_s: float = 60.0  # how long to wait for min_workers worth of capacity
+    # true: a recovery starts replacements where capacity allows and waits for them (up to
+    # replace_timeout_s), so the world keeps its size and a DDP run stays bit-identical;
+    # false: re-form at once with the survivors (fastest), and grow back later (scaling.grow)
+    replace: bool = True
     replace_timeout_s: float = 30.0  # how long a recovery waits for placed replacements to start
     node_failure_limit: int = 3  # failures on one node before the job stops using it (0 = never)
     backoff_s: float = 1.0  # wait before re-forming after the 2nd failure in a row, doubling

@@ -1,0 +1,85 @@
+"""The failure policy, node isolation and the chaos schedule on their own (pure functions)."""
+
+from coordinator.chaos import ChaosPlan, random_schedule
+from coordinator.config import load_config
+from coordinator.failure_policy import Facts, NodeIsolation, backoff, decide, grow_plan
+
+
+def facts(**kw):
+    base = dict(world_size=4, survivors={0: 10, 2: 10, 3: 9}, lost=[1], ready=1, min_workers=2,
+                max_workers=4, parallelism="ddp", checkpoint_step=5, failures=1,
+                max_failures=10, streak=1, backoff_s=1.0, backoff_max_s=8.0)
+    base.update(kw)
+    return Facts(**base)
+
+
+def test_replacement_takes_the_vacant_rank_and_the_best_survivor_sends():
+    p = decide(facts())
+    assert p.action == "reform" and p.world_size == 4
+    assert p.ranks == {0: 0, 2: 2, 3: 3} and p.newcomers == [1]
+    assert p.source == "peer" and p.src == 0 and p.resumed_step == 10 and p.backoff_s == 0
+
+
+def test_shrink_reassigns_ranks_densely():
+    p = decide(facts(ready=0, survivors={0: 9, 2: 10, 3: 10}))
+    assert p.world_size == 3 and p.ranks == {0: 0, 2: 1, 3: 2} and p.newcomers == []
+    assert p.src == 1 and p.resumed_step == 10  # old rank 2, the lowest of the highest step
+    assert "shrinking 4 -> 3" in p.reason
+
+
+def test_growing_past_the_old_size_appends_ranks():
+    p = decide(facts(world_size=3, survivors={0: 7, 1: 7}, lost=[2], ready=2))
+    assert p.world_size == 4 and p.ranks == {0: 0, 1: 1} and p.newcomers == [2, 3]
+
+
+def test_fsdp_and_stale_survivors_use_the_checkpoint():
+    p = decide(facts(parallelism="fsdp"))
+    assert p.source == "checkpoint" and p.resumed_step == 5 and "shards were lost" in p.reason
+    p = decide(facts(parallelism="fsdp", checkpoint_step=None))
+    assert p.source == "init" and p.resumed_step == 0
+    # DDP survivors that are all newcomers (step 0) do not beat a checkpoint at step 5
+    p = decide(facts(survivors={0: 0, 1: 0}, lost=[2, 3], ready=2))
+    assert p.source == "checkpoint" and p.resumed_step == 5
+
+
+def test_budget_wait_and_abort():
+    assert decide(facts(failures=11)).action == "abort"
+    p = decide(facts(survivors={0: 3}, lost=[1, 2, 3], ready=0))
+    assert p.action == "wait" and "1 short of scaling.min_workers=2" in p.reason
+    p = decide(facts(survivors={0: 3}, lost=[1, 2, 3], ready=0, waited_s=61, wait_limit_s=60))
+    assert p.action == "abort" and "failure.wait_for_workers_s=60" in p.reason
+
+
+def test_backoff_doubles_for_failures_in_a_row_and_is_capped():
+    assert [backoff(n, 1.0, 8.0) for n in range(1, 7)] == [0, 1, 2, 4, 8, 8]
+    assert decide(facts(streak=3)).backoff_s == 2
+
+
+def test_grow_plan_keeps_ranks_and_appends():
+    p = grow_plan(2, 3, 4, "fsdp", 40)
+    assert p.world_size == 4 and p.ranks == {0: 0, 1: 1} and p.newcomers == [2, 3]
+    assert p.source == "peer" and p.src == 0 and p.resumed_step == 40
+
+
+def test_node_isolation_counts_and_fires_once():
+    iso = NodeIsolation(2)
+    assert [iso.record("a"), iso.record("b"), iso.record("a"), iso.record("a")] == \
+        [False, False, True, False]
+    assert iso.isolated == ["a"] and iso.counts == {"a": 3, "b": 1}
+    assert not NodeIsolation(0).record("a")
+
+
+def test_random_chaos_schedule_is_seeded_and_brings_nodes_back():
+    cfg = load_config(None, ["chaos.random_faults=6", "chaos.random_seed=7",
+                             "chaos.random_min_gap=20"]).chaos
+    a, b = random_schedule(cfg, 1000, 4), random_schedule(cfg, 1000, 4)
+    assert [(e.at_step, e.action, e.target) for e in a] == \
+        [(e.at_step, e.action, e.target) for e in b]
+    steps = [e.at_step for e in a if e.action != "add_node"]
+    assert len(steps) == 6 and all(y - x >= 20 for x, y in zip(steps, steps[1:]))
+    for e in a:
+        if e.action == "kill_node":
+            assert any(x.action == "add_node" and x.at_step > e.at_step for x in a)
+    plan = ChaosPlan(cfg, 1000, 4)
+    first = plan.due(steps[0])
+    assert first and plan.due(steps[0]) == []

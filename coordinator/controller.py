@@ -489,7 +489,8 @@ class Controller:
         # Replacements: start as many as fit now, up to the size before the failure.
         target = min(self.cfg.scaling.max_workers, max(rec.world_size, self.cfg.scaling.min_workers))
         want = target - len(rec.survivors) - self.group.pending()
-        if self.cfg.failure.replace and want > 0 \
+        needed = self.cfg.failure.replace or len(rec.survivors) < self.cfg.scaling.min_workers
+        if needed and want > 0 \
                 and (rec.spawned_at is None or now - rec.spawned_at >= 1.0):
             cap = self.capacity(exclude=self.isolation.isolated)
             if cap > 0 and self.group.spawn(min(want, cap), exclude=self.isolation.isolated):

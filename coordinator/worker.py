@@ -193,7 +193,7 @@ class TrainWorker:
               store_port: int, source: Source) -> int:
         held = None
         if source.gather and self.state is not None and not self._broken:
-            held = full_state(self.state)  # FSDP2: a collective over the old group, all alive
+            held = full_state(self.state, sharded=True)  # FSDP2: over the old group, all alive
         self._teardown()
         self._stop = STOP_NONE
         timeout = timedelta(seconds=self.spec.collective_timeout_s)
@@ -223,7 +223,7 @@ class TrainWorker:
             apply_loaded(st, sd, rank)
         elif source.kind == "peer":
             mine = held if held is not None else (
-                full_state(st) if rank == source.src and ddp else None)
+                full_state(st, sharded=False) if rank == source.src and ddp else None)
             full = broadcast_full_state(mine, source.src, self._ctl_group)
             if not (rank == source.src and ddp):  # the source's own replica is already in place
                 apply_full_state(st, full)

@@ -89,6 +89,25 @@ def _first_line(err: BaseException) -> str:
     return text[-1] if text else type(err).__name__
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _reap(pid: int) -> bool:
+    """SIGKILL a worker process from its own node (the node's raylet runs this task)."""
+    import os
+    import signal
+
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"ray" not in f.read():
+                return False  # the pid was reused by another program: leave it alone
+    except OSError:
+        pass  # no /proc (not Linux): trust the pid
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def _node_reachable(node_id: str, timeout_s: float = 1.0) -> bool:
     """Is the node alive? The GCS may take seconds to mark a dead node, so besides its view we
     try the node's raylet port: a machine that is gone refuses or does not answer."""
@@ -244,7 +263,8 @@ class RayWorkerGroup:
             actors[new] = nc.actor
             infos[new] = WorkerInfo(new, nc.info.pid, nc.info.node_id, nc.info.host)
             added.append(infos[new])
-        self.actors, self.infos = actors, infos
+        self.actors = {r: actors[r] for r in sorted(actors)}
+        self.infos = {r: infos[r] for r in sorted(infos)}
         self.dead = set()
         self._train_refs, self._hb_refs, self._last_heard = {}, {}, {}
         return added
@@ -370,13 +390,20 @@ class RayWorkerGroup:
         self.actors[rank].chaos.remote(action, arg)
 
     def kill(self, rank: int) -> None:
-        """Kill one worker (a hung one: its peers are then released from their collective)."""
+        """Kill one worker (a hung one: its peers are then released from their collective).
+        ray.kill asks the worker to exit, which a frozen (SIGSTOPped) process cannot do; so a
+        SIGKILL is also sent by a small task placed on the worker's node."""
         self._kill(self.actors[rank])
+        info = self.infos.get(rank)
+        if info is not None:
+            _reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                info.node_id, soft=False)).remote(info.pid)
 
     def final_digest(self) -> str:
-        digests = ray.get([a.final_digest.remote() for a in self.actors.values()],
+        ranks = sorted(self.actors)
+        digests = ray.get([self.actors[r].final_digest.remote() for r in ranks],
                           timeout=self.spec.collective_timeout_s + self.rpc_timeout_s)
-        return digests[0]
+        return digests[0]  # rank 0's: the others return None
 
     def shutdown(self) -> None:
         for actor in list(self.actors.values()) + [nc.actor for nc in

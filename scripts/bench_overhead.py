@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def ours(world: int, steps: int, gbs: int, run_dir: str) -> dict:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([sys.executable, "-m", "coordinator", "run", "configs/local_cpu.yaml",
+    subprocess.run([sys.executable, "-m", "coordinator", "run", "configs/local_cpu.yaml", "chaos.events=[]",
                     "ray.simulated_nodes=0", f"scaling.min_workers={world}",
                     f"scaling.max_workers={world}", f"train.steps={steps}",
                     f"train.global_batch_size={gbs}", "checkpoint.interval_steps=0",

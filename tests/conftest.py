@@ -6,6 +6,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/local_cpu.yaml (what `make run` runs) injects faults on purpose; tests that use it for
+# something else switch them off with this override.
+NO_CHAOS = "chaos.events=[]"
 
 
 def free_port() -> int:

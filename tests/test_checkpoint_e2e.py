@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import NO_CHAOS, ROOT, run_cli
 from coordinator.checkpoint import manifest as mf
 from coordinator.events import read_events
 
@@ -60,7 +60,7 @@ def _wait_for(pred, run_dir, timeout=120, poll=0.05):
 
 
 def test_sigkill_whole_job_then_rerun_resumes_to_identical_weights(tmp_path):
-    args = [CONFIG, "train.steps=300", "checkpoint.interval_steps=50"]
+    args = [CONFIG, NO_CHAOS, "train.steps=300", "checkpoint.interval_steps=50"]
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed run"
     proc = _start(args + [f"run.dir={run_dir}"])
     try:
@@ -91,7 +91,7 @@ def test_sigkill_whole_job_then_rerun_resumes_to_identical_weights(tmp_path):
     assert all(f"rng/rank{r}" in full for r in range(4))
 
     # A rerun with more steps continues from the final checkpoint.
-    more = run_cli(["run", CONFIG, "train.steps=340", "checkpoint.interval_steps=50",
+    more = run_cli(["run", CONFIG, NO_CHAOS, "train.steps=340", "checkpoint.interval_steps=50",
                     f"run.dir={run_dir}"])
     assert more.returncode == 0, more.stdout + more.stderr
     s = _summary(run_dir)
@@ -102,12 +102,13 @@ def test_sigkill_whole_job_then_rerun_resumes_to_identical_weights(tmp_path):
 
 
 def test_worker_killed_during_persist_leaves_no_manifest(tmp_path):
-    """A big model (~130 MB of state) so that persisting takes a while; SIGKILL one worker while a
-    step directory has shards but no manifest. That step is never committed nor loaded. Also:
-    under DDP each rank writes about half of the bytes (the big matrices are split)."""
+    """(e) A big model (~130 MB of state) so that persisting takes a while; SIGKILL one worker from
+    outside while a step directory has shards but no manifest. That step is never committed, and
+    the job recovers and trains on. Also: under DDP each rank writes about half of the bytes (the
+    big matrices are split)."""
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
-    args = [CONFIG, "train.task=train.tasks.mlp:MLPRegression",
+    args = [CONFIG, NO_CHAOS, "train.task=train.tasks.mlp:MLPRegression",
             "train.task_args={hidden: 4096}", "train.steps=60", "checkpoint.interval_steps=5",
             "scaling.max_workers=2", "checkpoint.keep=20", f"run.dir={run_dir}"]
     proc = _start(args)
@@ -135,16 +136,19 @@ def test_worker_killed_during_persist_leaves_no_manifest(tmp_path):
     finally:
         if proc.poll() is None:
             _kill_job(proc, run_dir)
-    assert proc.returncode == 3, out
+    # The job recovers (a replacement takes rank 1, state from rank 0); the torn step is never
+    # committed, and training goes on past it.
+    assert proc.returncode == 0, out
     assert not (ckpt / mf.step_name(victim_step) / "manifest.json").exists()
-    committed = [e["step"] for e in _events(run_dir) if e["event"] == "checkpoint_committed"]
-    assert victim_step not in committed
-    # The rerun skips the torn step and resumes from the last committed one.
-    rerun = run_cli(["run", *args])
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    formed = [e for e in _events(run_dir) if e["event"] == "group_formed"][-1]
-    assert formed["source"] == "checkpoint" and formed["step"] == max(committed)
-    assert formed["step"] < victim_step
+    events = _events(run_dir)
+    committed = [e["step"] for e in events if e["event"] == "checkpoint_committed"]
+    assert victim_step not in committed and max(committed) == 60
+    failed = [e["step"] for e in events if e["event"] == "checkpoint_failed"]
+    assert victim_step in failed
+    (rec,) = [e for e in events if e["event"] == "recovered"]
+    assert rec["source"] == "peer" and rec["lost_steps"] == 0
+    infos = {c.step: c.status for c in mf.list_checkpoints(str(ckpt), {})}
+    assert infos.get(victim_step, "incomplete") == "incomplete"
     # Sharded writes: each rank's files hold about half of the ~135 MB.
     (ci, *_) = [c for c in mf.list_checkpoints(str(ckpt), {}) if c.status == "committed"]
     per_rank = [sum(f["size"] for n, f in ci.manifest["files"].items()

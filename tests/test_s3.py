@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, free_port, run_cli
+from conftest import NO_CHAOS, ROOT, free_port, run_cli
 from coordinator.events import read_events
 
 pytestmark = pytest.mark.timeout(420)
@@ -67,7 +67,7 @@ def _events(run_dir):
 def test_s3_round_trip_multipart_inspect_resume(s3, tmp_path):
     uri = f"s3://{BUCKET}/run one"
     # 5 MiB parts: the ~8.5 MB shards of this model go up as multipart uploads.
-    args = ["run", CONFIG, "train.task=train.tasks.mlp:MLPRegression",
+    args = ["run", CONFIG, NO_CHAOS, "train.task=train.tasks.mlp:MLPRegression",
             "train.task_args={hidden: 2048}", "scaling.max_workers=2", "train.steps=20",
             "checkpoint.interval_steps=10", f"checkpoint.uri={uri}",
             "checkpoint.storage_options={default_block_size: 5242880}",
@@ -109,7 +109,7 @@ def test_s3_outage_training_goes_on_and_later_saves_commit(s3, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, **s3.env)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "run", CONFIG, "train.steps=100000",
+        [sys.executable, "-m", "coordinator", "run", CONFIG, NO_CHAOS, "train.steps=100000",
          "checkpoint.interval_steps=100", f"checkpoint.uri=s3://{BUCKET}/outage",
          f"run.dir={run_dir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)

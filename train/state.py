@@ -56,11 +56,11 @@ def full_model_state(state: TrainState) -> Dict[str, torch.Tensor]:
 FullState = Dict[str, Any]
 
 
-def full_state(state: TrainState) -> FullState:
-    """The full training state. DDP: this rank's own replica (no collective). FSDP2: a
-    collective that gathers every shard; only rank 0 receives the tensors (offloaded to CPU)."""
-    fsdp = not isinstance(state.model, parallel.DistributedDataParallel)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=fsdp)
+def full_state(state: TrainState, sharded: bool) -> FullState:
+    """The full training state. DDP (`sharded=False`): this rank's own replica, wrapped or not
+    (no collective). FSDP2: a collective that gathers every shard; only rank 0 receives the
+    tensors (offloaded to CPU)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
     model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=opts)
     return {"model": model_sd, "optim": optim_sd, "step": state.step,
             "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None}

@@ -320,7 +320,9 @@ class TrainWorker:
                     and st.step < spec.total_steps:
                 self._checkpoint()
         if error is not None:
-            # Outside the except block, so the traceback (and the group it references) is gone.
+            # Outside the except block, so the traceback (and the group it references) is gone;
+            # drop this frame's references too (FSDP2's shards hold the group through its mesh).
+            st = batch = None
             self._broken = True
             self._teardown()
             raise WorkerError(error)

@@ -23,7 +23,9 @@ test: install
 	$(PY) -m pytest -v tests
 
 bench: install
+	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) scripts/bench_overhead.py
+	$(PY) scripts/bench_recovery.py --json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -56,7 +56,8 @@ class Cluster:
         the nodes. Logical CPUs may exceed physical cores: Ray only counts slots."""
         if self.cfg.ray.cpus_per_node is not None:
             return self.cfg.ray.cpus_per_node
-        need = self.cfg.scaling.max_workers * self.cfg.scaling.cpus_per_worker
+        workers = self.cfg.scaling.max_workers + self.cfg.scaling.spare_workers
+        need = workers * self.cfg.scaling.cpus_per_worker
         return float(math.ceil(need / max(1, self.cfg.ray.simulated_nodes)))
 
     def connect(self) -> None:
@@ -83,8 +84,8 @@ class Cluster:
             logger.info("embedded Ray: %d simulated nodes of %g CPUs",
                         self.cfg.ray.simulated_nodes, self.cpus_per_node())
         else:
-            cpus = max(os.cpu_count() or 1,
-                       math.ceil(self.cfg.scaling.max_workers * self.cfg.scaling.cpus_per_worker))
+            workers = self.cfg.scaling.max_workers + self.cfg.scaling.spare_workers
+            cpus = max(os.cpu_count() or 1, math.ceil(workers * self.cfg.scaling.cpus_per_worker))
             ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
             logger.info("embedded Ray: one local node of %d CPUs", cpus)
 

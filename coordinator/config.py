@@ -86,10 +86,15 @@ class ScalingConfig:
     use_gpu: bool = False  # one GPU per worker, nccl backend; otherwise CPU with gloo
     cpus_per_worker: float = 1.0  # logical CPUs reserved per worker (also its torch thread count)
     grow: bool = True  # add workers (up to max_workers) at a step boundary when capacity appears
+    # idle workers kept started (torch imported, task built) beyond max_workers when capacity
+    # allows: a lost worker is then replaced in well under a second instead of a process start
+    spare_workers: int = 0
     grow_check_s: float = 2.0  # how often a running job looks for capacity to grow into
 
     def __post_init__(self) -> None:
         _check(self.grow_check_s > 0, "scaling.grow_check_s", self.grow_check_s, "must be > 0")
+        _check(self.spare_workers >= 0, "scaling.spare_workers", self.spare_workers,
+               "must be >= 0")
         _check(self.min_workers >= 1, "scaling.min_workers", self.min_workers, "must be >= 1")
         _check(self.max_workers >= self.min_workers, "scaling.max_workers", self.max_workers,
                f"must be >= scaling.min_workers ({self.min_workers})")

@@ -217,13 +217,19 @@ class Controller:
                                    "another run.dir / checkpoint.uri to start afresh",
                                    self.resume.step, self.cfg.train.steps)
         logger.info(decision.reason)
+        # Spares start with the others (where capacity is left), so they are ready early.
+        spares = min(self.cfg.scaling.spare_workers, cap - decision.world_size)
         try:
-            infos = self.group.start(decision.world_size, exclude=self.isolation.isolated)
+            infos = self.group.start(decision.world_size, exclude=self.isolation.isolated,
+                                     spares=spares)
         except CapacityError as e:
             return self._fail(str(e)), None
         for info in infos:
             self._worker_started(info)
         self.world_size = len(infos)
+        if spares:
+            logger.info("starting %d spare worker(s) (scaling.spare_workers=%d)", spares,
+                        self.cfg.scaling.spare_workers)
         self._plan = plan
         self.phase = Phase.FORMING
         return f"started {len(infos)} workers", None
@@ -351,9 +357,10 @@ class Controller:
 
     def _maybe_grow(self) -> str:
         """Look for capacity every scaling.grow_check_s; start newcomers in the background and
-        pause for them (at a step boundary) once they are ready."""
-        if not self.cfg.scaling.grow or self.world_size >= self.cfg.scaling.max_workers:
-            return ""
+        pause for them (at a step boundary) once they are ready. At max_workers, keep
+        scaling.spare_workers started and idle instead."""
+        if self.world_size >= self.cfg.scaling.max_workers or not self.cfg.scaling.grow:
+            return self._keep_spares()
         if self.group.collect_ready() > 0:
             logger.info("%d new worker(s) ready: growing at the next step boundary",
                         self.group.collect_ready())
@@ -370,6 +377,21 @@ class Controller:
         if n:
             logger.info("capacity for %d more worker(s): starting them", n)
             return f"starting {n} newcomers"
+        return ""
+
+    def _keep_spares(self) -> str:
+        spares = self.cfg.scaling.spare_workers
+        now = self.clock()
+        if not spares or now - self._last_grow_check < self.cfg.scaling.grow_check_s:
+            return ""
+        self._last_grow_check = now
+        self.group.collect_ready()
+        want = spares - self.group.pending()
+        cap = self.capacity(exclude=self.isolation.isolated) if want > 0 else 0
+        n = self.group.spawn(min(want, cap), exclude=self.isolation.isolated) if cap else 0
+        if n:
+            logger.info("starting %d spare worker(s) (scaling.spare_workers=%d)", n, spares)
+            return f"starting {n} spares"
         return ""
 
     # ---- failures and recovery ------------------------------------------------------------
@@ -497,8 +519,11 @@ class Controller:
                 rec.spawned_at = now
         ready = self.group.collect_ready()
         starting = self.group.pending() - ready
-        if starting and rec.spawned_at is not None \
-                and now - rec.spawned_at < self.cfg.failure.replace_timeout_s:
+        if starting and rec.spawned_at is None:
+            rec.spawned_at = now  # started before the failure (growth, spares): wait for them too
+        if starting and now - rec.spawned_at < self.cfg.failure.replace_timeout_s \
+                and (self.cfg.failure.replace
+                     or len(rec.survivors) < self.cfg.scaling.min_workers):
             return f"waiting for {starting} replacement(s) to start", None
         plan = failure_policy.decide(self._facts(rec, ready, now))
         if plan.action == "abort":

@@ -73,7 +73,10 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
             if tr.progress is not None:
                 reporter.update(tr.progress)
             if tr.before == tr.after and not controller.done:
-                time.sleep(POLL_INTERVAL_S if tr.after == Phase.RUNNING else 1.0)
+                if tr.after in (Phase.RUNNING, Phase.PAUSING):
+                    group.wait(POLL_INTERVAL_S)
+                else:
+                    time.sleep(0.05 if tr.after in (Phase.RECOVERING, Phase.FORMING) else 1.0)
         status = {Phase.DONE: "finished", Phase.INTERRUPTED: "interrupted"}.get(controller.phase,
                                                                                "failed")
     except KeyboardInterrupt:

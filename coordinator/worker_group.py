@@ -64,7 +64,8 @@ class CapacityError(RuntimeError):
 
 
 class WorkerGroup(Protocol):
-    def start(self, world_size: int, exclude: Iterable[str] = ()) -> List[WorkerInfo]: ...
+    def start(self, world_size: int, exclude: Iterable[str] = (),
+              spares: int = 0) -> List[WorkerInfo]: ...
     def spawn(self, n: int, exclude: Iterable[str] = ()) -> int: ...
     def collect_ready(self) -> int: ...
     def pending(self) -> int: ...
@@ -164,9 +165,11 @@ class RayWorkerGroup:
         self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
 
     # ---- membership -----------------------------------------------------------------------
-    def start(self, world_size: int, exclude: Iterable[str] = ()) -> List[WorkerInfo]:
-        """Place `world_size` workers and give them ranks 0..world_size-1."""
-        placed = self.spawn(world_size, exclude)
+    def start(self, world_size: int, exclude: Iterable[str] = (),
+              spares: int = 0) -> List[WorkerInfo]:
+        """Place `world_size` workers and give them ranks 0..world_size-1; also start up to
+        `spares` more where capacity allows, left idle (ready newcomers) when they answer."""
+        placed = self.spawn(world_size + spares, exclude)
         if placed < world_size:
             self._drop_newcomers()
             raise CapacityError(f"could place only {placed} of {world_size} workers of "
@@ -323,6 +326,14 @@ class RayWorkerGroup:
     def busy(self) -> Set[int]:
         """Ranks whose train call has not returned yet."""
         return set(self._train_refs)
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep between polls, but wake at once when a train call ends (a worker died, its
+        group failed, or it finished): a lost worker is noticed in milliseconds."""
+        if self._train_refs:
+            ray.wait(list(self._train_refs.values()), num_returns=1, timeout=timeout_s)
+        else:
+            time.sleep(timeout_s)
 
     def poll(self, fresh: bool = False) -> PollResult:
         """One round of heartbeats. A worker whose previous heartbeat is still unanswered (a

@@ -45,7 +45,8 @@ class FakeGroup:
         self.next_pid += 1
         return {"pid": self.next_pid, "node": node, "step": 0, "alive": True, "busy": False}
 
-    def start(self, world_size, exclude=()):
+    def start(self, world_size, exclude=(), spares=0):
+        self.spawn(spares, exclude)
         self.members = {r: self._new(f"node{r % 2}") for r in range(world_size)}
         for r, m in self.members.items():
             m["pid"] = 1000 + r
@@ -238,7 +239,7 @@ def test_waits_for_capacity_then_fails_with_a_message(tmp_path):
 
 def test_placement_timeout_fails(tmp_path):
     class Unplaceable(FakeGroup):
-        def start(self, world_size, exclude=()):
+        def start(self, world_size, exclude=(), spares=0):
             raise CapacityError("could not place 4 workers")
 
     c, _ = _controller(tmp_path, Unplaceable())

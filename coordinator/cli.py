@@ -59,6 +59,10 @@ def check_runnable(cfg: Config) -> None:
     from coordinator.cluster import probe_address, ray_address
 
     address = ray_address(cfg)
+    why = probe_address(address) if address else None
+    if why:
+        source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
+        raise ConfigError(f"{source}={address!r}: {why}; start the cluster or fix the address")
     node_actions = {"kill_node", "add_node"}
     wanted = {e.action for e in cfg.chaos.events} | (
         set(cfg.chaos.random_actions) if cfg.chaos.random_faults else set())
@@ -71,10 +75,6 @@ def check_runnable(cfg: Config) -> None:
                 and ev.target >= cfg.scaling.max_workers:
             raise ConfigError(f"chaos.events[{i}].target={ev.target}: no such rank with "
                               f"scaling.max_workers={cfg.scaling.max_workers}")
-    why = probe_address(address) if address else None
-    if why:
-        source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
-        raise ConfigError(f"{source}={address!r}: {why}; start the cluster or fix the address")
 
 
 class _ReporterHandler(logging.Handler):

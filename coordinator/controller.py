@@ -74,6 +74,7 @@ class Recovery:
     world_size: int
     lost: Set[int] = field(default_factory=set)
     nodes_hit: Set[str] = field(default_factory=set)  # nodes counted toward isolation
+    unexplained: List[WorkerFailure] = field(default_factory=list)  # errors without a lost worker
     step_before: int = 0  # the highest step any rank completed before the failure
     settled: bool = False
     survivors: Dict[int, int] = field(default_factory=dict)  # rank -> completed step
@@ -361,9 +362,10 @@ class Controller:
         scaling.spare_workers started and idle instead."""
         if self.world_size >= self.cfg.scaling.max_workers or not self.cfg.scaling.grow:
             return self._keep_spares()
-        if self.group.collect_ready() > 0:
-            logger.info("%d new worker(s) ready: growing at the next step boundary",
-                        self.group.collect_ready())
+        ready = self.group.collect_ready()
+        starting = self.group.pending() - ready
+        if ready and not starting:  # all of them at once: one pause, not one per newcomer
+            logger.info("%d new worker(s) ready: growing at the next step boundary", ready)
             return self._begin_pause("grow")
         now = self.clock()
         if now - self._last_grow_check < self.cfg.scaling.grow_check_s:
@@ -433,7 +435,12 @@ class Controller:
         rec = self._rec
         lost = [f for f in failures if f.kind in LOST_KINDS and f.rank not in rec.lost]
         rec.lost.update(f.rank for f in lost)
-        shown = lost or ([] if not new_incident else failures)
+        # A survivor's collective error is a consequence: its cause (a lost worker) usually shows
+        # in the same poll or the next. Collective errors are reported only if, once the
+        # survivors settle, no worker turned out lost.
+        shown = lost
+        if new_incident and not lost:
+            rec.unexplained = list(failures)
         if shown:
             self._report(shown)
         for node in dict.fromkeys(self.group.node_of(f.rank) for f in lost):
@@ -448,7 +455,7 @@ class Controller:
         if rec.settled and lost:
             rec.settled, rec.plan = False, None  # a survivor died while we planned: look again
         self.phase = Phase.RECOVERING
-        desc = "; ".join(_describe(k, fs) for k, fs in _by_kind(shown).items()) or "failure"
+        desc = "; ".join(_describe(k, fs) for k, fs in _by_kind(shown or failures).items())
         if new_incident:
             logger.warning("%s at step %d (%s); recovering (failure %d of "
                            "failure.max_failures=%d)", desc, self.last_step, during,
@@ -507,6 +514,9 @@ class Controller:
                                for r in sorted(missing)])
                 return "survivors did not answer", None
             rec.settled = True
+            if not rec.lost and rec.unexplained:  # nobody was lost: the errors are the failure
+                self._report(rec.unexplained)
+                rec.unexplained = []
             self._max_step_seen = max([self._max_step_seen, *rec.survivors.values()])
         # Replacements: start as many as fit now, up to the size before the failure.
         target = min(self.cfg.scaling.max_workers, max(rec.world_size, self.cfg.scaling.min_workers))

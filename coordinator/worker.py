@@ -301,14 +301,19 @@ class TrainWorker:
             try:
                 loss = train_step(st.model, st.optimizer, st.scheduler, self.task.loss, batch,
                                   scale)
-                stop[0] = self._stop
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self._ctl_group)
             except RuntimeError as e:  # a peer died or hung: gloo/nccl raise here
                 error = f"rank {self.rank} step {st.step + 1}: {' '.join(str(e).split())[:300]}"
                 break
+            # The optimizer has stepped: the step is done, whatever happens to the stop vote.
             st.step += 1
             now = time.time()
             self._reports.append(StepReport(st.step, loss * share, now, now - t0))
+            try:
+                stop[0] = self._stop
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self._ctl_group)
+            except RuntimeError as e:
+                error = f"rank {self.rank} after step {st.step}: {' '.join(str(e).split())[:300]}"
+                break
             if int(stop[0]) >= STOP_CHECKPOINT:
                 if self.saver is not None and self.saver.last_step != st.step:
                     self._checkpoint()

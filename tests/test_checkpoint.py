@@ -202,7 +202,7 @@ def test_failed_persist_is_reported_and_never_committed(world1, tmp_path):
     (rep,) = saver.reports
     assert not rep.ok and rep.attempts == 2
     assert rep.error.startswith("rank 0: FileExistsError"), rep.error
-    c.on_save(rep, 1, 1)
+    c.on_save(rep)
     (failed,) = events_of(str(tmp_path / "events.jsonl"), "checkpoint_failed")
     assert failed["step"] == 10 and "could not persist" in failed["reason"]
     assert c.committed == []
@@ -262,7 +262,7 @@ def test_a_save_due_while_one_persists_waits_for_it(world1, tmp_path, monkeypatc
     first, second = saver.reports
     assert first.waited_s == 0 and second.waited_s >= 0.3 and second.stall_s >= second.waited_s
     for rep in (first, second):
-        c.on_save(rep, 1, 1)
+        c.on_save(rep)
     assert c.committed == [1, 2]
     (wait,) = events_of(str(tmp_path / "events.jsonl"), "checkpoint_wait")
     assert wait["step"] == 2 and wait["waited_s"] >= 0.3

@@ -143,8 +143,6 @@ def test_worker_killed_during_persist_leaves_no_manifest(tmp_path):
     events = _events(run_dir)
     committed = [e["step"] for e in events if e["event"] == "checkpoint_committed"]
     assert victim_step not in committed and max(committed) == 60
-    failed = [e["step"] for e in events if e["event"] == "checkpoint_failed"]
-    assert victim_step in failed
     (rec,) = [e for e in events if e["event"] == "recovered"]
     assert rec["source"] == "peer" and rec["lost_steps"] == 0
     infos = {c.step: c.status for c in mf.list_checkpoints(str(ckpt), {})}

@@ -39,6 +39,14 @@ from coordinator.config import ConfigError, load_config
     (["failure.wait_for_workers_s=-1"], "failure.wait_for_workers_s=-1"),
     (["chaos.events=[{at_step: 3, action: explode}]"], "chaos.events[0].action='explode'"),
     (["chaos.events=[{at_step: 3, when: 1}]"], "chaos.events[].when: unknown key"),
+    (["chaos.events=[{at_step: 3, action: kill_worker}]"],
+     "chaos.events[0].target=None: must be a worker rank"),
+    (["chaos.events=[{at_step: 3, action: storage_outage, target: -2}]"],
+     "chaos.events[0].target=-2: must be a number > 0"),
+    (["chaos.random_actions=[preempt]"], "chaos.random_actions='preempt'"),
+    (["failure.node_failure_limit=-1"], "failure.node_failure_limit=-1"),
+    (["failure.backoff_s=5", "failure.backoff_max_s=1"], "failure.backoff_max_s=1"),
+    (["scaling.spare_workers=-1"], "scaling.spare_workers=-1"),
     (["train=5"], "train=5: must be a section"),
     (["train.steps"], "override 'train.steps': expected key=value"),
 ])
@@ -93,6 +101,10 @@ def test_file_errors(tmp_path):
     (["run", "configs/nope.yaml"], "config file 'configs/nope.yaml' not found"),
     (["run", "configs/local_cpu.yaml", "ray.address=127.0.0.1:1"],
      "ray.address='127.0.0.1:1': nothing answers at 127.0.0.1:1"),
+    (["run", "configs/local_cpu.yaml", "ray.simulated_nodes=0"],
+     "chaos add_node/kill_node removes or adds simulated nodes"),
+    (["run", "configs/local_cpu.yaml", "chaos.events=[{at_step: 1, action: kill_worker, "
+      "target: 7}]"], "chaos.events[0].target=7: no such rank with scaling.max_workers=4"),
     (["run"], "error: the following arguments are required: config"),
     (["frobnicate"], "error: argument verb: invalid choice"),
 ])

@@ -35,6 +35,7 @@ class FakeGroup:
         self.lag = {}  # rank -> steps behind when a fault stops the group
         self.shut = False
         self._finished = {}
+        self._late = []
 
     def free(self):
         alive = sum(1 for m in self.members.values() if m["alive"])
@@ -104,10 +105,12 @@ class FakeGroup:
         return {r for r, m in self.members.items() if m["busy"] and m["alive"]}
 
     def poll(self, fresh=False):
+        late, self._late = self._late, []
         for entry in self.pending_new:
             entry[1] -= 1
         alive = {r: m for r, m in self.members.items() if m["alive"]}
         res = PollResult(silent_s={r: self.silent.get(r, 0.0) for r in alive})
+        res.failures.extend(late)
         running = {r: m for r, m in alive.items() if m["busy"]}
         old = {r: m["step"] for r, m in alive.items()}
         if running:
@@ -126,7 +129,9 @@ class FakeGroup:
                     m["busy"] = False
                     if r in ranks:
                         m["alive"] = False
-                        res.failures.append(WorkerFailure(r, kind, m["pid"], "boom"))
+                        f = WorkerFailure(r, kind.replace("_late", ""), m["pid"], "boom")
+                        # "_late": the survivors' errors arrive one poll before the death
+                        (self._late if kind.endswith("_late") else res.failures).append(f)
                     else:
                         res.failures.append(WorkerFailure(r, "collective_error", m["pid"],
                                                           "peer closed"))
@@ -284,6 +289,27 @@ def test_lost_worker_replaced_in_its_rank_from_a_peer(tmp_path):
     assert rec["world_size"] == 4 and rec["recovery_s"] >= 0
     s = c.summary()
     assert s["failures"] == 1 and s["recoveries"] == 1 and s["world_sizes"] == [4, 4]
+
+
+def test_collective_errors_seen_before_the_death_are_not_the_cause(tmp_path):
+    group = FakeGroup()
+    group.faults = [[10, [1], "process_exit_late"]]
+    c, events = _controller(tmp_path, group)
+    _run(c)
+    assert c.phase == Phase.DONE
+    (f,) = _events(events, "failure_detected")
+    assert f["kind"] == "process_exit" and f["ranks"] == [1]
+
+
+def test_collective_errors_with_nobody_lost_are_reported_and_everyone_stays(tmp_path):
+    group = FakeGroup()
+    group.faults = [[10, [], "process_exit"]]  # every rank sees a collective error, none dies
+    c, events = _controller(tmp_path, group)
+    _run(c)
+    assert c.phase == Phase.DONE and c.summary()["world_sizes"] == [4, 4]
+    (f,) = _events(events, "failure_detected")
+    assert f["kind"] == "collective_error" and f["ranks"] == [0, 1, 2, 3]
+    assert [m["pid"] for _, m in sorted(group.members.items())] == [1000, 1001, 1002, 1003]
 
 
 def test_shrinks_with_dense_ranks_when_no_replacement_fits(tmp_path):

@@ -291,7 +291,9 @@ class TrainWorker:
         st, spec = self.state, self.spec
         scale = data_lib.loss_scale(spec.global_batch_size, self.world_size, self.rank)
         share = data_lib.share(spec.global_batch_size, self.world_size, self.rank)
-        stop = torch.zeros(1, dtype=torch.int32)
+        # The stop vote of step k runs asynchronously during step k+1 and is read after it, so
+        # its latency hides behind compute; every rank reads the same result after the same step.
+        vote, work = torch.zeros(1, dtype=torch.int32), None
         error = None
         while st.step < until_step:
             t0 = time.time()
@@ -309,25 +311,35 @@ class TrainWorker:
             now = time.time()
             self._reports.append(StepReport(st.step, loss * share, now, now - t0))
             try:
-                stop[0] = self._stop
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self._ctl_group)
+                decided = STOP_NONE
+                if work is not None:
+                    work.wait()
+                    decided = int(vote[0])
+                vote[0] = self._stop
+                work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._ctl_group,
+                                       async_op=True) if st.step < until_step else None
             except RuntimeError as e:
                 error = f"rank {self.rank} after step {st.step}: {' '.join(str(e).split())[:300]}"
                 break
-            if int(stop[0]) >= STOP_CHECKPOINT:
+            if decided >= STOP_CHECKPOINT:
                 if self.saver is not None and self.saver.last_step != st.step:
                     self._checkpoint()
                 break
-            if int(stop[0]) >= STOP_PAUSE:
+            if decided >= STOP_PAUSE:
                 break
             interval = spec.checkpoint_interval
             if self.saver is not None and interval and st.step % interval == 0 \
                     and st.step < spec.total_steps:
                 self._checkpoint()
+        if error is None and work is not None:
+            try:  # a vote still in flight when the loop stopped: finish it on every rank
+                work.wait()
+            except RuntimeError as e:
+                error = f"rank {self.rank} after step {st.step}: {' '.join(str(e).split())[:300]}"
         if error is not None:
             # Outside the except block, so the traceback (and the group it references) is gone;
             # drop this frame's references too (FSDP2's shards hold the group through its mesh).
-            st = batch = None
+            st = batch = work = None
             self._broken = True
             self._teardown()
             raise WorkerError(error)

@@ -56,6 +56,7 @@ class Phase(enum.Enum):
 
 TERMINAL = (Phase.DONE, Phase.FAILED, Phase.INTERRUPTED)
 LOST_KINDS = ("process_exit", "node_lost", "hang")
+FSDP_SETTLE_S = 2.0  # how long FSDP2 survivors get to leave a failed group (see _recover)
 
 
 @dataclass
@@ -488,13 +489,19 @@ class Controller:
             if busy:
                 # Survivors leave their broken collective within moments (their peers close
                 # the group); one that does not within failure.hang_timeout_s is stuck: kill it.
-                if now - rec.t0 <= self.cfg.failure.hang_timeout_s:
+                # Under FSDP2 a survivor's shards are discarded anyway (the group restores a
+                # checkpoint), and gloo can keep an FSDP2 survivor waiting on queued collectives
+                # of its peers until they exit: give it 2 s at most.
+                grace = self.cfg.failure.hang_timeout_s
+                if self.cfg.train.parallelism == "fsdp":
+                    grace = min(grace, FSDP_SETTLE_S)
+                if now - rec.t0 <= grace:
                     return "waiting for survivors to leave the failed group", None
                 stuck = [WorkerFailure(r, "hang", self.group.pid(r),
                                        "still in the failed collective") for r in sorted(busy)]
                 for f in stuck:
                     logger.warning("worker %d did not leave the failed group within %gs: "
-                                   "killing it", f.rank, self.cfg.failure.hang_timeout_s)
+                                   "killing it", f.rank, grace)
                     self.group.kill(f.rank)
                 self._failure(stuck)
                 return "killed stuck survivors", None

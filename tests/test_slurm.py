@@ -1,0 +1,153 @@
+"""SLURM end to end on a real single-node cluster (slurmctld + slurmd + munge on 127.0.0.1, brought
+up by scripts/slurm_ci_up.sh, which installs Debian's packages when missing): a batch job trains to
+completion; a preemption notice (USR1 to the batch script) and a time limit's signal lead to an
+emergency checkpoint, a requeue and a resumed run that ends with the uninterrupted run's weights."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from coordinator.events import read_events
+from dist_harness import run_world
+from train.state import weights_digest
+
+pytestmark = pytest.mark.timeout(600)
+
+PYTHON = sys.executable
+CONFIG = "configs/slurm.yaml"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running SLURM; stopped at the end if this module started it."""
+    running = shutil.which("sinfo") and subprocess.run(
+        ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip() == "idle"
+    up = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_ci_up.sh")],
+                        capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield
+    if not running:
+        subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_ci_up.sh"), "down"],
+                       timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Plain torch DDP on 2 gloo processes (what a 2-CPU allocation runs): digest per step count."""
+    cache = {}
+
+    def digest(steps):
+        if steps not in cache:
+            state, _ = run_world(2, "ddp", steps=steps, gbs=16)
+            cache[steps] = weights_digest(state)
+        return cache[steps]
+    return digest
+
+
+def _sbatch(tmp_path, *options, steps, wait=False):
+    run_dir = tmp_path / "run"
+    out = tmp_path / "slurm.out"
+    env = dict(os.environ, PYTHON=PYTHON, RAY_LOG=str(tmp_path / "ray.log"))
+    env.pop("RAY_ADDRESS", None)
+    cmd = ["sbatch", "--parsable", "--cpus-per-task=2", f"--output={out}", *options,
+           *(["--wait"] if wait else []), "slurm/train.sbatch", CONFIG, f"train.steps={steps}",
+           "scaling.max_workers=2", f"run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    return proc, run_dir, out
+
+
+def _events(run_dir):
+    path = os.path.join(run_dir, "events.jsonl")
+    return list(read_events(path)) if os.path.exists(path) else []
+
+
+def _summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def _wait_gone(job, timeout_s=400):
+    """Until the job (requeues included) has left the queue."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                           text=True)
+        if not q.stdout.strip():
+            return
+        time.sleep(2)
+    subprocess.run(["scancel", job])
+    raise AssertionError(f"job {job} still queued after {timeout_s}s")
+
+
+def _read(path):
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def test_a_batch_job_trains_to_completion(slurm, tmp_path, reference):
+    """(a)"""
+    proc, run_dir, out = _sbatch(tmp_path, steps=100, wait=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + _read(out)
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["steps"] == 100 and s["world_sizes"] == [2]
+    assert s["weights_digest"] == reference(100)
+    log = _read(out)
+    assert "1 of 1 nodes joined" in log and "coordinator exited with 0" in log
+
+
+def test_usr1_checkpoints_requeues_and_resumes_bit_identical(slurm, tmp_path, reference):
+    """(b) `scancel --signal=USR1 --batch JOBID` mid-run: the emergency checkpoint is committed,
+    the job requeued, and the requeued run resumes from it and ends with the uninterrupted run's
+    weights."""
+    steps = 1500
+    proc, run_dir, out = _sbatch(tmp_path, steps=steps)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 180
+        while not any(e["event"] == "checkpoint_committed" for e in _events(run_dir)):
+            assert time.monotonic() < deadline, _read(out)
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+        _wait_gone(job)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    events = _events(run_dir)
+    ends = [e for e in events if e["event"] == "job_end"]
+    assert [e["status"] for e in ends] == ["interrupted", "finished"], _read(out)
+    emergency = ends[0]["step"]
+    assert 0 < emergency < steps
+    committed = [e["step"] for e in events if e["event"] == "checkpoint_committed"]
+    assert emergency in committed
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["resumed_from_step"] == emergency
+    assert s["weights_digest"] == reference(steps)
+    log = _read(out)
+    assert "USR1 received" in log and "requeueing (requeue 1 of at most 5)" in log
+    assert "requeued 1 of at most 5" in log
+
+
+def test_time_limit_signal_takes_the_same_path(slurm, tmp_path, reference):
+    """(c) a 2-minute `--time` with `--signal=B:USR1@60` (slurmctld sends it up to ~30 s early,
+    so it comes while training runs): the signal comes before the limit, the
+    job checkpoints, is requeued and finishes in its next run."""
+    steps = 3000
+    proc, run_dir, out = _sbatch(tmp_path, "--time=2", "--signal=B:USR1@60", steps=steps)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    try:
+        _wait_gone(job, timeout_s=500)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    ends = [e for e in _events(run_dir) if e["event"] == "job_end"]
+    assert ends and ends[0]["status"] == "interrupted" and ends[-1]["status"] == "finished", \
+        _read(out)
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["steps"] == steps
+    assert s["weights_digest"] == reference(steps)
+    assert "USR1 received" in _read(out)

@@ -136,7 +136,7 @@ def test_time_limit_signal_takes_the_same_path(slurm, tmp_path, reference):
     """(c) a 2-minute `--time` with `--signal=B:USR1@60` (slurmctld sends it up to ~30 s early,
     so it comes while training runs): the signal comes before the limit, the
     job checkpoints, is requeued and finishes in its next run."""
-    steps = 3000
+    steps = 6000
     proc, run_dir, out = _sbatch(tmp_path, "--time=2", "--signal=B:USR1@60", steps=steps)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
@@ -151,3 +151,41 @@ def test_time_limit_signal_takes_the_same_path(slurm, tmp_path, reference):
     assert s["status"] == "finished" and s["steps"] == steps
     assert s["weights_digest"] == reference(steps)
     assert "USR1 received" in _read(out)
+
+
+# ---- the scripts' own logic, with fake SLURM commands (in addition to the real runs above) ----
+
+def _bash(script, env=None):
+    full = dict(os.environ, **(env or {}))
+    return subprocess.run(["bash", "-c", script], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_ports_are_a_block_per_job_and_gpus_come_from_slurm():
+    out = _bash("source slurm/lib.sh; slurm_port_base 7; slurm_port_base 407; "
+                "slurm_port_base 8; ray_port_args 20700 head; slurm_gpus_per_node",
+                env={"SLURM_JOB_GPUS": "0,1,3"})
+    base7, base407, base8, args, gpus = out.stdout.splitlines()
+    assert base7 == base407 == "20700" and base8 == "20800"  # blocks of 100, 400 jobs apart
+    assert "--port=20700" in args and "--min-worker-port=20710" in args \
+        and "--max-worker-port=20799" in args
+    assert gpus == "3"
+    out = _bash("source slurm/lib.sh; SLURM_JOB_NODELIST=n[1-3] slurm_nodes",
+                env={"PATH": os.path.join(ROOT, "tests", "fake_slurm") + os.pathsep
+                     + os.environ["PATH"]})
+    assert out.stdout.split() == ["n1", "n2", "n3"], out.stderr
+
+
+def test_submit_script_builds_the_sbatch_command(tmp_path):
+    env = {"PATH": os.path.join(ROOT, "tests", "fake_slurm") + os.pathsep + os.environ["PATH"],
+           "FAKE_SBATCH_LOG": str(tmp_path / "sbatch.args")}
+    proc = _bash("scripts/submit_slurm.sh --nodes 3 --gpus-per-node 4 --time 2:00:00 "
+                 "configs/slurm.yaml train.steps=10", env=env)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "sbatch.args").read_text().split("\n")
+    assert "--nodes=3" in args and "--gres=gpu:4" in args and "--no-kill" in args
+    assert "--signal=B:USR1@120" in args and "--time=2:00:00" in args and "--exclusive" in args
+    assert args[-4:-1] == ["slurm/train.sbatch", "configs/slurm.yaml", "train.steps=10"]
+    assert "MAX_REQUEUES=5" in (tmp_path / "sbatch.args.env").read_text()
+    bad = _bash("scripts/submit_slurm.sh configs/nope.yaml", env=env)
+    assert bad.returncode == 2 and "config file 'configs/nope.yaml' not found" in bad.stderr

@@ -6,7 +6,8 @@
 set -euo pipefail
 
 if [[ "${1:-up}" == down ]]; then
-    for pidfile in /var/spool/slurmd/slurmd.pid /var/spool/slurmctld/slurmctld.pid; do
+    for pidfile in /var/spool/slurmd/slurmd.pid /var/spool/slurmctld/slurmctld.pid \
+                   /run/munge/munged.pid; do
         [[ -s $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null || true
     done
     exit 0

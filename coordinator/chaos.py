@@ -45,6 +45,3 @@ class ChaosPlan:
         self.pending = [e for e in self.pending if e.at_step > step]
         self.fired.extend(out)
         return out
-
-    def __len__(self) -> int:
-        return len(self.pending)

@@ -71,7 +71,6 @@ class Hooks:
 class Recovery:
     """One recovery in progress (from detection to the first step of the new generation)."""
     t0: float  # when the failure was detected
-    generation: int  # the generation that failed
     world_size: int
     lost: Set[int] = field(default_factory=set)
     nodes_hit: Set[str] = field(default_factory=set)  # nodes counted toward isolation
@@ -81,7 +80,6 @@ class Recovery:
     survivors: Dict[int, int] = field(default_factory=dict)  # rank -> completed step
     spawned_at: Optional[float] = None
     wait_since: Optional[float] = None
-    plan: Optional[Plan] = None
     not_before: float = 0.0  # backoff
 
 
@@ -345,7 +343,7 @@ class Controller:
             return "finished while pausing", self.progress()
         ready = self.group.collect_ready()
         plan = failure_policy.grow_plan(self.world_size, ready, self.cfg.scaling.max_workers,
-                                        self.cfg.train.parallelism, self.last_step)
+                                        self.last_step)
         if plan.world_size <= self.world_size:  # the newcomers vanished: carry on as we were
             self.group.launch(self.cfg.train.steps)
             self.phase = Phase.RUNNING
@@ -431,7 +429,7 @@ class Controller:
         if new_incident:
             self.incidents += 1
             self._streak += 1
-            self._rec = Recovery(self.clock(), self.generation, self.world_size,
+            self._rec = Recovery(self.clock(), self.world_size,
                                  step_before=max(self._max_step_seen, self.last_step))
         rec = self._rec
         lost = [f for f in failures if f.kind in LOST_KINDS and f.rank not in rec.lost]
@@ -454,7 +452,7 @@ class Controller:
                                self.isolation.counts[node], self.isolation.limit)
                 self.events.emit("node_isolated", node_id=node, failures=self.isolation.counts[node])
         if rec.settled and lost:
-            rec.settled, rec.plan = False, None  # a survivor died while we planned: look again
+            rec.settled = False  # a survivor died while we planned: look again
         self.phase = Phase.RECOVERING
         desc = "; ".join(_describe(k, fs) for k, fs in _by_kind(shown or failures).items())
         if new_incident:
@@ -560,7 +558,6 @@ class Controller:
                 plan.resumed_step = self._rec_checkpoint.step
         for info in self.group.assign(plan.ranks, plan.newcomers):
             self._worker_started(info)
-        rec.plan = plan
         rec.not_before = now + plan.backoff_s
         if plan.backoff_s:
             logger.warning("failure %d in a row without progress: waiting %.1fs before "
@@ -575,7 +572,7 @@ class Controller:
         ckpt = self.committer.latest_step() if self.committer is not None else None
         fc = self.cfg.failure
         return Facts(world_size=rec.world_size, survivors=dict(rec.survivors),
-                     lost=sorted(rec.lost), ready=ready,
+                     ready=ready,
                      min_workers=self.cfg.scaling.min_workers,
                      max_workers=self.cfg.scaling.max_workers,
                      parallelism=self.cfg.train.parallelism, checkpoint_step=ckpt,

@@ -29,7 +29,6 @@ from typing import Dict, List, Optional
 class Facts:
     world_size: int  # members of the generation that failed
     survivors: Dict[int, int]  # rank -> completed step, for members still alive
-    lost: List[int]  # ranks whose process is gone
     ready: int  # newcomers started and ready to join
     min_workers: int
     max_workers: int
@@ -107,8 +106,7 @@ def decide(f: Facts) -> Plan:
     return plan
 
 
-def grow_plan(world_size: int, ready: int, max_workers: int, parallelism: str,
-              step: int) -> Plan:
+def grow_plan(world_size: int, ready: int, max_workers: int, step: int) -> Plan:
     """A healthy group grows by the ready newcomers (at a step boundary, all members paused):
     members keep their ranks, newcomers are appended, rank 0 sends the state (FSDP2 gathers it
     first: see Source.gather)."""

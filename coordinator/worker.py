@@ -84,7 +84,7 @@ class StepReport:
 @dataclass
 class Source:
     """Where the members of a new generation take their training state from."""
-    kind: str = "init"  # init | checkpoint | peer | keep
+    kind: str = "init"  # init | checkpoint | peer
     path: Optional[str] = None  # checkpoint: the step directory to load
     src: Optional[int] = None  # peer: the new-generation rank that sends its full state
     gather: bool = False  # peer under FSDP2: gather the shards over the old group first

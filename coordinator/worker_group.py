@@ -244,9 +244,6 @@ class RayWorkerGroup:
         """Newcomers placed and not yet assigned a rank (starting or ready)."""
         return len(self._spawning) + len(self._ready)
 
-    def ready_nodes(self) -> List[str]:
-        return [nc.info.node_id for nc in self._ready]
-
     def assign(self, ranks: Dict[int, int], newcomers: List[int]) -> List[WorkerInfo]:
         """The next generation's membership: `ranks` maps each staying member's current rank to
         its new one; ready newcomers take the ranks in `newcomers`. Members left out are killed.

@@ -6,7 +6,7 @@ from coordinator.failure_policy import Facts, NodeIsolation, backoff, decide, gr
 
 
 def facts(**kw):
-    base = dict(world_size=4, survivors={0: 10, 2: 10, 3: 9}, lost=[1], ready=1, min_workers=2,
+    base = dict(world_size=4, survivors={0: 10, 2: 10, 3: 9}, ready=1, min_workers=2,
                 max_workers=4, parallelism="ddp", checkpoint_step=5, failures=1,
                 max_failures=10, streak=1, backoff_s=1.0, backoff_max_s=8.0)
     base.update(kw)
@@ -28,7 +28,7 @@ def test_shrink_reassigns_ranks_densely():
 
 
 def test_growing_past_the_old_size_appends_ranks():
-    p = decide(facts(world_size=3, survivors={0: 7, 1: 7}, lost=[2], ready=2))
+    p = decide(facts(world_size=3, survivors={0: 7, 1: 7}, ready=2))
     assert p.world_size == 4 and p.ranks == {0: 0, 1: 1} and p.newcomers == [2, 3]
 
 
@@ -38,15 +38,15 @@ def test_fsdp_and_stale_survivors_use_the_checkpoint():
     p = decide(facts(parallelism="fsdp", checkpoint_step=None))
     assert p.source == "init" and p.resumed_step == 0
     # DDP survivors that are all newcomers (step 0) do not beat a checkpoint at step 5
-    p = decide(facts(survivors={0: 0, 1: 0}, lost=[2, 3], ready=2))
+    p = decide(facts(survivors={0: 0, 1: 0}, ready=2))
     assert p.source == "checkpoint" and p.resumed_step == 5
 
 
 def test_budget_wait_and_abort():
     assert decide(facts(failures=11)).action == "abort"
-    p = decide(facts(survivors={0: 3}, lost=[1, 2, 3], ready=0))
+    p = decide(facts(survivors={0: 3}, ready=0))
     assert p.action == "wait" and "1 short of scaling.min_workers=2" in p.reason
-    p = decide(facts(survivors={0: 3}, lost=[1, 2, 3], ready=0, waited_s=61, wait_limit_s=60))
+    p = decide(facts(survivors={0: 3}, ready=0, waited_s=61, wait_limit_s=60))
     assert p.action == "abort" and "failure.wait_for_workers_s=60" in p.reason
 
 
@@ -56,7 +56,7 @@ def test_backoff_doubles_for_failures_in_a_row_and_is_capped():
 
 
 def test_grow_plan_keeps_ranks_and_appends():
-    p = grow_plan(2, 3, 4, "fsdp", 40)
+    p = grow_plan(2, 3, 4, 40)
     assert p.world_size == 4 and p.ranks == {0: 0, 1: 1} and p.newcomers == [2, 3]
     assert p.source == "peer" and p.src == 0 and p.resumed_step == 40
 

@@ -459,6 +459,8 @@ class Controller:
             logger.warning("%s at step %d (%s); recovering (failure %d of "
                            "failure.max_failures=%d)", desc, self.last_step, during,
                            self.incidents, self.cfg.failure.max_failures)
+        elif lost:
+            logger.warning("%s while recovering; it is replaced in the same recovery", desc)
         return desc
 
     def _report(self, failures: List[WorkerFailure]) -> None:

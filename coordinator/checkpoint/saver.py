@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
@@ -189,6 +190,13 @@ class CheckpointSaver:
         t0 = time.time()
         error = ""
         for attempt in range(1, self.retries + 1):
+            if self._abandoned or (self.group is not None and not dist.is_initialized()):
+                # The group failed while this save waited to retry. Never retry then: without a
+                # process group DCP would fall back to a single-process save into the step's
+                # directory, where a later generation may be writing the same step.
+                logger.info("rank %d: checkpoint step %d abandoned (the group failed)",
+                            self.rank, step)
+                return
             try:
                 writer = self._writer = _Writer(path, self.options, self.thread_count)
                 dcp.save(staged, storage_writer=writer, process_group=self.group)

@@ -283,12 +283,18 @@ class Controller:
         self.phase = Phase.RUNNING
         return f"generation {self.generation} formed", None
 
-    def _run(self):
+    def _poll_training(self):
+        """One poll of a training group: absorb what it reports; lost, hung or failed workers
+        start a recovery. Returns (poll, the failure's note or None)."""
         poll = self.group.poll()
         self._absorb(poll)
         failures = poll.failures or self._kill_hung(poll)
-        if failures:
-            return self._failure(failures), self.progress()
+        return poll, (self._failure(failures) if failures else None)
+
+    def _run(self):
+        poll, failed = self._poll_training()
+        if failed is not None:
+            return failed, self.progress()
         finished = poll.finished
         if finished and not self.group.busy() and not any(r.stopped for r in finished.values()) \
                 and self.last_step_of(finished) >= self.cfg.train.steps:
@@ -322,11 +328,9 @@ class Controller:
         return f"pausing ({reason})"
 
     def _pause(self):
-        poll = self.group.poll()
-        self._absorb(poll)
-        failures = poll.failures or self._kill_hung(poll)
-        if failures:
-            return self._failure(failures), self.progress()
+        _, failed = self._poll_training()
+        if failed is not None:
+            return failed, self.progress()
         if self.preempt_signal is not None and self._pause_reason != "preempt":
             self._pause_reason = "preempt"  # a notice during a grow pause: checkpoint first
             self.group.request_stop(STOP_CHECKPOINT)

@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_events(run_dir):
+    """The events of a run directory (empty before the run wrote any)."""
+    from coordinator.events import read_events
+
+    path = os.path.join(run_dir, "events.jsonl")
+    return list(read_events(path)) if os.path.exists(path) else []
+
+
+def run_summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
 
 
 def run_cli(args, cwd=ROOT, timeout=240, env=None):

@@ -1,6 +1,5 @@
 """Checkpoints end to end: kill the whole job, rerun the same command; kill a worker mid-persist."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,22 +10,12 @@ import pytest
 import torch
 
 from conftest import NO_CHAOS, ROOT, run_cli
+from conftest import run_events as _events, run_summary as _summary
 from coordinator.checkpoint import manifest as mf
-from coordinator.events import read_events
 
 pytestmark = pytest.mark.timeout(420)
 
 CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
-
-
-def _events(run_dir):
-    path = os.path.join(run_dir, "events.jsonl")
-    return list(read_events(path)) if os.path.exists(path) else []
-
-
-def _summary(run_dir):
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        return json.load(f)
 
 
 def _start(args):

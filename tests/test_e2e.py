@@ -1,28 +1,18 @@
 """End to end on an embedded Ray: the real CLI in a subprocess, as a user runs it."""
 
-import json
 import os
 import re
 
 import pytest
 
 from conftest import NO_CHAOS, ROOT, run_cli
-from coordinator.events import read_events
+from conftest import run_events as _events, run_summary as _summary
 from dist_harness import run_world
 from train.state import weights_digest
 
 pytestmark = pytest.mark.timeout(300)
 
 CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
-
-
-def _summary(run_dir):
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        return json.load(f)
-
-
-def _events(run_dir):
-    return list(read_events(os.path.join(run_dir, "events.jsonl")))
 
 
 def _readme_task() -> str:

@@ -5,7 +5,6 @@ The oracle: with a replacement in the lost worker's rank, the final weights equa
 on 4 processes bit for bit; when the world size changes, the final loss is within 1% of that run.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -15,8 +14,8 @@ import time
 import pytest
 
 from conftest import ROOT, run_cli
+from conftest import run_events as _events, run_summary as _summary
 from coordinator.checkpoint import manifest as mf
-from coordinator.events import read_events
 from dist_harness import run_world
 from train.state import weights_digest
 
@@ -33,18 +32,8 @@ def reference():
     return weights_digest(state), losses
 
 
-def _events(run_dir):
-    path = os.path.join(run_dir, "events.jsonl")
-    return list(read_events(path)) if os.path.exists(path) else []
-
-
 def _of(run_dir, kind):
     return [e for e in _events(run_dir) if e["event"] == kind]
-
-
-def _summary(run_dir):
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        return json.load(f)
 
 
 def _run(tmp_path, *overrides, chaos="[]"):

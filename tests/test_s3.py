@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from conftest import NO_CHAOS, ROOT, free_port, run_cli
-from coordinator.events import read_events
+from conftest import run_events as _events
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -57,11 +57,6 @@ def s3():
     server.start()
     yield server
     server.kill()
-
-
-def _events(run_dir):
-    p = os.path.join(run_dir, "events.jsonl")
-    return list(read_events(p)) if os.path.exists(p) else []
 
 
 def test_s3_round_trip_multipart_inspect_resume(s3, tmp_path):

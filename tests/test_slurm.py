@@ -3,7 +3,6 @@ up by scripts/slurm_ci_up.sh, which installs Debian's packages when missing): a 
 completion; a preemption notice (USR1 to the batch script) and a time limit's signal lead to an
 emergency checkpoint, a requeue and a resumed run that ends with the uninterrupted run's weights."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from coordinator.events import read_events
+from conftest import run_events as _events, run_summary as _summary
 from dist_harness import run_world
 from train.state import weights_digest
 
@@ -60,16 +59,6 @@ def _sbatch(tmp_path, *options, steps, wait=False):
            "scaling.max_workers=2", f"run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     return proc, run_dir, out
-
-
-def _events(run_dir):
-    path = os.path.join(run_dir, "events.jsonl")
-    return list(read_events(path)) if os.path.exists(path) else []
-
-
-def _summary(run_dir):
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        return json.load(f)
 
 
 def _wait_gone(job, timeout_s=400):

@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
         "variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."))
     ins.add_argument("uri", help="the checkpoint location (checkpoint.uri of the run)")
     ins.add_argument("--verify", action="store_true", help="recheck every file's sha256")
+    rep = sub.add_parser("report", help="goodput breakdown and failure timeline of a run",
+                         description=(
+        "Print where a run's time went (productive training, checkpoint stalls, failure "
+        "detection, re-formation, restore, recomputed steps, waiting for capacity, start-up, "
+        "shutdown), from RUN_DIR/events.jsonl, and write RUN_DIR/timeline.png."))
+    rep.add_argument("run_dir", help="the run directory (run.dir of the job, e.g. runs/local_cpu)")
     return p
 
 
@@ -46,10 +52,6 @@ def check_runnable(cfg: Config) -> None:
         make_task(cfg.train.task, dict(cfg.train.task_args))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    # Settings whose machinery this version does not have: refuse them rather than ignore them.
-    if cfg.checkpoint.interval_steps == "auto":
-        raise ConfigError("checkpoint.interval_steps='auto': the auto-tuned interval is not "
-                          "available in this version; give a number of steps")
     from coordinator.checkpoint.storage import filesystem
 
     try:
@@ -116,4 +118,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from coordinator.inspect_cmd import run_inspect
 
         return run_inspect(args.uri, args.verify, {})
+    if args.verb == "report":
+        from coordinator.report import run_report
+
+        return run_report(args.run_dir)
     raise AssertionError(f"unhandled verb {args.verb}")

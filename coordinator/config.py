@@ -126,7 +126,9 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     uri: Optional[str] = None  # any fsspec URI; default <run.dir>/checkpoints
-    interval_steps: Any = 0  # steps between checkpoints (an integer, or "auto"); 0 = off
+    # steps between checkpoints; 0 = off; "auto": Young/Daly from the measured stall and failure
+    # rate (see coordinator/checkpoint/interval.py), re-chosen as measurements arrive
+    interval_steps: Any = 0
     keep: int = 3  # committed checkpoints to keep (>= 2)
     async_: bool = True  # YAML key `async`: persist in the background after an in-memory snapshot
     storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec
@@ -152,8 +154,14 @@ class FailureConfig:
     node_failure_limit: int = 3  # failures on one node before the job stops using it (0 = never)
     backoff_s: float = 1.0  # wait before re-forming after the 2nd failure in a row, doubling
     backoff_max_s: float = 30.0  # cap of that wait
+    # Per-worker mean time between failures, in seconds: what `checkpoint.interval_steps: auto`
+    # assumes until the run has seen a failure of its own (then the observed rate is used).
+    # The job's MTBF is this divided by the world size. Default: one week per worker.
+    expected_mtbf_s: float = 604_800.0
 
     def __post_init__(self) -> None:
+        _check(self.expected_mtbf_s > 0, "failure.expected_mtbf_s", self.expected_mtbf_s,
+               "must be > 0 (seconds between failures of one worker)")
         _check(self.replace_timeout_s >= 0, "failure.replace_timeout_s", self.replace_timeout_s,
                "must be >= 0")
         _check(self.node_failure_limit >= 0, "failure.node_failure_limit",

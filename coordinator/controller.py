@@ -31,6 +31,7 @@ from coordinator import failure_policy
 from coordinator.chaos import ChaosPlan
 from coordinator.checkpoint import storage
 from coordinator.checkpoint.committer import Committer
+from coordinator.checkpoint.interval import AutoInterval, Choice
 from coordinator.checkpoint.manifest import CheckpointInfo
 from coordinator.config import Config, ChaosEvent
 from coordinator.events import EventLog
@@ -119,7 +120,8 @@ def _describe(kind: str, fs: List[WorkerFailure]) -> str:
 class Controller:
     def __init__(self, cfg: Config, group: WorkerGroup, events: EventLog,
                  capacity: Callable[..., int], committer: Optional[Committer] = None,
-                 clock: Callable[[], float] = time.time, hooks: Optional[Hooks] = None):
+                 clock: Callable[[], float] = time.time, hooks: Optional[Hooks] = None,
+                 metrics: Optional[Any] = None):
         self.cfg = cfg
         self.group = group
         self.events = events
@@ -158,6 +160,20 @@ class Controller:
         self.step_time_s = 0.0  # sum over steps of the slowest rank's step time
         self._recent = collections.deque(maxlen=50)  # (step, t) of completed steps, for the rate
         self._warm: Optional[tuple] = None  # (step, t) where the steady-state window starts
+        self.warmup_steps = max(1, min(cfg.train.steps // 10, 50))
+        self.exposure_worker_s = 0.0  # worker-seconds spent in completed steps (failure rate)
+        self.metrics = metrics  # coordinator.metrics.JobMetrics, or None outside Ray
+        self._progress_event_t = -1e18
+        self._progress_event_step = -1
+        # checkpoint.interval_steps=auto: the policy, its current choice, and the request state
+        self.auto = AutoInterval(cfg.failure.expected_mtbf_s, cfg.train.steps, self.warmup_steps) \
+            if cfg.checkpoint.interval_steps == "auto" else None
+        self.interval: Optional[Choice] = None
+        self._auto_inputs: Optional[tuple] = None  # what the current choice was made from
+        self._save_number = 0  # checkpoint requests sent
+        self._save_asked_at: Optional[int] = None  # the step of the request in flight
+        self._last_save_step = 0  # the newest checkpoint taken (or restored) by this run
+        self._commits_seen = 0
 
     # ---- the state machine ----------------------------------------------------------------
     @property
@@ -195,6 +211,7 @@ class Controller:
                 self._waiting_since = now
                 logger.warning("waiting for capacity: %s (up to failure.wait_for_workers_s=%gs)",
                                decision.reason, self.cfg.failure.wait_for_workers_s)
+                self.events.emit("capacity_wait", reason=decision.reason, step=self.last_step)
             if now - self._waiting_since >= self.cfg.failure.wait_for_workers_s:
                 return self._fail(
                     f"not enough capacity: {decision.reason}; waited "
@@ -249,6 +266,10 @@ class Controller:
         if plan.source == "checkpoint":
             info = self.resume if self._rec is None else self._rec_checkpoint
             source.path = info.path
+        cause = "recovery" if self._rec is not None else (
+            "start" if self.generation == 1 else "grow")
+        self.events.emit("group_forming", generation=self.generation, world_size=plan.world_size,
+                         source=plan.source, cause=cause)
         failures = self.group.form(self.generation, source)
         if failures:
             # A new failure: its recovery starts from the members this attempt had, under their
@@ -268,7 +289,11 @@ class Controller:
         self.last_step = plan.resumed_step
         self.world_sizes.append(self.world_size)
         self.events.emit("group_formed", generation=self.generation, world_size=self.world_size,
-                         ranks=self.group.ranks(), source=plan.source, step=plan.resumed_step)
+                         ranks=self.group.ranks(), source=plan.source, step=plan.resumed_step,
+                         restore_s=round(getattr(self.group, "last_restore_s", 0.0), 4))
+        self._save_asked_at = None  # a request to the old generation died with it
+        if plan.source == "checkpoint":
+            self._last_save_step = plan.resumed_step
         logger.info("generation %d formed: %d workers, state from %s at step %d",
                     self.generation, self.world_size, plan.source, plan.resumed_step)
         if self._rec is not None:
@@ -306,6 +331,9 @@ class Controller:
             return self._begin_pause("preempt"), self.progress()
         for ev in self.chaos.due(self.last_step):
             self._inject(ev)
+        self._progress_event()
+        if self.auto is not None:
+            self._auto_checkpoint()
         note = self._maybe_grow()
         return note, self.progress()
 
@@ -318,11 +346,12 @@ class Controller:
         if reason == "preempt":
             self.events.emit("failure_detected", kind="preempt", ranks=[], pids=[],
                              generation=self.generation, step=self.last_step,
-                             error=f"{self.preempt_signal} received")
+                             error=f"{self.preempt_signal} received", last_step_t=self.last_step_t)
             logger.warning("%s received: taking an emergency checkpoint, then stopping",
                            self.preempt_signal)
             self.group.request_stop(STOP_CHECKPOINT)
         else:
+            self.events.emit("pausing", reason=reason, step=self.last_step)
             self.group.request_stop(STOP_PAUSE)
         self.phase = Phase.PAUSING
         return f"pausing ({reason})"
@@ -472,7 +501,10 @@ class Controller:
         for kind, fs in _by_kind(failures).items():
             self.events.emit("failure_detected", kind=kind, ranks=[f.rank for f in fs],
                              pids=[f.pid for f in fs], generation=self.generation,
-                             step=self.last_step, error=fs[0].error)
+                             step=self.last_step, error=fs[0].error,
+                             last_step_t=self.last_step_t)
+            if self.metrics is not None:
+                self.metrics.failure(kind, len(fs))
 
     def _recover(self):
         rec = self._rec
@@ -554,6 +586,7 @@ class Controller:
                 rec.wait_since = now
                 logger.warning("waiting for capacity: %s (up to failure.wait_for_workers_s=%gs)",
                                plan.reason, self.cfg.failure.wait_for_workers_s)
+                self.events.emit("capacity_wait", reason=plan.reason, step=self.last_step)
             return "waiting for capacity", None
         if plan.source == "checkpoint":
             self._rec_checkpoint = self.committer.resolve_resume()  # reads and verifies it
@@ -625,6 +658,7 @@ class Controller:
                 if self.committer is not None:
                     self.committer.on_save(save)
             self._max_step_seen = max(self._max_step_seen, hb.step)
+        self._saves_settled()
 
     def _account(self, step: int, weighted_loss: float, t: float, duration: float) -> None:
         entry = self._pending.setdefault(step, [0.0, 0, 0.0, 0.0])
@@ -641,6 +675,8 @@ class Controller:
         self._max_step_seen = max(self._max_step_seen, step)
         self._streak = 0
         self.step_time_s += entry[3]
+        if self._recent and self._recent[-1][1] < entry[2] and step == self._recent[-1][0] + 1:
+            self.exposure_worker_s += self.world_size * (entry[2] - self._recent[-1][1])
         self._recent.append((step, entry[2]))
         if self._warm is None and step >= max(1, min(self.cfg.train.steps // 10, 50)):
             self._warm = (step, entry[2])
@@ -654,6 +690,70 @@ class Controller:
                            "%d steps lost, %.2fs from detection to this step",
                            rec["generation"], rec["world_size"], rec["source"],
                            rec["resumed_step"], rec["lost_steps"], rec["recovery_s"])
+
+    @property
+    def last_step_t(self) -> Optional[float]:
+        """Unix time the newest completed step ended (None before the first)."""
+        return self._recent[-1][1] if self._recent else None
+
+    def _progress_event(self) -> None:
+        """A `progress` line in events.jsonl every run.log_interval_s while steps complete: the
+        step-over-time curve of the report, and the last known step of a driver that crashed."""
+        now = self.clock()
+        if self.last_step == self._progress_event_step \
+                or now - self._progress_event_t < self.cfg.run.log_interval_s:
+            return
+        self._progress_event_t, self._progress_event_step = now, self.last_step
+        rate = self.progress().steps_per_s
+        self.events.emit("progress", step=self.last_step, step_t=self.last_step_t,
+                         world_size=self.world_size,
+                         loss=None if self.last_loss is None else round(self.last_loss, 6),
+                         steps_per_s=None if rate is None else round(rate, 3))
+        if self.metrics is not None:
+            wall = now - self.started_at
+            self.metrics.progress(self.last_step, self.world_size, rate,
+                                  self.step_time_s / wall if wall > 0 else None)
+
+    # ---- checkpoint.interval_steps=auto ---------------------------------------------------
+    def _auto_checkpoint(self) -> None:
+        """Re-choose the interval when its inputs change (a checkpoint measured, a failure, the
+        step rate first known), and ask the workers for a checkpoint when one is due."""
+        rate = self._rate(self._recent[0] if len(self._recent) > 1 else None)
+        step_s = 1.0 / rate if rate else None
+        inputs = (self._commits_seen, self.incidents, step_s is not None)
+        if inputs != self._auto_inputs:
+            self._auto_inputs = inputs
+            choice = self.auto.choose(self.world_size, self.incidents, self.exposure_worker_s,
+                                      step_s)
+            if self.interval is None or choice.interval_steps != self.interval.interval_steps:
+                logger.info("checkpoint interval (auto): every %d steps: %s; %s MTBF per worker "
+                            "(%d failures in %.0f worker-s)", choice.interval_steps,
+                            choice.reason, choice.mtbf_source, choice.failures,
+                            choice.exposure_worker_s)
+                self.events.emit("checkpoint_interval", step=self.last_step, **choice.fields())
+            self.interval = choice
+        due = self.last_step - self._last_save_step >= self.interval.interval_steps
+        if due and self._save_asked_at is None and self.last_step < self.cfg.train.steps:
+            self._save_number += 1
+            self._save_asked_at = self.last_step
+            self.group.request_checkpoint(self._save_number)
+
+    def _saves_settled(self) -> None:
+        """Follow commits (and failed saves): the auto interval measures their stall, and a
+        checkpoint request is answered once a save at or after its step has settled."""
+        if self.committer is None:
+            return
+        stats = self.committer.commits
+        for step, stall, persist in stats[self._commits_seen:]:
+            self._last_save_step = max(self._last_save_step, step)
+            if self.auto is not None:
+                self.auto.observe_checkpoint(stall, persist)
+            if self.metrics is not None:
+                self.metrics.checkpoint(stall, persist)
+        self._commits_seen = len(stats)
+        settled = [s for s, _, _ in stats] + self.committer.failed
+        if self._save_asked_at is not None and any(s >= self._save_asked_at for s in settled):
+            self._save_asked_at = None
 
     def progress(self) -> Progress:
         return Progress(self.last_step, self.cfg.train.steps, self.last_loss, self.world_size,
@@ -708,8 +808,10 @@ class Controller:
             "checkpoints_failed": len(self.committer.failed) if self.committer else 0,
             "isolated_nodes": list(self.isolation.isolated),
             "steps_per_s": self.steady_steps_per_s(),
-            "goodput": {"wall_s": round(wall, 3), "step_s": round(self.step_time_s, 3),
-                        "ratio": round(self.step_time_s / wall, 4) if wall > 0 else None},
+            "wall_s": round(wall, 3),
+            "step_s": round(self.step_time_s, 3),  # time in steps (the slowest rank's, summed)
+            "checkpoint_interval": self.interval.fields() if self.interval else
+            self.cfg.checkpoint.interval_steps,
             "error": self.error,
         }
 

@@ -8,6 +8,7 @@ import signal
 import time
 from datetime import timedelta
 
+from coordinator import goodput
 from coordinator.cluster import Cluster
 from coordinator.config import Config
 from coordinator.controller import Controller, Hooks, Phase
@@ -32,9 +33,11 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     import torch.distributed as dist
 
     from coordinator.checkpoint.committer import Committer, absolute_uri
+    from coordinator.metrics import JobMetrics
     from coordinator.worker import WorkerSpec
     from coordinator.worker_group import RayWorkerGroup
 
+    auto = cfg.checkpoint.interval_steps == "auto"
     cluster = Cluster(cfg)
     group = None
     controller = None
@@ -55,7 +58,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
             # asks for an emergency one (checkpoint.interval_steps=0 still takes that one).
             checkpoint_uri=absolute_uri(cfg.checkpoint.uri),
             checkpoint_options=dict(cfg.checkpoint.storage_options),
-            checkpoint_interval=int(cfg.checkpoint.interval_steps or 0),
+            # auto: the controller asks for each checkpoint (checkpoint/interval.py)
+            checkpoint_interval=0 if auto else int(cfg.checkpoint.interval_steps or 0),
             checkpoint_async=cfg.checkpoint.async_,
             checkpoint_final=bool(cfg.checkpoint.interval_steps))
         committer = Committer(cfg.checkpoint.uri, cfg.checkpoint.storage_options,
@@ -66,7 +70,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
                                hang_timeout_s=cfg.failure.hang_timeout_s)
         hooks = Hooks(remove_node=cluster.remove_node_of, add_node=cluster.add_node_if_simulated,
                       preempt=lambda: os.kill(os.getpid(), signal.SIGUSR1))
-        controller = Controller(cfg, group, events, cluster.capacity, committer, hooks=hooks)
+        controller = Controller(cfg, group, events, cluster.capacity, committer, hooks=hooks,
+                                metrics=JobMetrics(cfg.job.name))
         restore_signals = _install_preemption_handlers(controller, reporter)
         while not controller.done:
             tr = controller.step()
@@ -100,9 +105,12 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     summary["status"] = status
     if error:
         summary["error"] = error
-    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    events.emit("job_end", status=status, step=summary.get("steps", 0))
+    events.emit("job_end", status=status, step=summary.get("steps", 0),
+                last_step_t=controller.last_step_t if controller else None)
     events.close()
+    # Over every attempt of this run directory (reruns append to the same events.jsonl).
+    summary["goodput"] = goodput.breakdown(goodput.run_events(run_dir))
+    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     reporter.message(format_summary(summary, run_dir))
     return {"finished": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
 
@@ -129,6 +137,10 @@ def _install_preemption_handlers(controller: Controller, reporter: ProgressRepor
     return restore
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def format_summary(s: dict, run_dir: str) -> str:
     loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
     rate = f"{s['steps_per_s']:.1f}" if s.get("steps_per_s") else "-"
@@ -138,6 +150,8 @@ def format_summary(s: dict, run_dir: str) -> str:
         f"   world sizes {s.get('world_sizes')}, failures {s.get('failures', 0)}, "
         f"recoveries {s.get('recoveries', 0)}",
         f"   weights_digest {s.get('weights_digest')}",
+        f"   goodput {_pct(s.get('goodput', {}).get('goodput'))} of {s.get('goodput', {}).get('wall_s', 0):.0f}s wall "
+        f"(python -m coordinator report {run_dir} for the breakdown and a timeline)",
         f"   run dir {run_dir} (summary.json, events.jsonl, config.yaml)",
     ]
     if s.get("error"):

@@ -52,6 +52,10 @@ CONCURRENCY_GROUPS = {"control": 2, "train": 1}
 # Stop requests, agreed by all ranks after every step (a MAX all-reduce of each rank's request), so
 # every rank stops after the same step whichever of them heard the controller first.
 STOP_NONE, STOP_PAUSE, STOP_CHECKPOINT = 0, 1, 2
+# The vote's second element carries checkpoint requests (`checkpoint.interval_steps: auto`): the
+# highest request number any rank has heard. Every rank saves after the step where the agreed number
+# first exceeds the last one it saved for; that count is reset on every join, so it is the same on
+# all members of a generation and they save at the same step.
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,9 @@ class TrainWorker:
         self.saver: Optional[CheckpointSaver] = None
         self._ctl_group = None  # gloo group for stop agreement and peer state (None: default)
         self._stop = STOP_NONE
+        self._save_request = 0  # the highest checkpoint request heard from the controller
+        self._saved_request = 0  # the highest request acted on in this generation
+        self.restore_s = 0.0  # time the last join spent taking its state (checkpoint or peer)
         self._broken = False  # the current group failed: nothing more may run on it
         self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
 
@@ -159,6 +166,11 @@ class TrainWorker:
         self._stop = max(self._stop, mode)
 
     @ray.method(concurrency_group="control")
+    def request_checkpoint(self, number: int) -> None:
+        """Ask for a checkpoint after the current step (numbered requests; see the vote)."""
+        self._save_request = max(self._save_request, number)
+
+    @ray.method(concurrency_group="control")
     def chaos(self, action: str, arg: Optional[float] = None) -> None:
         """Fault injection, run on the worker's own node so it works on any cluster."""
         if action == "kill_worker":
@@ -175,13 +187,15 @@ class TrainWorker:
     # ---- train group ----------------------------------------------------------------------
     @ray.method(concurrency_group="train")
     def join_group(self, generation: int, rank: int, world_size: int, store_host: str,
-                   store_port: int, source: Optional[Source] = None) -> int:
+                   store_port: int, source: Optional[Source] = None) -> Dict[str, float]:
         """Leave the previous generation's process group (if any) and form generation
         `generation` as `rank` of `world_size`; take the training state from `source`. A survivor
-        keeps its model and optimizer objects (DDP) and only rewraps them. Returns the step."""
+        keeps its model and optimizer objects (DDP) and only rewraps them. Returns the step and
+        the seconds spent taking the state from `source` (the rest of the join is re-forming)."""
         source = source or Source()
         try:
-            return self._join(generation, rank, world_size, store_host, store_port, source)
+            step = self._join(generation, rank, world_size, store_host, store_port, source)
+            return {"step": step, "restore_s": self.restore_s}
         except RuntimeError as e:  # a peer was lost while forming: gloo/store errors
             self._broken = True
             error = str(e) if isinstance(e, WorkerError) else (
@@ -196,6 +210,7 @@ class TrainWorker:
             held = full_state(self.state, sharded=True)  # FSDP2: over the old group, all alive
         self._teardown()
         self._stop = STOP_NONE
+        self._saved_request = 0
         timeout = timedelta(seconds=self.spec.collective_timeout_s)
         store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
         prefix = f"gen{generation}/"
@@ -217,6 +232,7 @@ class TrainWorker:
             self.state = build_state(self.task, self.spec.parallelism, self.device,
                                      self.spec.seed, self.spec.total_steps, wrap_ddp=False)
         st = self.state
+        t_restore = time.monotonic()
         if source.kind == "checkpoint":
             sd = load_checkpoint(source.path, self.spec.checkpoint_options,
                                  lambda saved: load_template(st, rank, saved), ckpt_group)
@@ -228,6 +244,7 @@ class TrainWorker:
             if not (rank == source.src and ddp):  # the source's own replica is already in place
                 apply_full_state(st, full)
             del full, mine, held
+        self.restore_s = time.monotonic() - t_restore if source.kind != "init" else 0.0
         if fresh and source.kind != "checkpoint":
             # Per-rank RNG (dropout and the like): a newcomer seeds from (seed, rank, step); a
             # survivor keeps its stream; a checkpoint restores the saved one.
@@ -293,7 +310,7 @@ class TrainWorker:
         share = data_lib.share(spec.global_batch_size, self.world_size, self.rank)
         # The stop vote of step k runs asynchronously during step k+1 and is read after it, so
         # its latency hides behind compute; every rank reads the same result after the same step.
-        vote, work = torch.zeros(1, dtype=torch.int32), None
+        vote, work = torch.zeros(2, dtype=torch.int64), None
         error = None
         while st.step < until_step:
             t0 = time.time()
@@ -311,11 +328,11 @@ class TrainWorker:
             now = time.time()
             self._reports.append(StepReport(st.step, loss * share, now, now - t0))
             try:
-                decided = STOP_NONE
+                decided, save = STOP_NONE, 0
                 if work is not None:
                     work.wait()
-                    decided = int(vote[0])
-                vote[0] = self._stop
+                    decided, save = int(vote[0]), int(vote[1])
+                vote[0], vote[1] = self._stop, self._save_request
                 work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._ctl_group,
                                        async_op=True) if st.step < until_step else None
             except RuntimeError as e:
@@ -328,8 +345,10 @@ class TrainWorker:
             if decided >= STOP_PAUSE:
                 break
             interval = spec.checkpoint_interval
-            if self.saver is not None and interval and st.step % interval == 0 \
-                    and st.step < spec.total_steps:
+            requested = save > self._saved_request
+            self._saved_request = max(self._saved_request, save)
+            if self.saver is not None and st.step < spec.total_steps and (
+                    requested or (interval and st.step % interval == 0)):
                 self._checkpoint()
         if error is None and work is not None:
             try:  # a vote still in flight when the loop stopped: finish it on every rank

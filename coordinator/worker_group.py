@@ -71,10 +71,12 @@ class WorkerGroup(Protocol):
     def pending(self) -> int: ...
     def assign(self, ranks: Dict[int, int], newcomers: List[int]) -> List[WorkerInfo]: ...
     def form(self, generation: int, source: Source) -> List[WorkerFailure]: ...
+    last_restore_s: float  # after a form: the slowest member's time taking its state
     def launch(self, until_step: int) -> None: ...
     def poll(self, fresh: bool = False) -> PollResult: ...
     def busy(self) -> Set[int]: ...
     def request_stop(self, mode: int) -> None: ...
+    def request_checkpoint(self, number: int) -> None: ...
     def chaos(self, rank: int, action: str, arg: Optional[float] = None) -> None: ...
     def kill(self, rank: int) -> None: ...
     def pid(self, rank: int) -> Optional[int]: ...
@@ -163,6 +165,7 @@ class RayWorkerGroup:
         self._last_heard: Dict[int, float] = {}  # rank -> monotonic time of its last answer
         self._stash = PollResult()  # heartbeats taken outside poll(), handed out by the next one
         self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
+        self.last_restore_s = 0.0  # see WorkerGroup
 
     # ---- membership -----------------------------------------------------------------------
     def start(self, world_size: int, exclude: Iterable[str] = (),
@@ -287,13 +290,16 @@ class RayWorkerGroup:
         deadline = time.monotonic() + timeout
         failures: List[WorkerFailure] = []
         aborted = False
+        self.last_restore_s = 0.0
         self._hb_refs, self._last_heard = {}, {r: time.monotonic() for r in self.actors}
         while refs and time.monotonic() < deadline:
             done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0.5)
             finished = {r: ref for r, ref in refs.items() if ref in set(done)}
             for r in finished:
                 del refs[r]
-            _, fs = self._collect(finished, timeout=0)
+            joined, fs = self._collect(finished, timeout=0)
+            for res in joined.values():
+                self.last_restore_s = max(self.last_restore_s, float(res["restore_s"]))
             # A member frozen while joining (SIGSTOP) blocks the others: find it by its silence.
             self._heartbeats(self._stash, 0.0)  # its reports reach the controller's next poll
             now = time.monotonic()
@@ -393,6 +399,11 @@ class RayWorkerGroup:
         for r, a in self.actors.items():
             if r not in self.dead:
                 a.request_stop.remote(mode)
+
+    def request_checkpoint(self, number: int) -> None:
+        for r, a in self.actors.items():
+            if r not in self.dead:
+                a.request_checkpoint.remote(number)
 
     def chaos(self, rank: int, action: str, arg: Optional[float] = None) -> None:
         self.actors[rank].chaos.remote(action, arg)

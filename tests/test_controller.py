@@ -6,6 +6,7 @@ from coordinator.config import load_config
 from coordinator.controller import Controller, Phase
 from coordinator.events import EventLog, read_events
 from coordinator.scaling_policy import ScalingPolicy
+from coordinator.checkpoint.saver import SaveReport
 from coordinator.worker import Heartbeat, StepReport, TrainResult
 from coordinator.worker_group import CapacityError, PollResult, WorkerFailure, WorkerInfo
 
@@ -31,6 +32,9 @@ class FakeGroup:
         self.killed = []
         self.silent = {}  # rank -> seconds without a heartbeat, reported by poll
         self.stop_mode = 0
+        self.save_requests = []  # (request number, the group's step when it was asked)
+        self.saved_number = 0
+        self.last_restore_s = 0.0
         self.faults = []  # [at_step, ranks, kind]
         self.lag = {}  # rank -> steps behind when a fault stops the group
         self.shut = False
@@ -143,16 +147,28 @@ class FakeGroup:
                         m["busy"] = False
                         res.finished[r] = TrainResult(target, target < self.until)
         world = len(self.members)
+        # A checkpoint asked for is taken at the step the group reached (every member writes).
+        due = [n for n, _ in self.save_requests if n > self.saved_number]
+        saves = []
+        if due and running and not res.failures:
+            self.saved_number = max(due)
+            saves = [SaveReport(target, r, True, stall_s=0.05, persist_s=0.2,
+                                generation=self.generation, world_size=world) for r in running]
         for r, m in alive.items():  # a rank lost in this poll reported its steps before dying
             reps = [StepReport(s, (10.0 - s / 10) / world, 100.0 + s, 0.01)
                     for s in range(old[r] + 1, m["step"] + 1)]
-            res.heartbeats[r] = Heartbeat(r, self.generation, m["step"], reps)
+            res.heartbeats[r] = Heartbeat(r, self.generation, m["step"], reps,
+                                          [x for x in saves if x.rank == r])
             if not m["alive"]:
                 res.silent_s.pop(r, None)
         return res
 
     def request_stop(self, mode):
         self.stop_mode = max(self.stop_mode, mode)
+
+    def request_checkpoint(self, number):
+        steps = [m["step"] for m in self.members.values() if m["alive"]]
+        self.save_requests.append((number, max(steps, default=0)))
 
     def chaos(self, rank, action, arg=None):
         self.faults.append([self.members[rank]["step"] + 1, [rank], "process_exit"])
@@ -210,8 +226,8 @@ def test_happy_path_one_transition_at_a_time(tmp_path):
     assert s["status"] == "finished" and s["steps"] == 20 and s["weights_digest"] == "abc123"
     assert s["world_sizes"] == [4]
     kinds = [e["event"] for e in read_events(events.path)]
-    assert kinds == ["worker_start"] * 4 + ["group_formed"]
-    formed = list(read_events(events.path))[-1]
+    assert kinds == ["worker_start"] * 4 + ["group_forming", "group_formed", "progress"]
+    formed = list(read_events(events.path))[-2]
     assert formed["source"] == "init" and formed["ranks"] == [0, 1, 2, 3]
 
 
@@ -437,6 +453,7 @@ def test_preemption_takes_a_checkpoint_and_stops(tmp_path):
 class FakeCommitter:
     def __init__(self, step):
         self.step, self.committed, self.failed, self.protected = step, [step], [], set()
+        self.commits = []  # (step, stall_s, persist_s), as the real one records them
 
     def resolve_resume(self):
         from coordinator.checkpoint.manifest import CheckpointInfo
@@ -449,7 +466,9 @@ class FakeCommitter:
         pass
 
     def on_save(self, save):
-        pass
+        if save.ok and save.step not in [c[0] for c in self.commits]:
+            self.commits.append((save.step, save.stall_s, save.persist_s))
+            self.committed.append(save.step)
 
 
 def test_fsdp_rank_lost_restores_the_checkpoint(tmp_path):
@@ -512,3 +531,32 @@ def test_scaling_policy():
     assert p.initial(8).world_size == 4
     assert p.initial(3).world_size == 3
     assert p.initial(1).world_size is None
+
+
+def test_auto_interval_measures_first_then_follows_young_daly(tmp_path):
+    """checkpoint.interval_steps=auto: a first checkpoint after the warm-up measures the stall;
+    then every sqrt(2 * stall * job MTBF) seconds of steps, with the configured per-worker MTBF
+    until a failure is seen, the observed rate after it. Each choice is an event with its
+    inputs."""
+    group = FakeGroup(steps_per_poll=5)
+    group.faults = [[80, [2], "process_exit"]]
+    c, events = _controller(tmp_path, group, overrides=[
+        "train.steps=200", "checkpoint.interval_steps=auto", "failure.expected_mtbf_s=400"])
+    c.committer = FakeCommitter(0)
+    c.committer.committed = []
+    _run(c)
+    assert c.phase == Phase.DONE
+    first, second, *later = _events(events, "checkpoint_interval")
+    assert first["interval_steps"] == 20 and "warm-up" in first["reason"]  # min(200 // 10, 50)
+    # the fake's steps take 1 s; stall 0.05 s; 4 workers of 400 s MTBF -> job MTBF 100 s:
+    # sqrt(2 * 0.05 * 100) = 3.16 s -> 4 steps
+    assert second["mtbf_source"] == "configured" and second["job_mtbf_s"] == 100.0
+    assert second["stall_s"] == 0.05 and second["interval_steps"] == 4
+    assert "Young/Daly" in second["reason"]
+    asked = [step for _, step in group.save_requests]
+    assert asked[0] == 20 and all(b - a >= 4 for a, b in zip(asked, asked[1:]))
+    # after the failure the observed rate (1 failure in the worker-seconds run so far) is used
+    assert later and later[-1]["mtbf_source"] == "observed" and later[-1]["failures"] == 1
+    observed_job_mtbf = later[-1]["exposure_worker_s"] / 1 / 4
+    assert later[-1]["job_mtbf_s"] == pytest.approx(observed_job_mtbf, rel=0.01)
+    assert c.summary()["checkpoint_interval"]["interval_steps"] == later[-1]["interval_steps"]

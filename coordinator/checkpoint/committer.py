@@ -34,6 +34,7 @@ class Committer:
         self._pending: Dict[Tuple[int, int], Dict[int, SaveReport]] = {}
         self._ended = -1  # the newest generation ended by end_generation
         self.committed: List[int] = []
+        self.commits: List[Tuple[int, float, float]] = []  # (step, stall_s, persist_s) per commit
         self.failed: List[int] = []
 
     # ---- resume ---------------------------------------------------------------------------
@@ -78,7 +79,8 @@ class Committer:
         bad = {r: x.error for r, x in sorted(reports.items()) if not x.ok}
         if bad:
             ranks = sorted(bad)
-            return self._failed(rep.step, f"ranks {ranks} could not persist: {bad[ranks[0]]}")
+            return self._failed(rep.step, f"ranks {ranks} could not persist: {bad[ranks[0]]}",
+                                stall_s=max(r.stall_s for r in reports.values()))
         files: Dict[str, Dict] = {}
         for r in reports.values():
             files.update(r.files)
@@ -90,6 +92,7 @@ class Committer:
         stall = max(r.stall_s for r in reports.values())
         persist = max(r.persist_s for r in reports.values())
         self.committed.append(rep.step)
+        self.commits.append((rep.step, stall, persist))
         self.events.emit("checkpoint_committed", step=rep.step,
                          uri=f"{self.uri.rstrip('/')}/{mf.step_name(rep.step)}",
                          bytes=manifest["bytes"], stall_s=round(stall, 4),
@@ -108,10 +111,11 @@ class Committer:
             self._failed(key[1], f"{missing} rank(s) of generation {key[0]} never finished "
                                  "writing (lost during the save)")
 
-    def _failed(self, step: int, reason: str) -> None:
+    def _failed(self, step: int, reason: str, stall_s: Optional[float] = None) -> None:
         self.failed.append(step)
         logger.error("checkpoint step %d not committed: %s", step, reason)
-        self.events.emit("checkpoint_failed", step=step, reason=reason)
+        extra = {} if stall_s is None else {"stall_s": round(stall_s, 4)}
+        self.events.emit("checkpoint_failed", step=step, reason=reason, **extra)
 
     def retain(self) -> None:
         """Keep the newest `keep` committed checkpoints; a failed delete is logged, not fatal."""

@@ -1,0 +1,94 @@
+"""`checkpoint.interval_steps: auto`: how often to checkpoint, from what the run measures.
+
+Young/Daly: with a checkpoint costing C seconds of training (the stall; the persist runs in the
+background) and the job failing every M seconds on average, checkpointing every sqrt(2 C M) seconds
+of work minimises the expected time lost to checkpoints plus rollbacks. Here:
+
+- C is the median stall of the last few committed checkpoints (the first checkpoint is taken after
+  a short warm-up, so that C is measured, not guessed);
+- M is the job's MTBF: the per-worker failure rate times the world size. Before the run has seen a
+  failure the rate is the configured prior (`failure.expected_mtbf_s`, per worker); once it has, the
+  observed rate (failures over worker-seconds of exposure) is used.
+- The interval is never shorter than the time the last persist took (a save would otherwise wait
+  for the previous one) and never shorter than one step.
+
+Policy apart from mechanism: `AutoInterval` takes facts and returns a `Choice`; the controller asks
+the workers for a checkpoint when the choice says one is due, and logs each new choice with its
+inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from coordinator.availability import young_daly_interval_s
+
+RECENT_STALLS = 5  # the median of this many recent stalls is C
+
+
+@dataclass
+class Choice:
+    interval_steps: int
+    interval_s: float  # seconds of training between checkpoints
+    stall_s: Optional[float]  # C: median stall of recent checkpoints (None: none measured yet)
+    persist_s: Optional[float]  # the last background persist
+    job_mtbf_s: float  # M
+    mtbf_source: str  # "configured" (failure.expected_mtbf_s) or "observed"
+    failures: int
+    exposure_worker_s: float
+    step_s: Optional[float]  # wall seconds per step
+    reason: str
+
+    def fields(self) -> dict:
+        """The event's fields (rounded for reading)."""
+        r = lambda x, n=4: None if x is None else round(x, n)  # noqa: E731
+        return {"interval_steps": self.interval_steps, "interval_s": r(self.interval_s, 2),
+                "stall_s": r(self.stall_s), "persist_s": r(self.persist_s),
+                "job_mtbf_s": r(self.job_mtbf_s, 1), "mtbf_source": self.mtbf_source,
+                "failures": self.failures, "exposure_worker_s": r(self.exposure_worker_s, 1),
+                "step_s": r(self.step_s, 5), "reason": self.reason}
+
+
+@dataclass
+class AutoInterval:
+    worker_mtbf_prior_s: float  # failure.expected_mtbf_s: per worker
+    total_steps: int
+    warmup_steps: int  # the first checkpoint, taken to measure the stall
+    stalls: List[float] = field(default_factory=list)
+    persist_s: Optional[float] = None
+
+    def observe_checkpoint(self, stall_s: float, persist_s: float) -> None:
+        self.stalls.append(stall_s)
+        del self.stalls[:-RECENT_STALLS]
+        self.persist_s = persist_s
+
+    def choose(self, world_size: int, failures: int, exposure_worker_s: float,
+               step_s: Optional[float]) -> Choice:
+        """The interval for the current measurements. `failures`: failures seen by this run
+        (preemptions excluded); `exposure_worker_s`: worker-seconds the job has run; `step_s`:
+        seconds per step lately (None before the rate is known)."""
+        n = max(1, world_size)
+        if failures > 0 and exposure_worker_s > 0:
+            worker_mtbf, source = exposure_worker_s / failures, "observed"
+        else:
+            worker_mtbf, source = self.worker_mtbf_prior_s, "configured"
+        job_mtbf = worker_mtbf / n
+        if not self.stalls or not step_s:
+            steps = max(1, min(self.warmup_steps, self.total_steps))
+            return Choice(steps, steps * (step_s or 0.0), None, self.persist_s, job_mtbf, source,
+                          failures, exposure_worker_s, step_s,
+                          f"first checkpoint after {steps} warm-up steps, to measure its stall")
+        stall = statistics.median(self.stalls)
+        tau = young_daly_interval_s(stall, job_mtbf)
+        why = (f"Young/Daly sqrt(2 * stall {stall:.3f}s * job MTBF {job_mtbf:.0f}s) = "
+               f"{tau:.1f}s")
+        if self.persist_s is not None and tau < self.persist_s:
+            tau = self.persist_s
+            why += f", raised to the last persist time {self.persist_s:.2f}s"
+        steps = max(1, min(self.total_steps, int(math.ceil(tau / step_s))))
+        why += f" = {steps} steps of {step_s * 1000:.1f} ms"
+        return Choice(steps, tau, stall, self.persist_s, job_mtbf, source, failures,
+                      exposure_worker_s, step_s, why)

@@ -1,0 +1,216 @@
+"""`python -m coordinator report RUN_DIR`: the goodput breakdown as a table, and
+`RUN_DIR/timeline.png`: world size and training progress over time, with failures, recoveries and
+checkpoints marked and every span coloured by where its time went."""
+
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import sys
+from typing import Any, Dict, List, TextIO
+
+from coordinator import goodput
+
+LABELS = {
+    "productive": "productive training",
+    "checkpoint_stall": "checkpoint stall",
+    "recomputed": "recomputed (lost steps)",
+    "detection": "failure detection",
+    "reformation": "re-formation",
+    "restore": "state restore",
+    "waiting_for_capacity": "waiting for capacity",
+    "startup": "start-up",
+    "shutdown": "shutdown",
+}
+COLORS = {
+    "running": "#4caf50", "startup": "#b0bec5", "waiting_for_capacity": "#ffd54f",
+    "detection": "#e53935", "reformation": "#fb8c00", "restore": "#8e24aa", "shutdown": "#cfd8dc",
+}
+PHASE_LABELS = {
+    "running": "training (incl. checkpoint stalls)", "startup": "start-up",
+    "waiting_for_capacity": "waiting for capacity", "detection": "failure detection",
+    "reformation": "re-formation", "restore": "state restore", "shutdown": "shutdown",
+}
+
+
+def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) -> str:
+    lines = []
+    att = b["attempts"]
+    steps = max((a["steps"] for a in att), default=0)
+    statuses = ", ".join(a["status"] for a in att)
+    lines.append(f"run {run_dir}: {len(att)} attempt(s) ({statuses}), {b['wall_s']:.1f}s wall, "
+                 f"step {steps}")
+    g = b["goodput"]
+    lines.append(f"goodput {100 * g:.1f}% (productive training time / wall time)" if g is not None
+                 else "goodput - (no time recorded)")
+    lines.append("")
+    lines.append(f"  {'where the time went':<26}{'seconds':>10}{'share':>9}")
+    wall = b["wall_s"] or 1.0
+    for c in goodput.CATEGORIES:
+        sec = b["seconds"][c]
+        bar = "#" * int(round(30 * sec / wall))
+        lines.append(f"  {LABELS[c]:<26}{sec:>10.2f}{100 * sec / wall:>8.1f}%  {bar}")
+    lines.append(f"  {'total':<26}{b['wall_s']:>10.2f}{100.0:>8.1f}%")
+    if b["between_runs_s"]:
+        lines.append(f"  ({b['between_runs_s']:.1f}s between attempts, no workers held: "
+                     "not counted)")
+    lines.append("")
+    kinds = collections.Counter(e.get("kind") for e in events if e["event"] == "failure_detected")
+    rec = [e for e in events if e["event"] == "recovered"]
+    kind_s = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
+    line = f"failures detected: {kind_s}; recoveries {len(rec)}"
+    if rec:
+        rs = [e["recovery_s"] for e in rec]
+        line += f" (detection to training again: median {statistics.median(rs):.2f}s, " \
+                f"max {max(rs):.2f}s)"
+    lines.append(line + f"; lost steps {b['lost_steps']}")
+    commits = [e for e in events if e["event"] == "checkpoint_committed"]
+    failed = [e for e in events if e["event"] == "checkpoint_failed"]
+    line = f"checkpoints: {len(commits)} committed, {len(failed)} not committed"
+    if commits:
+        line += f"; median stall {statistics.median(e['stall_s'] for e in commits):.3f}s, " \
+                f"median persist {statistics.median(e['persist_s'] for e in commits):.2f}s"
+    lines.append(line)
+    choices = [e for e in events if e["event"] == "checkpoint_interval"]
+    if choices:
+        c = choices[-1]
+        lines.append(f"checkpoint interval (auto): {c['interval_steps']} steps, last chosen at "
+                     f"step {c['step']}: {c['reason']}")
+    return "\n".join(lines)
+
+
+def _time_of_step(pts: List[tuple], step: int, not_after: float) -> float:
+    """When the step curve (time, step) last reached `step` before `not_after`, interpolated
+    between its points; `not_after` if it never did."""
+    best = not_after
+    for (x0, s0), (x1, s1) in zip(pts, pts[1:]):
+        if x0 > not_after:
+            break
+        if s0 < step <= s1:
+            best = x0 + (x1 - x0) * (step - s0) / (s1 - s0)
+        elif s0 == step:
+            best = x0
+    return min(best, not_after)
+
+
+def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    runs = goodput.attempts(events)
+    t0 = runs[0].start if runs else float(events[0]["t"])
+    rel = lambda t: float(t) - t0  # noqa: E731
+    fig, (ax_w, ax_s) = plt.subplots(2, 1, figsize=(12, 6.5), sharex=True,
+                                     gridspec_kw={"height_ratios": [1, 1.3]})
+    seen_phases = set()
+    for a in runs:
+        for sp in a.spans:
+            for ax in (ax_w, ax_s):
+                ax.axvspan(rel(sp.t0), rel(sp.t1), color=COLORS[sp.phase], alpha=0.35, lw=0)
+            seen_phases.add(sp.phase)
+    for prev, nxt in zip(runs, runs[1:]):
+        if nxt.start > prev.end:
+            for ax in (ax_w, ax_s):
+                ax.axvspan(rel(prev.end), rel(nxt.start), facecolor="none", hatch="//",
+                           edgecolor="#90a4ae", lw=0)
+
+    # world size: the size of each generation while it runs, 0 between generations
+    xs, ys = [], []
+    for a in runs:
+        for sp in a.spans:
+            w = sp.world_size if sp.phase == "running" else 0
+            xs += [rel(sp.t0), rel(sp.t1)]
+            ys += [w, w]
+    ax_w.plot(xs, ys, color="#1b5e20", lw=2, drawstyle="steps-post", label="workers training")
+    top = max([e.get("world_size", 0) for e in events if e["event"] == "group_formed"] + [1])
+    ax_w.set_ylim(0, top + 1)
+    ax_w.set_ylabel("workers")
+
+    # steps: at each group formation, progress line, failure and job end (with the time of the
+    # step itself where the event has it), so a rollback shows as a drop
+    when = {"progress": "step_t", "failure_detected": "last_step_t", "job_end": "last_step_t"}
+    pts = sorted((rel(e.get(when.get(e["event"], "t")) or e["t"]), e["step"]) for e in events
+                 if e["event"] in ("progress", "group_formed", "failure_detected", "job_end")
+                 and e.get("step") is not None)
+    if pts:
+        ax_s.plot([p[0] for p in pts], [p[1] for p in pts], color="#1b5e20", lw=1.5,
+                  marker=".", ms=3, label="completed step")
+    ax_s.set_ylabel("step")
+    ax_s.set_xlabel("seconds since the job started")
+
+    fail_labelled = ckpt_labelled = rec_labelled = False
+    for e in events:
+        x = rel(e["t"])
+        if e["event"] == "failure_detected":
+            preempt = e.get("kind") == "preempt"
+            for ax in (ax_w, ax_s):
+                ax.axvline(x, color="#6a1b9a" if preempt else "#b71c1c", ls="--", lw=1.2,
+                           label=None if fail_labelled or ax is ax_s else "failure detected")
+            fail_labelled = True
+            ranks = e.get("ranks") or []
+            ax_w.annotate(f"{e.get('kind', '').replace('_', ' ')}"
+                          + (f" {ranks}" if ranks else ""), (x, top + 0.9), fontsize=7,
+                          va="top", ha="right", color="#b71c1c",
+                          bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        elif e["event"] == "pausing":
+            ax_w.annotate(e.get("reason", "pause"), (x, top + 0.9), fontsize=7, va="top",
+                          ha="left", color="#e65100",
+                          bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        elif e["event"] == "checkpoint_committed":
+            # at the time its step was trained (the commit itself comes after the persist)
+            at = _time_of_step(pts, e["step"], x)
+            ax_s.plot([at], [e["step"]], marker="v", color="#1565c0", ms=6, ls="none",
+                      label=None if ckpt_labelled else "checkpoint committed")
+            ckpt_labelled = True
+        elif e["event"] == "recovered":
+            ax_w.plot([x], [e["world_size"]], marker="o", color="#e65100", ms=7, ls="none",
+                      label=None if rec_labelled else "recovered (first step after)")
+            ax_w.annotate(f"{e['recovery_s']:.1f}s, {e['source']}, lost {e['lost_steps']}",
+                          (x, e["world_size"]), textcoords="offset points", xytext=(4, -12),
+                          fontsize=7, color="#e65100")
+            rec_labelled = True
+    handles, labels = [], []
+    for ax in (ax_w, ax_s):
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    handles += [Patch(color=COLORS[p], alpha=0.35, label=PHASE_LABELS[p]) for p in COLORS
+                if p in seen_phases]
+    labels += [PHASE_LABELS[p] for p in COLORS if p in seen_phases]
+    if len(runs) > 1:
+        handles.append(Patch(facecolor="none", hatch="//", edgecolor="#90a4ae"))
+        labels.append("between attempts (no workers)")
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.80, 0.5), fontsize=8,
+               frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 0.80, 1))
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_report(run_dir: str, out: TextIO = sys.stdout) -> int:
+    try:
+        events = goodput.run_events(run_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not any(e["event"] == "job_start" for e in events):
+        print(f"error: {run_dir!r}: events.jsonl holds no job_start: nothing to report",
+              file=sys.stderr)
+        return 2
+    b = goodput.breakdown(events)
+    print(format_table(b, events, run_dir), file=out)
+    path = os.path.join(run_dir, "timeline.png")
+    g = b["goodput"]
+    title = (f"{os.path.basename(os.path.abspath(run_dir))}: goodput "
+             f"{'-' if g is None else f'{100 * g:.1f}%'} of {b['wall_s']:.0f}s, "
+             f"{b['failures']} failure(s), {b['lost_steps']} lost step(s)")
+    plot_timeline(events, path, title)
+    print(f"timeline: {path}", file=out)
+    return 0

@@ -1,0 +1,190 @@
+"""Goodput accounting on synthetic event logs with known answers, and the report verb."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from coordinator import goodput
+
+T0 = 1_800_000_000.0
+
+
+def ev(t, event, **fields):
+    return {"t": T0 + t, "event": event, **fields}
+
+
+def start(t=0.0, formed=6.0, world=4, source="init", step=0, restore_s=0.0):
+    return [ev(t, "job_start", job="j", config_hash="h"),
+            ev(formed - 1.0, "group_forming", generation=1, world_size=world, source=source,
+               cause="start"),
+            ev(formed, "group_formed", generation=1, world_size=world, ranks=list(range(world)),
+               source=source, step=step, restore_s=restore_s)]
+
+
+def secs(b):
+    return b["seconds"]
+
+
+def test_a_clean_run_is_startup_running_and_shutdown():
+    events = start() + [
+        ev(20.0, "progress", step=50, step_t=T0 + 19.9, world_size=4),
+        ev(21.0, "checkpoint_committed", step=50, stall_s=0.5, persist_s=1.0, bytes=1),
+        ev(40.0, "checkpoint_committed", step=100, stall_s=0.25, persist_s=1.0, bytes=1),
+        ev(40.0, "job_end", status="finished", step=100, last_step_t=T0 + 38.0),
+    ]
+    b = goodput.breakdown(events)
+    s = secs(b)
+    assert b["wall_s"] == 40.0
+    assert s["startup"] == 6.0 and s["shutdown"] == 2.0
+    # running 6 -> 38; the step-50 stall is inside it; the final save's is in the shutdown
+    assert s["checkpoint_stall"] == 0.5 and s["productive"] == 31.5
+    assert b["goodput"] == pytest.approx(31.5 / 40, abs=1e-4)
+    assert sum(s.values()) == pytest.approx(b["wall_s"])
+    assert b["attempts"][0]["status"] == "finished" and b["failures"] == 0
+
+
+def test_a_peer_recovery_splits_into_detection_reformation_and_restore():
+    events = start() + [
+        ev(20.0, "failure_detected", kind="process_exit", ranks=[1], step=40,
+           last_step_t=T0 + 19.8),
+        ev(20.1, "failure_detected", kind="collective_error", ranks=[0], step=40,
+           last_step_t=T0 + 19.8),  # the same incident: not a second failure
+        ev(23.0, "group_forming", generation=2, world_size=4, source="peer", cause="recovery"),
+        ev(24.0, "group_formed", generation=2, world_size=4, source="peer", step=40,
+           restore_s=0.4),
+        ev(24.5, "recovered", generation=2, world_size=4, source="peer", resumed_step=40,
+           lost_steps=0, recovery_s=4.5),
+        ev(50.0, "job_end", status="finished", step=100, last_step_t=T0 + 49.0),
+    ]
+    b = goodput.breakdown(events)
+    s = secs(b)
+    assert s["detection"] == pytest.approx(0.2)
+    assert s["reformation"] == pytest.approx(3.6)  # 20 -> 23.6, then 0.4 s of restore
+    assert s["restore"] == pytest.approx(0.4)
+    assert s["productive"] == pytest.approx(13.8 + 25.0)
+    assert s["recomputed"] == 0.0 and b["failures"] == 1 and b["lost_steps"] == 0
+    assert sum(s.values()) == pytest.approx(50.0)
+
+
+def test_a_rollback_to_a_checkpoint_counts_the_lost_steps_as_recomputed():
+    # 100 steps in 20 s of running before the failure, 0.2 s per step; 30 steps lost
+    events = start() + [
+        ev(26.5, "failure_detected", kind="node_lost", ranks=[2, 3], step=100,
+           last_step_t=T0 + 26.0),
+        ev(28.0, "group_forming", generation=2, world_size=2, source="checkpoint",
+           cause="recovery"),
+        ev(30.0, "group_formed", generation=2, world_size=2, source="checkpoint", step=70,
+           restore_s=1.5),
+        ev(30.3, "recovered", generation=2, world_size=2, source="checkpoint", resumed_step=70,
+           lost_steps=30, recovery_s=3.8),
+        ev(56.0, "job_end", status="finished", step=200, last_step_t=T0 + 56.0),
+    ]
+    b = goodput.breakdown(events)
+    s = secs(b)
+    running = 20.0 + 26.0
+    per_step = running / (100 + 130)
+    assert s["recomputed"] == pytest.approx(30 * per_step)
+    assert s["productive"] == pytest.approx(running - 30 * per_step)
+    assert s["restore"] == pytest.approx(1.5) and s["reformation"] == pytest.approx(2.0)
+    assert s["detection"] == pytest.approx(0.5) and b["lost_steps"] == 30
+
+
+def test_a_crashed_driver_and_its_rerun():
+    # attempt 1 dies (no job_end) after step 60; the rerun resumes from the step-50 checkpoint
+    first = start() + [
+        ev(16.0, "checkpoint_committed", step=50, stall_s=0.1, persist_s=0.5, bytes=1),
+        ev(18.0, "progress", step=60, step_t=T0 + 18.0, world_size=4),
+    ]
+    second = start(t=100.0, formed=110.0, source="checkpoint", step=50, restore_s=0.75) + [
+        ev(130.0, "job_end", status="finished", step=100, last_step_t=T0 + 129.0),
+    ]
+    b = goodput.breakdown(first + second)
+    a1, a2 = b["attempts"]
+    assert a1["status"] == "crashed" and a1["wall_s"] == 18.0 and a1["lost_steps"] == 10
+    per_step = (12.0 - 0.1) / 60  # running 6 -> 18 less the stall, over 60 steps
+    assert a1["recomputed"] == pytest.approx(10 * per_step, abs=1e-3)
+    assert a2["status"] == "finished" and a2["restore"] == 0.75 and a2["startup"] == 9.25
+    assert b["between_runs_s"] == 82.0 and b["wall_s"] == 18.0 + 30.0
+    assert sum(secs(b).values()) == pytest.approx(b["wall_s"])
+
+
+def test_waiting_for_capacity_and_a_growth_pause():
+    events = [ev(0.0, "job_start", job="j"),
+              ev(1.0, "capacity_wait", reason="capacity for 1 workers, min 2", step=0),
+              ev(9.0, "group_forming", generation=1, world_size=2, source="init", cause="start"),
+              ev(10.0, "group_formed", generation=1, world_size=2, source="init", step=0),
+              ev(30.0, "pausing", reason="grow", step=80),
+              ev(31.0, "group_forming", generation=2, world_size=4, source="peer", cause="grow"),
+              ev(32.0, "group_formed", generation=2, world_size=4, source="peer", step=81,
+                 restore_s=0.5),
+              ev(40.0, "job_end", status="finished", step=120, last_step_t=T0 + 40.0)]
+    s = secs(goodput.breakdown(events))
+    assert s["startup"] == pytest.approx(1.0 + 1.0)  # before the wait, and forming generation 1
+    assert s["waiting_for_capacity"] == pytest.approx(8.0)
+    assert s["reformation"] == pytest.approx(1.5) and s["restore"] == pytest.approx(0.5)
+    assert s["productive"] == pytest.approx(20.0 + 8.0)
+
+
+def test_a_preemption_is_shutdown_not_a_failure():
+    events = start() + [
+        ev(30.0, "failure_detected", kind="preempt", ranks=[], step=90, last_step_t=T0 + 29.9),
+        ev(31.0, "checkpoint_committed", step=91, stall_s=0.3, persist_s=0.5, bytes=1),
+        ev(32.0, "job_end", status="interrupted", step=91, last_step_t=T0 + 30.1),
+    ]
+    b = goodput.breakdown(events)
+    s = secs(b)
+    assert b["failures"] == 0 and b["attempts"][0]["status"] == "interrupted"
+    assert s["productive"] == pytest.approx(24.0) and s["shutdown"] == pytest.approx(2.0)
+    assert s["checkpoint_stall"] == 0.0  # the emergency checkpoint is part of the shutdown
+
+
+def _write_run(tmp_path, events):
+    run = tmp_path / "run dir 'quoted'"
+    run.mkdir()
+    with open(run / "events.jsonl", "w") as f:
+        for e in events:
+            f.write(json.dumps(e) + "\n")
+    return run
+
+
+def test_report_prints_the_breakdown_and_writes_a_png(tmp_path):
+    events = start() + [
+        ev(12.0, "chaos", action="kill_worker", rank=1, pid=7, step=30, at_step=30),
+        ev(12.1, "failure_detected", kind="process_exit", ranks=[1], step=30,
+           last_step_t=T0 + 12.0),
+        ev(14.0, "group_forming", generation=2, world_size=4, source="peer", cause="recovery"),
+        ev(14.5, "group_formed", generation=2, world_size=4, source="peer", step=30,
+           restore_s=0.2),
+        ev(14.7, "recovered", generation=2, world_size=4, source="peer", resumed_step=30,
+           lost_steps=0, recovery_s=2.6),
+        ev(20.0, "progress", step=60, step_t=T0 + 19.9, world_size=4),
+        ev(21.0, "checkpoint_committed", step=60, stall_s=0.02, persist_s=0.1, bytes=1),
+        ev(30.0, "job_end", status="finished", step=100, last_step_t=T0 + 29.5),
+    ]
+    run = _write_run(tmp_path, events)
+    proc = subprocess.run([sys.executable, "-m", "coordinator", "report", str(run)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for label in ("productive training", "failure detection", "re-formation", "state restore",
+                  "start-up", "shutdown", "goodput"):
+        assert label in out
+    assert "process_exit 1" in out and "recoveries 1" in out
+    png = run / "timeline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_report_refuses_what_is_not_a_run_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "coordinator", "report", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no events.jsonl" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    (tmp_path / "events.jsonl").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "coordinator", "report", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no job_start" in proc.stderr
+    assert not os.path.exists(tmp_path / "timeline.png")

@@ -161,7 +161,9 @@ class Controller:
         self._recent = collections.deque(maxlen=50)  # (step, t) of completed steps, for the rate
         self._warm: Optional[tuple] = None  # (step, t) where the steady-state window starts
         self.warmup_steps = max(1, min(cfg.train.steps // 10, 50))
-        self.exposure_worker_s = 0.0  # worker-seconds spent in completed steps (failure rate)
+        # worker-seconds of the job since its first step, recoveries included (workers can fail
+        # then too): the exposure behind the observed failure rate of the auto interval
+        self.exposure_worker_s = 0.0
         self.metrics = metrics  # coordinator.metrics.JobMetrics, or None outside Ray
         self._progress_event_t = -1e18
         self._progress_event_step = -1

@@ -205,3 +205,33 @@ def test_preemption_checkpoints_exits_130_and_the_rerun_matches(tmp_path, refere
     s = _summary(run_dir)
     assert s["status"] == "finished" and s["resumed_from_step"] == committed[-1]
     assert s["weights_digest"] == reference[0]
+
+
+def test_auto_checkpoint_interval_on_real_workers(tmp_path, reference):
+    """checkpoint.interval_steps=auto on 4 workers: a first checkpoint after the warm-up measures
+    the stall, then Young/Daly with a 20 s per-worker MTBF prior (job MTBF 5 s) asks for frequent
+    ones, each taken by every rank at the same step (through the step vote) and committed; the
+    worker killed at step 60 turns the estimate to the observed rate. Checkpoints change nothing:
+    the final weights equal plain DDP's. The summary's goodput adds up, and `report` draws it."""
+    proc, run_dir = _run(tmp_path, "checkpoint.interval_steps=auto",
+                         "failure.expected_mtbf_s=20",
+                         chaos="[{at_step: 60, action: kill_worker, target: 1}]")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["weights_digest"] == reference[0]
+    first, *later = _of(run_dir, "checkpoint_interval")
+    assert first["interval_steps"] == 15 and "warm-up" in first["reason"]  # min(150 // 10, 50)
+    assert later and "Young/Daly" in later[0]["reason"] and later[0]["stall_s"] > 0
+    assert later[0]["mtbf_source"] == "configured" and later[0]["job_mtbf_s"] == 5.0
+    assert s["checkpoint_interval"]["mtbf_source"] == "observed"
+    assert s["checkpoint_interval"]["failures"] == 1
+    committed = [e["step"] for e in _of(run_dir, "checkpoint_committed")]
+    assert committed[0] >= 15 and len(committed) >= 5 and len(set(committed)) == len(committed)
+    assert "checkpoint interval (auto): every" in proc.stdout
+    g = s["goodput"]
+    assert sum(g["seconds"].values()) == pytest.approx(g["wall_s"], abs=0.01)
+    assert 0 < g["goodput"] < 1 and g["seconds"]["detection"] > 0 and g["failures"] == 1
+    rep = run_cli(["report", str(run_dir)], timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    assert "productive training" in rep.stdout and "checkpoint interval (auto)" in rep.stdout
+    assert (run_dir / "timeline.png").read_bytes()[:4] == b"\x89PNG"

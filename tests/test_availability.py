@@ -1,7 +1,12 @@
-"""The availability model (coordinator/availability.py) and its Monte Carlo
-(coordinator/goodput_sim.py)."""
+"""The availability model (coordinator/availability.py), its Monte Carlo
+(coordinator/goodput_sim.py) and the CLI that compares the strategies (scripts/simulate_goodput.py).
+"""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +14,8 @@ import pytest
 from coordinator import availability as av
 from coordinator.goodput_sim import simulate_goodput, summarize
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "simulate_goodput.py")
 HOUR = 3600.0
 
 
@@ -155,3 +162,95 @@ def test_monte_carlo_without_failures_is_the_checkpoint_share():
     samples = simulate_goodput(90.0, 10.0, 1e15, 5.0, 0.0, 0.0, 1000.0, 3,
                                np.random.default_rng(0))
     assert samples == pytest.approx([0.9] * 3)  # 10 segments of 90 s work + 10 s stall
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+
+def _cli(*args, timeout=60):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+TINY = ["--gpus", "64,4096", "--trials", "3", "--horizon-h", "48"]
+
+
+def test_cli_json_and_plot(tmp_path):
+    png = tmp_path / "a plot 'quoted'.png"
+    proc = _cli(*TINY, "--plot", str(png), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1
+    out = json.loads(proc.stdout)
+    assert [r["gpus"] for r in out["results"]] == [64, 4096]
+    assert out["sources"]["gpus"] == "--gpus"
+    assert {v for k, v in out["sources"].items() if k != "gpus"} == {"default"}
+    big = out["results"][1]
+    assert big["job_mtbf_h"] == pytest.approx(50000 / 4096, abs=1e-3)
+    for name in ("ours", "restart"):
+        lo, hi = big["goodput"][name]["simulated"]["ci95"]
+        assert 0 < lo <= hi <= 1
+        assert 0 < big["goodput"][name]["closed_form"] < 1
+    assert big["ratio_ours_over_restart"]["closed_form"] > 1
+    assert "4096 GPUs" in proc.stderr  # progress goes to stderr, never into the JSON
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_from_run(tmp_path):
+    run = tmp_path / "run dir"
+    run.mkdir()
+    events = [{"t": 1.0, "event": "run_started"},
+              {"t": 2.0, "event": "checkpoint_committed", "step": 10, "stall_s": 0.01},
+              {"t": 3.0, "event": "checkpoint_committed", "step": 20, "stall_s": 0.05},
+              {"t": 4.0, "event": "checkpoint_committed", "step": 30, "stall_s": 0.03},
+              {"t": 5.0, "event": "recovered", "recovery_s": 2.0},
+              {"t": 6.0, "event": "recovered", "recovery_s": 4.0}]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    proc = _cli(*TINY, "--from-run", str(run), "--plot", str(tmp_path / "p.png"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["inputs"]["ours_recovery_s"] == pytest.approx(3.0)
+    assert out["inputs"]["stall_s"] == pytest.approx(0.03)
+    assert "2 recovered events" in out["sources"]["ours_recovery_s"]
+    assert "3 checkpoint_committed events" in out["sources"]["stall_s"]
+    assert out["sources"]["restart_recovery_s"] == "default"  # the run has no restart to measure
+    m = out["results"][0]["job_mtbf_h"] * HOUR
+    assert out["results"][0]["interval_s"]["ours"] == pytest.approx(
+        math.sqrt(2 * 0.03 * m), abs=1e-3)
+    # An explicit option wins over the run.
+    proc = _cli(*TINY, "--from-run", str(run), "--stall-s", "0.5",
+                "--plot", str(tmp_path / "p.png"), "--json")
+    out = json.loads(proc.stdout)
+    assert (out["inputs"]["stall_s"], out["sources"]["stall_s"]) == (0.5, "--stall-s")
+    assert out["inputs"]["ours_recovery_s"] == pytest.approx(3.0)
+
+
+def test_cli_from_run_without_measurements_falls_back(tmp_path):
+    (tmp_path / "events.jsonl").write_text("")
+    proc = _cli(*TINY, "--from-run", str(tmp_path), "--plot", str(tmp_path / "p.png"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["sources"]["ours_recovery_s"] == "default"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--worker-mtbf-h", "-1"], "--worker-mtbf-h"),
+    (["--gpus", ""], "--gpus"),
+    (["--gpus", "64,x"], "--gpus"),
+    (["--peer-fraction", "1.5"], "--peer-fraction"),
+    (["--from-run", "/no/such/run dir"], "--from-run"),
+    (["--no-such-option"], "unrecognized"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, message):
+    proc = _cli(*args, "--json")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("simulate_goodput.py: error:"), proc.stderr
+    assert message in lines[0]
+
+
+def test_cli_truncated_event_log_exits_2(tmp_path):
+    (tmp_path / "events.jsonl").write_text('{"t": 1.0, "event": "recovered", "recovery_s": 2.0}\n'
+                                           '{"t": 2.0, "event": "recov')
+    proc = _cli("--from-run", str(tmp_path), "--json")
+    assert proc.returncode == 2
+    assert "not JSON lines" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

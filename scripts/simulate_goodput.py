@@ -281,15 +281,19 @@ def plot(results: List[Dict[str, Any]], i: Dict[str, Any], path: str) -> None:
 
 
 def table(results: List[Dict[str, Any]]) -> str:
+    """A Markdown table: model and Monte Carlo goodput, and the model's loss in minutes per day."""
     lines = ["| GPUs | job MTBF (h) | checkpoint interval (s) | goodput ours (model / MC) "
-             "| goodput restart-all (model / MC) | ours / restart-all |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| goodput restart-all (model / MC) | lost min/day ours / restart-all "
+             "| ours / restart-all |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         g = r["goodput"]
+        lost = [(1 - g[name]["closed_form"]) * 1440 for name in STRATEGIES]
         lines.append(
             f"| {r['gpus']} | {r['job_mtbf_h']:.2f} | {r['interval_s']['ours']:.1f} "
             f"| {g['ours']['closed_form']:.5f} / {g['ours']['simulated']['mean']:.5f} "
             f"| {g['restart']['closed_form']:.5f} / {g['restart']['simulated']['mean']:.5f} "
+            f"| {lost[0]:.2f} / {lost[1]:.2f} "
             f"| {r['ratio_ours_over_restart']['closed_form']:.5f} |")
     return "\n".join(lines)
 

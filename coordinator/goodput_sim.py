@@ -15,8 +15,9 @@ One trial follows one job for `horizon_s` of wall time. Failures are a Poisson p
 
 A failure in TRAIN goes to PEER with probability f (the peer-restore fraction), else to ROLLBACK.
 The goodput of a trial is the work it kept (committed segments plus the training part of the
-segment in progress, which nothing has taken away yet) over the horizon. Cutting the timeline at the
-horizon biases that by at most tau / horizon_s, which callers should keep far below their error.
+segment in progress, which nothing has taken away yet) over the horizon. Starting every run at a
+segment boundary and cutting it at the horizon shifts that by about one segment's work over the
+horizon, tau / horizon_s, which callers should keep well below their statistical error.
 
 Trials run side by side as numpy arrays; the loop takes one event (a failure or the end of a
 block) per active trial per pass, drawing a fresh exponential gap each time (memorylessness lets

@@ -124,8 +124,8 @@ def test_monte_carlo_agrees_with_closed_form(name):
     recovery_s, fraction = CASES[name]
     closed = av.expected_goodput(TAU, C, M, recovery_s, fraction, STEP / 2)
     mc = _mc(recovery_s, fraction, seed=sorted(CASES).index(name))
-    # 4 standard errors (a false alarm about once in 16,000 runs) plus the most that cutting the
-    # timeline at the horizon can shift a trial (the uncommitted part of one segment).
+    # 4 standard errors (a false alarm about once in 16,000 runs) plus the edge effect of a finite
+    # run, about one segment's work over the horizon (see goodput_sim's module doc).
     assert abs(mc.mean - closed) <= 4 * mc.stderr + TAU / HORIZON, (mc, closed)
     assert mc.ci95[0] < mc.mean < mc.ci95[1]
 

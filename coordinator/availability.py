@@ -156,6 +156,19 @@ def expected_goodput(interval_s: float, checkpoint_stall_s: float, job_mtbf_s: f
     return interval_s / expected_s
 
 
+def first_order_goodput(interval_s: float, checkpoint_stall_s: float, job_mtbf_s: float,
+                        recovery_s: float, lost_work_s: float) -> float:
+    """tau / (tau + C) * (1 - (R + L) / M): every failure costs its full downtime R and lost work L,
+    and none strikes while another is being recovered from. Exact for failures that come only
+    while the job trains, spaced wider than a recovery (the chaos soak's, which fire at steps);
+    for a Poisson process in wall time it is the first-order term of `expected_goodput`."""
+    _positive("interval_s", interval_s)
+    _non_negative("checkpoint_stall_s", checkpoint_stall_s)
+    _positive("job_mtbf_s", job_mtbf_s)
+    return max(0.0, interval_s / (interval_s + checkpoint_stall_s)
+               * (1.0 - (recovery_s + lost_work_s) / job_mtbf_s))
+
+
 @dataclass(frozen=True)
 class Strategy:
     """How a job comes back from a failure, with its measured cost."""

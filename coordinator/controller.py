@@ -82,6 +82,7 @@ class Recovery:
     spawned_at: Optional[float] = None
     wait_since: Optional[float] = None
     not_before: float = 0.0  # backoff
+    progress_t: Optional[float] = None  # when the last step of any survivor completed
 
 
 @dataclass
@@ -303,7 +304,8 @@ class Controller:
             self._awaiting_recovered = {
                 "t0": rec.t0, "generation": self.generation, "world_size": self.world_size,
                 "source": plan.source, "resumed_step": plan.resumed_step,
-                "lost_steps": max(0, rec.step_before - plan.resumed_step)}
+                "lost_steps": max(0, rec.step_before - plan.resumed_step),
+                "last_step_t": rec.progress_t}
             self._rec = None
         self._plan = None
         self.group.launch(self.cfg.train.steps)
@@ -559,6 +561,10 @@ class Controller:
                                for r in sorted(missing)])
                 return "survivors did not answer", None
             rec.settled = True
+            # The last moment any survivor completed a step: the lost worker's own last reports
+            # died with it, so failure_detected's last_step_t can be up to a poll earlier.
+            rec.progress_t = max([self.last_step_t or 0.0]
+                                 + [e[2] for e in self._pending.values()]) or None
             if not rec.lost and rec.unexplained:  # nobody was lost: the errors are the failure
                 self._report(rec.unexplained)
                 rec.unexplained = []

@@ -80,6 +80,7 @@ class _Cutter:
         self.run_step = 0  # the step the running span started at
         self.run_world = 0
         self.stalls: List[tuple] = []  # (step, stall_s) of the checkpoints taken
+        self.detection: Optional[tuple] = None  # (running span, detection span) of a failure
 
     def cut(self, t: float, next_phase: str) -> None:
         t = max(t, self.t)
@@ -136,6 +137,9 @@ class _Cutter:
                     self.end_running(t, step, None, "shutdown", "running")
                 else:
                     self.end_running(t, step, e.get("last_step_t"), "reformation", "detection")
+                    spans = self.a.spans
+                    if len(spans) >= 2 and spans[-1].phase == "detection":
+                        self.detection = (spans[-2], spans[-1])
             elif not preempt:
                 self.cut(t, "reformation")
         elif kind == "pausing":
@@ -143,6 +147,14 @@ class _Cutter:
                 self.end_running(t, int(e.get("step") or 0), None, "reformation", "running")
         elif kind == "recovered":
             a.lost_steps += int(e.get("lost_steps") or 0)
+            # Survivors report steps the lost worker did not live to report: training went on
+            # until then, and detection starts there.
+            later = e.get("last_step_t")
+            if self.detection is not None and later is not None:
+                run, det = self.detection
+                if run.t1 < later < det.t1:
+                    run.t1 = det.t0 = later
+            self.detection = None
         elif kind in ("checkpoint_committed", "checkpoint_failed"):
             self.stalls.append((int(e.get("step") or 0), float(e.get("stall_s") or 0.0)))
         elif kind == "progress":

@@ -10,7 +10,7 @@ import statistics
 import sys
 from typing import Any, Dict, List, TextIO
 
-from coordinator import goodput
+from coordinator import availability, goodput
 
 LABELS = {
     "productive": "productive training",
@@ -27,11 +27,52 @@ COLORS = {
     "running": "#4caf50", "startup": "#b0bec5", "waiting_for_capacity": "#ffd54f",
     "detection": "#e53935", "reformation": "#fb8c00", "restore": "#8e24aa", "shutdown": "#cfd8dc",
 }
+FAILURE_COLORS = {
+    "process_exit": "#b71c1c", "node_lost": "#000000", "hang": "#6a1b9a",
+    "collective_error": "#ef6c00", "task_error": "#ad1457", "preempt": "#1565c0",
+}
 PHASE_LABELS = {
     "running": "training (incl. checkpoint stalls)", "startup": "start-up",
     "waiting_for_capacity": "waiting for capacity", "detection": "failure detection",
     "reformation": "re-formation", "restore": "state restore", "shutdown": "shutdown",
 }
+
+
+def model_check(b: Dict[str, Any], events: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """What the availability model (coordinator/availability.py) predicts for this run, fed with
+    the run's own measurements, next to what the run measured. Both leave start-up, shutdown and
+    waiting for capacity out (the model has none). None when the run saw no failure."""
+    sec = b["seconds"]
+    if not b["failures"]:
+        return {}
+    steady = b["wall_s"] - sec["startup"] - sec["shutdown"] - sec["waiting_for_capacity"]
+    runs = goodput.attempts(events)
+    rec = [e for e in events if e["event"] == "recovered"]
+    commits = [e for e in events if e["event"] == "checkpoint_committed"]
+    if steady <= 0 or not rec:
+        return {}
+    step_s = statistics.median(a.seconds_per_step() for a in runs if a.steps_trained) \
+        if any(a.steps_trained for a in runs) else 0.0
+    inputs = {
+        "job_mtbf_s": steady / b["failures"],  # failures per steady wall time
+        "stall_s": statistics.median(e["stall_s"] for e in commits) if commits else 0.0,
+        # work between checkpoints: productive time over the checkpoints taken
+        "interval_s": sec["productive"] / len(commits) if commits else steady,
+        # downtime per failure: its detection plus detection -> training again
+        "recovery_s": sec["detection"] / b["failures"]
+        + statistics.mean(e["recovery_s"] for e in rec),
+        "peer_fraction": sum(e["source"] == "peer" for e in rec) / len(rec),
+        "step_s": step_s,
+    }
+    exact = availability.expected_goodput(
+        inputs["interval_s"], inputs["stall_s"], inputs["job_mtbf_s"], inputs["recovery_s"],
+        inputs["peer_fraction"], step_s / 2.0)
+    lost = availability.expected_lost_work_s(inputs["interval_s"], inputs["peer_fraction"], step_s)
+    first = availability.first_order_goodput(inputs["interval_s"], inputs["stall_s"],
+                                             inputs["job_mtbf_s"], inputs["recovery_s"], lost)
+    return {"inputs": {k: round(v, 4) for k, v in inputs.items()},
+            "measured": round(sec["productive"] / steady, 4),
+            "modelled_poisson": round(exact, 4), "modelled_first_order": round(first, 4)}
 
 
 def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) -> str:
@@ -72,6 +113,17 @@ def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) 
         line += f"; median stall {statistics.median(e['stall_s'] for e in commits):.3f}s, " \
                 f"median persist {statistics.median(e['persist_s'] for e in commits):.2f}s"
     lines.append(line)
+    check = model_check(b, events)
+    if check:
+        i = check["inputs"]
+        lines.append(
+            f"model check (docs/availability.md; start-up, shutdown and waits left out): measured "
+            f"{100 * check['measured']:.1f}%; modelled {100 * check['modelled_first_order']:.1f}% "
+            f"(failures one at a time) or {100 * check['modelled_poisson']:.1f}% (Poisson in "
+            f"wall time: failures may hit recoveries) from this run's job MTBF "
+            f"{i['job_mtbf_s']:.1f}s, stall {i['stall_s']:.3f}s per {i['interval_s']:.1f}s of "
+            f"work, {i['recovery_s']:.2f}s down per failure, "
+            f"{100 * i['peer_fraction']:.0f}% recovered from peers")
     choices = [e for e in events if e["event"] == "checkpoint_interval"]
     if choices:
         c = choices[-1]
@@ -142,20 +194,30 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
     ax_s.set_ylabel("step")
     ax_s.set_xlabel("seconds since the job started")
 
-    fail_labelled = ckpt_labelled = rec_labelled = False
+    # Few events: each is labelled where it happens; many: colours and the legend say it all.
+    n_fail = sum(e["event"] == "failure_detected" for e in events)
+    n_rec = sum(e["event"] == "recovered" for e in events)
+    labelled = set()
+
+    def once(key, label):
+        if key in labelled:
+            return None
+        labelled.add(key)
+        return label
+
     for e in events:
         x = rel(e["t"])
         if e["event"] == "failure_detected":
-            preempt = e.get("kind") == "preempt"
-            for ax in (ax_w, ax_s):
-                ax.axvline(x, color="#6a1b9a" if preempt else "#b71c1c", ls="--", lw=1.2,
-                           label=None if fail_labelled or ax is ax_s else "failure detected")
-            fail_labelled = True
-            ranks = e.get("ranks") or []
-            ax_w.annotate(f"{e.get('kind', '').replace('_', ' ')}"
-                          + (f" {ranks}" if ranks else ""), (x, top + 0.9), fontsize=7,
-                          va="top", ha="right", color="#b71c1c",
-                          bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+            kind = e.get("kind", "")
+            color = FAILURE_COLORS.get(kind, "#b71c1c")
+            label = once(("fail", kind), f"{kind.replace('_', ' ')} detected")
+            ax_w.axvline(x, color=color, ls="--", lw=1.2, label=label)
+            ax_s.axvline(x, color=color, ls="--", lw=1.2)
+            if n_fail <= 8:
+                ranks = e.get("ranks") or []
+                ax_w.annotate(f"{kind.replace('_', ' ')}" + (f" {ranks}" if ranks else ""),
+                              (x, top + 0.9), fontsize=7, va="top", ha="right", color=color,
+                              bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
         elif e["event"] == "pausing":
             ax_w.annotate(e.get("reason", "pause"), (x, top + 0.9), fontsize=7, va="top",
                           ha="left", color="#e65100",
@@ -164,15 +226,14 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
             # at the time its step was trained (the commit itself comes after the persist)
             at = _time_of_step(pts, e["step"], x)
             ax_s.plot([at], [e["step"]], marker="v", color="#1565c0", ms=6, ls="none",
-                      label=None if ckpt_labelled else "checkpoint committed")
-            ckpt_labelled = True
+                      label=once("ckpt", "checkpoint committed"))
         elif e["event"] == "recovered":
             ax_w.plot([x], [e["world_size"]], marker="o", color="#e65100", ms=7, ls="none",
-                      label=None if rec_labelled else "recovered (first step after)")
-            ax_w.annotate(f"{e['recovery_s']:.1f}s, {e['source']}, lost {e['lost_steps']}",
-                          (x, e["world_size"]), textcoords="offset points", xytext=(4, -12),
-                          fontsize=7, color="#e65100")
-            rec_labelled = True
+                      label=once("rec", "recovered (first step after)"))
+            if n_rec <= 8:
+                ax_w.annotate(f"{e['recovery_s']:.1f}s, {e['source']}, lost {e['lost_steps']}",
+                              (x, e["world_size"]), textcoords="offset points",
+                              xytext=(4, -12), fontsize=7, color="#e65100")
     handles, labels = [], []
     for ax in (ax_w, ax_s):
         h, lab = ax.get_legend_handles_labels()

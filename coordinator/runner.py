@@ -14,6 +14,7 @@ from coordinator.config import Config
 from coordinator.controller import Controller, Hooks, Phase
 from coordinator.events import EventLog, write_json_atomic
 from coordinator.progress import ProgressReporter
+from coordinator.report import model_check
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,9 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
                 last_step_t=controller.last_step_t if controller else None)
     events.close()
     # Over every attempt of this run directory (reruns append to the same events.jsonl).
-    summary["goodput"] = goodput.breakdown(goodput.run_events(run_dir))
+    events_so_far = goodput.run_events(run_dir)
+    summary["goodput"] = goodput.breakdown(events_so_far)
+    summary["goodput"]["model_check"] = model_check(summary["goodput"], events_so_far)
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     reporter.message(format_summary(summary, run_dir))
     return {"finished": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)

@@ -70,6 +70,58 @@ def test_a_peer_recovery_splits_into_detection_reformation_and_restore():
     assert sum(s.values()) == pytest.approx(50.0)
 
 
+def test_survivors_steps_after_the_lost_workers_last_report_count_as_running():
+    """failure_detected knows the last step every rank reported (the lost worker's last reports
+    die with it); `recovered` carries the last step any survivor completed, which moves the start
+    of detection later."""
+    events = start() + [
+        ev(20.0, "failure_detected", kind="process_exit", ranks=[1], step=40,
+           last_step_t=T0 + 19.5),
+        ev(22.0, "group_forming", generation=2, world_size=4, source="peer", cause="recovery"),
+        ev(22.5, "group_formed", generation=2, world_size=4, source="peer", step=42),
+        ev(23.0, "recovered", generation=2, world_size=4, source="peer", resumed_step=42,
+           lost_steps=0, recovery_s=3.0, last_step_t=T0 + 19.97),
+        ev(30.0, "job_end", status="finished", step=60, last_step_t=T0 + 30.0),
+    ]
+    s = secs(goodput.breakdown(events))
+    assert s["detection"] == pytest.approx(0.03)
+    assert s["productive"] == pytest.approx(13.97 + 7.5)
+
+
+def test_the_model_check_compares_the_run_with_the_availability_model():
+    """report's model check: the first-order model is exact for failures that never overlap a
+    recovery, as these (one every 10 s of wall time, each down 2 s, no checkpoints)."""
+    from coordinator.report import model_check
+
+    events = start(formed=0.0)[:1] + [
+        ev(0.0, "group_forming", generation=1, world_size=2, source="init", cause="start"),
+        ev(0.0, "group_formed", generation=1, world_size=2, source="init", step=0)]
+    step = 0
+    for k in range(3):  # 8 s training (80 steps), then 2 s down: 10 s per failure
+        t = 10.0 * k
+        step += 80
+        events += [
+            ev(t + 8.0, "failure_detected", kind="process_exit", ranks=[1], step=step,
+               last_step_t=T0 + t + 8.0),
+            ev(t + 9.5, "group_forming", generation=k + 2, world_size=2, source="peer",
+               cause="recovery"),
+            ev(t + 10.0, "group_formed", generation=k + 2, world_size=2, source="peer",
+               step=step),
+            ev(t + 10.1, "recovered", generation=k + 2, world_size=2, source="peer",
+               resumed_step=step, lost_steps=0, recovery_s=2.0)]
+    events.append(ev(30.0, "job_end", status="finished", step=step, last_step_t=T0 + 30.0))
+    b = goodput.breakdown(events)
+    check = model_check(b, events)
+    assert check["measured"] == pytest.approx(0.8)
+    assert check["inputs"]["job_mtbf_s"] == pytest.approx(10.0)
+    assert check["inputs"]["recovery_s"] == pytest.approx(2.0)
+    # 1 - (R + step/2) / M with the step of 0.1 s
+    assert check["modelled_first_order"] == pytest.approx(1 - 2.05 / 10.0, abs=1e-3)
+    # Poisson failures may land on a recovery, which costs less per failure: a higher figure
+    assert check["modelled_poisson"] == pytest.approx(0.8146, abs=1e-3)
+    assert model_check(goodput.breakdown(start()), start()) == {}  # no failure, no check
+
+
 def test_a_rollback_to_a_checkpoint_counts_the_lost_steps_as_recomputed():
     # 100 steps in 20 s of running before the failure, 0.2 s per step; 30 steps lost
     events = start() + [

@@ -31,7 +31,7 @@ from coordinator import failure_policy
 from coordinator.chaos import ChaosPlan
 from coordinator.checkpoint import storage
 from coordinator.checkpoint.committer import Committer
-from coordinator.checkpoint.interval import AutoInterval, Choice
+from coordinator.checkpoint.interval import AutoInterval, AutoSchedule
 from coordinator.checkpoint.manifest import CheckpointInfo
 from coordinator.config import Config, ChaosEvent
 from coordinator.events import EventLog
@@ -168,14 +168,9 @@ class Controller:
         self.metrics = metrics  # coordinator.metrics.JobMetrics, or None outside Ray
         self._progress_event_t = -1e18
         self._progress_event_step = -1
-        # checkpoint.interval_steps=auto: the policy, its current choice, and the request state
-        self.auto = AutoInterval(cfg.failure.expected_mtbf_s, cfg.train.steps, self.warmup_steps) \
+        self.auto = AutoSchedule(AutoInterval(cfg.failure.expected_mtbf_s, cfg.train.steps,
+                                              self.warmup_steps)) \
             if cfg.checkpoint.interval_steps == "auto" else None
-        self.interval: Optional[Choice] = None
-        self._auto_inputs: Optional[tuple] = None  # what the current choice was made from
-        self._save_number = 0  # checkpoint requests sent
-        self._save_asked_at: Optional[int] = None  # the step of the request in flight
-        self._last_save_step = 0  # the newest checkpoint taken (or restored) by this run
         self._commits_seen = 0
 
     # ---- the state machine ----------------------------------------------------------------
@@ -294,9 +289,8 @@ class Controller:
         self.events.emit("group_formed", generation=self.generation, world_size=self.world_size,
                          ranks=self.group.ranks(), source=plan.source, step=plan.resumed_step,
                          restore_s=round(getattr(self.group, "last_restore_s", 0.0), 4))
-        self._save_asked_at = None  # a request to the old generation died with it
-        if plan.source == "checkpoint":
-            self._last_save_step = plan.resumed_step
+        if self.auto is not None:
+            self.auto.new_generation(plan.resumed_step if plan.source == "checkpoint" else None)
         logger.info("generation %d formed: %d workers, state from %s at step %d",
                     self.generation, self.world_size, plan.source, plan.resumed_step)
         if self._rec is not None:
@@ -724,44 +718,31 @@ class Controller:
 
     # ---- checkpoint.interval_steps=auto ---------------------------------------------------
     def _auto_checkpoint(self) -> None:
-        """Re-choose the interval when its inputs change (a checkpoint measured, a failure, the
-        step rate first known), and ask the workers for a checkpoint when one is due."""
         rate = self._rate(self._recent[0] if len(self._recent) > 1 else None)
-        step_s = 1.0 / rate if rate else None
-        inputs = (self._commits_seen, self.incidents, step_s is not None)
-        if inputs != self._auto_inputs:
-            self._auto_inputs = inputs
-            choice = self.auto.choose(self.world_size, self.incidents, self.exposure_worker_s,
-                                      step_s)
-            if self.interval is None or choice.interval_steps != self.interval.interval_steps:
-                logger.info("checkpoint interval (auto): every %d steps: %s; %s MTBF per worker "
-                            "(%d failures in %.0f worker-s)", choice.interval_steps,
-                            choice.reason, choice.mtbf_source, choice.failures,
-                            choice.exposure_worker_s)
-                self.events.emit("checkpoint_interval", step=self.last_step, **choice.fields())
-            self.interval = choice
-        due = self.last_step - self._last_save_step >= self.interval.interval_steps
-        if due and self._save_asked_at is None and self.last_step < self.cfg.train.steps:
-            self._save_number += 1
-            self._save_asked_at = self.last_step
-            self.group.request_checkpoint(self._save_number)
+        choice, ask = self.auto.tick(self.last_step, self.world_size, self.incidents,
+                                     self.exposure_worker_s, 1.0 / rate if rate else None)
+        if choice is not None:
+            logger.info("checkpoint interval (auto): every %d steps: %s; %s MTBF per worker "
+                        "(%d failures in %.0f worker-s)", choice.interval_steps, choice.reason,
+                        choice.mtbf_source, choice.failures, choice.exposure_worker_s)
+            self.events.emit("checkpoint_interval", step=self.last_step, **choice.fields())
+        if ask:
+            self.group.request_checkpoint(self.auto.number)
 
     def _saves_settled(self) -> None:
-        """Follow commits (and failed saves): the auto interval measures their stall, and a
-        checkpoint request is answered once a save at or after its step has settled."""
+        """Follow commits (and failed saves): the auto interval measures their stall, and its
+        request in flight is answered."""
         if self.committer is None:
             return
         stats = self.committer.commits
         for step, stall, persist in stats[self._commits_seen:]:
-            self._last_save_step = max(self._last_save_step, step)
             if self.auto is not None:
-                self.auto.observe_checkpoint(stall, persist)
+                self.auto.committed(step, stall, persist)
             if self.metrics is not None:
                 self.metrics.checkpoint(stall, persist)
         self._commits_seen = len(stats)
-        settled = [s for s, _, _ in stats] + self.committer.failed
-        if self._save_asked_at is not None and any(s >= self._save_asked_at for s in settled):
-            self._save_asked_at = None
+        if self.auto is not None:
+            self.auto.settled([s for s, _, _ in stats] + self.committer.failed)
 
     def progress(self) -> Progress:
         return Progress(self.last_step, self.cfg.train.steps, self.last_loss, self.world_size,
@@ -818,8 +799,8 @@ class Controller:
             "steps_per_s": self.steady_steps_per_s(),
             "wall_s": round(wall, 3),
             "step_s": round(self.step_time_s, 3),  # time in steps (the slowest rank's, summed)
-            "checkpoint_interval": self.interval.fields() if self.interval else
-            self.cfg.checkpoint.interval_steps,
+            "checkpoint_interval": self.auto.choice.fields() if self.auto and self.auto.choice
+            else self.cfg.checkpoint.interval_steps,
             "error": self.error,
         }
 

@@ -92,3 +92,52 @@ class AutoInterval:
         why += f" = {steps} steps of {step_s * 1000:.1f} ms"
         return Choice(steps, tau, stall, self.persist_s, job_mtbf, source, failures,
                       exposure_worker_s, step_s, why)
+
+
+class AutoSchedule:
+    """The bookkeeping around `AutoInterval` for the controller: re-choose when an input changes
+    (a checkpoint measured, a failure, the step rate first known), say when a checkpoint is due,
+    and keep one numbered request in flight at a time."""
+
+    def __init__(self, policy: AutoInterval):
+        self.policy = policy
+        self.choice: Optional[Choice] = None
+        self._inputs: Optional[tuple] = None  # what the current choice was made from
+        self.number = 0  # checkpoint requests sent (the workers' vote carries the newest)
+        self.asked_at: Optional[int] = None  # the step of the request in flight
+        self.last_save_step = 0  # the newest checkpoint taken (or restored) by this run
+        self.commits = 0
+
+    def committed(self, step: int, stall_s: float, persist_s: float) -> None:
+        self.policy.observe_checkpoint(stall_s, persist_s)
+        self.commits += 1
+        self.last_save_step = max(self.last_save_step, step)
+
+    def settled(self, steps: List[int]) -> None:
+        """Saves that committed or failed: the request in flight is answered by one at or after
+        its step."""
+        if self.asked_at is not None and any(s >= self.asked_at for s in steps):
+            self.asked_at = None
+
+    def new_generation(self, restored_step: Optional[int]) -> None:
+        self.asked_at = None  # a request to the old generation died with it
+        if restored_step is not None:
+            self.last_save_step = restored_step
+
+    def tick(self, step: int, world_size: int, failures: int, exposure_worker_s: float,
+             step_s: Optional[float]) -> tuple:
+        """(a new choice to log, or None; whether to send checkpoint request `number`)."""
+        fresh = None
+        inputs = (self.commits, failures, step_s is not None)
+        if inputs != self._inputs:
+            self._inputs = inputs
+            choice = self.policy.choose(world_size, failures, exposure_worker_s, step_s)
+            if self.choice is None or choice.interval_steps != self.choice.interval_steps:
+                fresh = choice
+            self.choice = choice
+        due = step - self.last_save_step >= self.choice.interval_steps
+        if due and self.asked_at is None and step < self.policy.total_steps:
+            self.number += 1
+            self.asked_at = step
+            return fresh, True
+        return fresh, False

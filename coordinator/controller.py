@@ -160,6 +160,7 @@ class Controller:
         self.last_loss: Optional[float] = None
         self.step_time_s = 0.0  # sum over steps of the slowest rank's step time
         self._recent = collections.deque(maxlen=50)  # (step, t) of completed steps, for the rate
+        self._durations = collections.deque(maxlen=50)  # the slowest rank's recent step times
         self._warm: Optional[tuple] = None  # (step, t) where the steady-state window starts
         self.warmup_steps = max(1, min(cfg.train.steps // 10, 50))
         # worker-seconds of the job since its first step, recoveries included (workers can fail
@@ -677,6 +678,7 @@ class Controller:
         self._max_step_seen = max(self._max_step_seen, step)
         self._streak = 0
         self.step_time_s += entry[3]
+        self._durations.append(entry[3])
         if self._recent and self._recent[-1][1] < entry[2] and step == self._recent[-1][0] + 1:
             self.exposure_worker_s += self.world_size * (entry[2] - self._recent[-1][1])
         self._recent.append((step, entry[2]))
@@ -718,12 +720,13 @@ class Controller:
 
     # ---- checkpoint.interval_steps=auto ---------------------------------------------------
     def _auto_checkpoint(self) -> None:
-        rate = self._rate(self._recent[0] if len(self._recent) > 1 else None)
+        # seconds of training per step: recent step times, recoveries and polls left out
+        step_s = sum(self._durations) / len(self._durations) if self._durations else None
         choice, ask = self.auto.tick(self.last_step, self.world_size, self.incidents,
-                                     self.exposure_worker_s, 1.0 / rate if rate else None)
+                                     self.exposure_worker_s, step_s or None)
         if choice is not None:
             logger.info("checkpoint interval (auto): every %d steps: %s; %s MTBF per worker "
-                        "(%d failures in %.0f worker-s)", choice.interval_steps, choice.reason,
+                        "(%d failure(s) in %.0f worker-s)", choice.interval_steps, choice.reason,
                         choice.mtbf_source, choice.failures, choice.exposure_worker_s)
             self.events.emit("checkpoint_interval", step=self.last_step, **choice.fields())
         if ask:

@@ -155,7 +155,7 @@ class FakeGroup:
             saves = [SaveReport(target, r, True, stall_s=0.05, persist_s=0.2,
                                 generation=self.generation, world_size=world) for r in running]
         for r, m in alive.items():  # a rank lost in this poll reported its steps before dying
-            reps = [StepReport(s, (10.0 - s / 10) / world, 100.0 + s, 0.01)
+            reps = [StepReport(s, (10.0 - s / 10) / world, 100.0 + s, 1.0)  # a step a second
                     for s in range(old[r] + 1, m["step"] + 1)]
             res.heartbeats[r] = Heartbeat(r, self.generation, m["step"], reps,
                                           [x for x in saves if x.rank == r])
@@ -538,6 +538,8 @@ def test_auto_interval_measures_first_then_follows_young_daly(tmp_path):
     then every sqrt(2 * stall * job MTBF) seconds of steps, with the configured per-worker MTBF
     until a failure is seen, the observed rate after it. Each choice is an event with its
     inputs."""
+    import math
+
     group = FakeGroup(steps_per_poll=5)
     group.faults = [[80, [2], "process_exit"]]
     c, events = _controller(tmp_path, group, overrides=[
@@ -551,12 +553,14 @@ def test_auto_interval_measures_first_then_follows_young_daly(tmp_path):
     # the fake's steps take 1 s; stall 0.05 s; 4 workers of 400 s MTBF -> job MTBF 100 s:
     # sqrt(2 * 0.05 * 100) = 3.16 s -> 4 steps
     assert second["mtbf_source"] == "configured" and second["job_mtbf_s"] == 100.0
-    assert second["stall_s"] == 0.05 and second["interval_steps"] == 4
-    assert "Young/Daly" in second["reason"]
+    assert second["stall_s"] == 0.05 and second["step_s"] == 1.0
+    assert second["interval_steps"] == 4 and "Young/Daly" in second["reason"]
     asked = [step for _, step in group.save_requests]
-    assert asked[0] == 20 and all(b - a >= 4 for a, b in zip(asked, asked[1:]))
+    assert asked[0] == 20 and len(asked) > 10 and all(b - a >= 4 for a, b in zip(asked, asked[1:]))
     # after the failure the observed rate (1 failure in the worker-seconds run so far) is used
-    assert later and later[-1]["mtbf_source"] == "observed" and later[-1]["failures"] == 1
-    observed_job_mtbf = later[-1]["exposure_worker_s"] / 1 / 4
-    assert later[-1]["job_mtbf_s"] == pytest.approx(observed_job_mtbf, rel=0.01)
-    assert c.summary()["checkpoint_interval"]["interval_steps"] == later[-1]["interval_steps"]
+    obs = next(e for e in later if e["mtbf_source"] == "observed")
+    assert obs["failures"] == 1
+    assert obs["job_mtbf_s"] == pytest.approx(obs["exposure_worker_s"] / 1 / 4, rel=0.01)
+    tau = math.sqrt(2 * 0.05 * obs["job_mtbf_s"])
+    assert obs["interval_steps"] == min(200, math.ceil(tau / 1.0))
+    assert c.summary()["checkpoint_interval"]["mtbf_source"] == "observed"

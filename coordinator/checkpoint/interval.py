@@ -27,6 +27,7 @@ from typing import List, Optional
 from coordinator.availability import young_daly_interval_s
 
 RECENT_STALLS = 5  # the median of this many recent stalls is C
+NOTABLE_CHANGE = 0.2  # a new choice is logged when the interval moves by more than this fraction
 
 
 @dataclass
@@ -101,7 +102,8 @@ class AutoSchedule:
 
     def __init__(self, policy: AutoInterval):
         self.policy = policy
-        self.choice: Optional[Choice] = None
+        self.choice: Optional[Choice] = None  # the choice in force
+        self.logged: Optional[Choice] = None  # the last choice logged
         self._inputs: Optional[tuple] = None  # what the current choice was made from
         self.number = 0  # checkpoint requests sent (the workers' vote carries the newest)
         self.asked_at: Optional[int] = None  # the step of the request in flight
@@ -119,6 +121,17 @@ class AutoSchedule:
         if self.asked_at is not None and any(s >= self.asked_at for s in steps):
             self.asked_at = None
 
+    def _notable(self, choice: Choice) -> bool:
+        """Worth a log line and an event: the first choice, a new basis (stall measured, prior
+        to observed), or an interval that moved by more than NOTABLE_CHANGE since the last one
+        logged (step times jitter; the choice in force is always `self.choice`)."""
+        last = self.logged
+        if last is None or (last.stall_s is None) != (choice.stall_s is None) \
+                or last.mtbf_source != choice.mtbf_source:
+            return True
+        return abs(choice.interval_steps - last.interval_steps) \
+            > NOTABLE_CHANGE * last.interval_steps
+
     def new_generation(self, restored_step: Optional[int]) -> None:
         self.asked_at = None  # a request to the old generation died with it
         if restored_step is not None:
@@ -132,8 +145,8 @@ class AutoSchedule:
         if inputs != self._inputs:
             self._inputs = inputs
             choice = self.policy.choose(world_size, failures, exposure_worker_s, step_s)
-            if self.choice is None or choice.interval_steps != self.choice.interval_steps:
-                fresh = choice
+            if self._notable(choice):
+                fresh = self.logged = choice
             self.choice = choice
         due = step - self.last_save_step >= self.choice.interval_steps
         if due and self.asked_at is None and step < self.policy.total_steps:

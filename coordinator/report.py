@@ -133,8 +133,8 @@ def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) 
 
 
 def _time_of_step(pts: List[tuple], step: int, not_after: float) -> float:
-    """When the step curve (time, step) last reached `step` before `not_after`, interpolated
-    between its points; `not_after` if it never did."""
+    """Where the drawn step curve (time, step), interpolated between its points, last reached
+    `step` in a segment starting before `not_after`; `not_after` if it never did."""
     best = not_after
     for (x0, s0), (x1, s1) in zip(pts, pts[1:]):
         if x0 > not_after:
@@ -143,7 +143,7 @@ def _time_of_step(pts: List[tuple], step: int, not_after: float) -> float:
             best = x0 + (x1 - x0) * (step - s0) / (s1 - s0)
         elif s0 == step:
             best = x0
-    return min(best, not_after)
+    return best
 
 
 def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:

@@ -17,8 +17,10 @@ died) is cut into consecutive spans, each in one phase:
 Running time is split further: `checkpoint_stall` (the stalls of the checkpoints it took),
 `recomputed` (steps trained again because a failure or a crash rolled the job back to a
 checkpoint: lost steps x the attempt's seconds per step), and `productive`, the rest. The
-categories add up to the attempts' wall time exactly; `goodput` = productive / wall. Time between
-attempts (a crashed driver until its rerun, a SLURM requeue) is reported apart as
+categories add up to the attempts' wall time exactly; `goodput` = productive / wall. The same
+breakdown in worker-seconds (GPU time, with a GPU per worker) weights each span by the workers the
+job held then (a running span: its generation; re-forming: the group being formed, or the last one
+before it) and gives `worker_goodput`. Time between attempts (a crashed driver until its rerun, a SLURM requeue) is reported apart as
 `between_runs_s`: the job held no workers then.
 """
 
@@ -41,7 +43,9 @@ class Span:
     t0: float
     t1: float
     phase: str  # one of PHASES
-    world_size: int = 0  # running spans: the generation's size
+    # workers the job held: a running span's generation; otherwise the size of the group being
+    # formed or last formed (survivors and their replacements)
+    world_size: int = 0
 
     @property
     def seconds(self) -> float:
@@ -79,6 +83,7 @@ class _Cutter:
         self.forming: Optional[Dict[str, Any]] = None  # the group_forming being waited on
         self.run_step = 0  # the step the running span started at
         self.run_world = 0
+        self.held = 0  # workers held: the newest group formed or being formed
         self.stalls: List[tuple] = []  # (step, stall_s) of the checkpoints taken
         self.detection: Optional[tuple] = None  # (running span, detection span) of a failure
 
@@ -86,7 +91,7 @@ class _Cutter:
         t = max(t, self.t)
         if t > self.t:
             self.a.spans.append(Span(self.t, t, self.phase,
-                                     self.run_world if self.phase == "running" else 0))
+                                     self.run_world if self.phase == "running" else self.held))
         self.phase, self.t = next_phase, t
 
     def end_running(self, t: float, step: int, last_step_t: Optional[float], next_phase: str,
@@ -109,9 +114,13 @@ class _Cutter:
             else:
                 self.cut(t, "waiting_for_capacity")
         elif kind == "group_forming":
+            size = int(e.get("world_size") or 0)
+            if self.phase == "startup" and self.held == 0:
+                self.held = size  # start-up was starting the first group's workers
             if self.phase not in ("running",):
                 cause = e.get("cause", "start")
                 self.cut(t, "startup" if cause == "start" else "reformation")
+            self.held = size  # from here on the group being formed is held
             self.forming = e
         elif kind == "group_formed":
             restore = float(e.get("restore_s") or 0.0)
@@ -123,7 +132,7 @@ class _Cutter:
             self.cut(t, "running")
             self.forming = None
             self.run_step = int(e.get("step") or 0)
-            self.run_world = int(e.get("world_size") or 0)
+            self.run_world = self.held = int(e.get("world_size") or 0)
             if a.first_step is None:
                 a.first_step = self.run_step
             a.last_step = max(a.last_step, self.run_step)
@@ -216,27 +225,43 @@ def breakdown(events: List[Dict[str, Any]]) -> Dict[str, Any]:
     one line per attempt."""
     runs = attempts(events)
     total = {c: 0.0 for c in CATEGORIES}
+    total_w = {c: 0.0 for c in CATEGORIES}
     per_attempt = []
     for a in runs:
         cats = {c: 0.0 for c in CATEGORIES}
+        cats_w = {c: 0.0 for c in CATEGORIES}  # worker-seconds
         for s in a.spans:
             if s.phase != "running":
                 cats[s.phase] += s.seconds
+                cats_w[s.phase] += s.seconds * s.world_size
         running = a.running_s()
+        running_w = sum(s.seconds * s.world_size for s in a.spans if s.phase == "running")
         cats["checkpoint_stall"] = min(a.stall_s, running)
         cats["recomputed"] = min(a.recomputed_s, running - cats["checkpoint_stall"])
         cats["productive"] = running - cats["checkpoint_stall"] - cats["recomputed"]
+        # stalls and recomputed steps at the running spans' mean size
+        held = running_w / running if running > 0 else 0.0
+        for c in ("checkpoint_stall", "recomputed"):
+            cats_w[c] = cats[c] * held
+        cats_w["productive"] = running_w - cats_w["checkpoint_stall"] - cats_w["recomputed"]
         for c in CATEGORIES:
             total[c] += cats[c]
+            total_w[c] += cats_w[c]
         per_attempt.append({"start": round(a.start, 3), "wall_s": round(a.end - a.start, 3),
                             "status": a.status, "failures": a.failures,
                             "lost_steps": a.lost_steps, "steps": a.last_step,
                             **{c: round(v, 3) for c, v in cats.items()}})
     wall = sum(a.end - a.start for a in runs)
+    worker_s = sum(total_w.values())
     between = sum(max(0.0, nxt.start - prev.end) for prev, nxt in zip(runs, runs[1:]))
     return {
         "wall_s": round(wall, 3),
         "goodput": round(total["productive"] / wall, 4) if wall > 0 else None,
+        # the same in worker-seconds (GPU time when a worker is a GPU): each span weighted by
+        # the workers the job held then
+        "worker_s": round(worker_s, 3),
+        "worker_goodput": round(total_w["productive"] / worker_s, 4) if worker_s > 0 else None,
+        "worker_seconds": {c: round(v, 3) for c, v in total_w.items()},
         "seconds": {c: round(v, 3) for c, v in total.items()},
         "fractions": {c: round(v / wall, 4) if wall > 0 else None for c, v in total.items()},
         "between_runs_s": round(between, 3),

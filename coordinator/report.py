@@ -82,17 +82,24 @@ def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) 
     statuses = ", ".join(a["status"] for a in att)
     lines.append(f"run {run_dir}: {len(att)} attempt(s) ({statuses}), {b['wall_s']:.1f}s wall, "
                  f"step {steps}")
-    g = b["goodput"]
-    lines.append(f"goodput {100 * g:.1f}% (productive training time / wall time)" if g is not None
-                 else "goodput - (no time recorded)")
+    g, gw = b["goodput"], b.get("worker_goodput")
+    if g is None:
+        lines.append("goodput - (no time recorded)")
+    else:
+        lines.append(f"goodput {100 * g:.1f}% of the wall time, {100 * (gw or 0):.1f}% of the "
+                     "worker time (GPU time), trained the model")
     lines.append("")
-    lines.append(f"  {'where the time went':<26}{'seconds':>10}{'share':>9}")
+    lines.append(f"  {'where the time went':<26}{'seconds':>10}{'share':>8}"
+                 f"{'worker-s':>11}{'share':>8}")
     wall = b["wall_s"] or 1.0
+    wsum = b.get("worker_s") or 1.0
     for c in goodput.CATEGORIES:
-        sec = b["seconds"][c]
-        bar = "#" * int(round(30 * sec / wall))
-        lines.append(f"  {LABELS[c]:<26}{sec:>10.2f}{100 * sec / wall:>8.1f}%  {bar}")
-    lines.append(f"  {'total':<26}{b['wall_s']:>10.2f}{100.0:>8.1f}%")
+        sec, ws = b["seconds"][c], b["worker_seconds"][c]
+        bar = "#" * int(round(25 * sec / wall))
+        lines.append(f"  {LABELS[c]:<26}{sec:>10.2f}{100 * sec / wall:>7.1f}%"
+                     f"{ws:>11.1f}{100 * ws / wsum:>7.1f}%  {bar}")
+    lines.append(f"  {'total':<26}{b['wall_s']:>10.2f}{100.0:>7.1f}%{b['worker_s']:>11.1f}"
+                 f"{100.0:>7.1f}%")
     if b["between_runs_s"]:
         lines.append(f"  ({b['between_runs_s']:.1f}s between attempts, no workers held: "
                      "not counted)")
@@ -129,7 +136,7 @@ def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) 
         c = choices[-1]
         lines.append(f"checkpoint interval (auto): {c['interval_steps']} steps, last chosen at "
                      f"step {c['step']}: {c['reason']}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _time_of_step(pts: List[tuple], step: int, not_after: float) -> float:

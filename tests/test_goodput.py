@@ -174,11 +174,19 @@ def test_waiting_for_capacity_and_a_growth_pause():
               ev(32.0, "group_formed", generation=2, world_size=4, source="peer", step=81,
                  restore_s=0.5),
               ev(40.0, "job_end", status="finished", step=120, last_step_t=T0 + 40.0)]
-    s = secs(goodput.breakdown(events))
+    b = goodput.breakdown(events)
+    s = secs(b)
     assert s["startup"] == pytest.approx(1.0 + 1.0)  # before the wait, and forming generation 1
     assert s["waiting_for_capacity"] == pytest.approx(8.0)
     assert s["reformation"] == pytest.approx(1.5) and s["restore"] == pytest.approx(0.5)
     assert s["productive"] == pytest.approx(20.0 + 8.0)
+    # in worker-seconds: nobody is held while waiting for capacity; 2 workers train for 20 s,
+    # then 4 for 8 s; the growth pause holds 2 until the group of 4 forms
+    w = b["worker_seconds"]
+    assert w["waiting_for_capacity"] == 0.0 and w["startup"] == pytest.approx(2.0)
+    assert w["productive"] == pytest.approx(2 * 20.0 + 4 * 8.0)
+    assert w["reformation"] == pytest.approx(2 * 1.0 + 4 * 0.5) and w["restore"] == 2.0
+    assert b["worker_goodput"] == pytest.approx(72.0 / 80.0)
 
 
 def test_a_preemption_is_shutdown_not_a_failure():

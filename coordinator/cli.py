@@ -121,5 +121,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.verb == "report":
         from coordinator.report import run_report
 
-        return run_report(args.run_dir)
+        try:
+            return run_report(args.run_dir)
+        except BrokenPipeError:  # `report RUN_DIR | head`: the reader left; not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     raise AssertionError(f"unhandled verb {args.verb}")

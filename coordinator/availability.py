@@ -98,6 +98,19 @@ def _uninterrupted_s(rate: float, length_s: float) -> float:
         return math.inf
 
 
+def check_inputs(interval_s: float, checkpoint_stall_s: float, job_mtbf_s: float,
+                 recovery_s: float, peer_restore_fraction: float,
+                 peer_lost_work_s: float) -> None:
+    """The model's inputs, as `expected_goodput` and the Monte Carlo take them: ValueError naming
+    the first one out of range."""
+    _positive("interval_s", interval_s)
+    _non_negative("checkpoint_stall_s", checkpoint_stall_s)
+    _positive("job_mtbf_s", job_mtbf_s)
+    _non_negative("recovery_s", recovery_s)
+    _fraction("peer_restore_fraction", peer_restore_fraction)
+    _non_negative("peer_lost_work_s", peer_lost_work_s)
+
+
 def expected_goodput(interval_s: float, checkpoint_stall_s: float, job_mtbf_s: float,
                      recovery_s: float, peer_restore_fraction: float = 0.0,
                      peer_lost_work_s: float = 0.0) -> float:
@@ -136,12 +149,8 @@ def expected_goodput(interval_s: float, checkpoint_stall_s: float, job_mtbf_s: f
         goodput = tau / E[T],
     which gives Daly's formula at f = 0 and the in-place one at f = 1.
     """
-    _positive("interval_s", interval_s)
-    _non_negative("checkpoint_stall_s", checkpoint_stall_s)
-    _positive("job_mtbf_s", job_mtbf_s)
-    _non_negative("recovery_s", recovery_s)
-    _fraction("peer_restore_fraction", peer_restore_fraction)
-    _non_negative("peer_lost_work_s", peer_lost_work_s)
+    check_inputs(interval_s, checkpoint_stall_s, job_mtbf_s, recovery_s, peer_restore_fraction,
+                 peer_lost_work_s)
     lam = 1.0 / job_mtbf_s
     f = peer_restore_fraction
     segment_s = interval_s + checkpoint_stall_s

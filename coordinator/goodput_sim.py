@@ -31,7 +31,7 @@ from typing import Tuple
 
 import numpy as np
 
-from coordinator.availability import _fraction, _non_negative, _positive
+from coordinator.availability import _positive, check_inputs
 
 TRAIN, PEER, ROLLBACK = 0, 1, 2
 
@@ -58,12 +58,8 @@ def simulate_goodput(interval_s: float, checkpoint_stall_s: float, job_mtbf_s: f
                      horizon_s: float, trials: int, rng: np.random.Generator) -> np.ndarray:
     """Goodput of each of `trials` independent runs of `horizon_s` seconds (see the module doc).
     Arguments mean what they mean in `availability.expected_goodput`; returns an array of trials."""
-    _positive("interval_s", interval_s)
-    _non_negative("checkpoint_stall_s", checkpoint_stall_s)
-    _positive("job_mtbf_s", job_mtbf_s)
-    _non_negative("recovery_s", recovery_s)
-    _fraction("peer_restore_fraction", peer_restore_fraction)
-    _non_negative("peer_lost_work_s", peer_lost_work_s)
+    check_inputs(interval_s, checkpoint_stall_s, job_mtbf_s, recovery_s, peer_restore_fraction,
+                 peer_lost_work_s)
     _positive("horizon_s", horizon_s)
     _positive("trials", trials)
     tau, segment = interval_s, interval_s + checkpoint_stall_s

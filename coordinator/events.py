@@ -21,6 +21,14 @@ class EventLog:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._lock = threading.Lock()
         self._f = open(path, "a", encoding="utf-8")
+        # A driver killed in the middle of a line left it without its newline: end it, so the
+        # first event of this run is a line of its own, not glued to the torn one.
+        if self._f.tell() > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._f.write("\n")
+                    self._f.flush()
 
     def emit(self, event: str, **fields: Any) -> Dict[str, Any]:
         record = {"t": time.time(), "event": event, **fields}

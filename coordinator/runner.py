@@ -110,9 +110,13 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
                 last_step_t=controller.last_step_t if controller else None)
     events.close()
     # Over every attempt of this run directory (reruns append to the same events.jsonl).
-    events_so_far = goodput.run_events(run_dir)
-    summary["goodput"] = goodput.breakdown(events_so_far)
-    summary["goodput"]["model_check"] = model_check(summary["goodput"], events_so_far)
+    try:
+        events_so_far = goodput.run_events(run_dir)
+        summary["goodput"] = goodput.breakdown(events_so_far)
+        summary["goodput"]["model_check"] = model_check(summary["goodput"], events_so_far)
+    except Exception as e:  # the accounting must never cost the summary
+        logger.exception("goodput accounting failed")
+        summary["goodput"] = {"error": f"{type(e).__name__}: {e}"}
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     reporter.message(format_summary(summary, run_dir))
     return {"finished": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
@@ -145,6 +149,7 @@ def _pct(x) -> str:
 
 
 def format_summary(s: dict, run_dir: str) -> str:
+    g = s.get("goodput") or {}
     loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
     rate = f"{s['steps_per_s']:.1f}" if s.get("steps_per_s") else "-"
     lines = [
@@ -153,7 +158,7 @@ def format_summary(s: dict, run_dir: str) -> str:
         f"   world sizes {s.get('world_sizes')}, failures {s.get('failures', 0)}, "
         f"recoveries {s.get('recoveries', 0)}",
         f"   weights_digest {s.get('weights_digest')}",
-        f"   goodput {_pct(s.get('goodput', {}).get('goodput'))} of {s.get('goodput', {}).get('wall_s', 0):.0f}s wall "
+        f"   goodput {_pct(g.get('goodput'))} of {g.get('wall_s', 0):.0f}s wall "
         f"(python -m coordinator report {run_dir} for the breakdown and a timeline)",
         f"   run dir {run_dir} (summary.json, events.jsonl, config.yaml)",
     ]

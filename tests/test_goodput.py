@@ -9,6 +9,7 @@ import pytest
 
 from conftest import ROOT
 from coordinator import goodput
+from coordinator.events import EventLog
 
 T0 = 1_800_000_000.0
 
@@ -236,6 +237,27 @@ def test_report_prints_the_breakdown_and_writes_a_png(tmp_path):
     assert "process_exit 1" in out and "recoveries 1" in out
     png = run / "timeline.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_a_torn_line_from_a_killed_driver_is_skipped(tmp_path):
+    first = start() + [ev(18.0, "progress", step=60, step_t=T0 + 18.0, world_size=4)]
+    second = start(t=100.0, formed=110.0) + [
+        ev(130.0, "job_end", status="finished", step=100, last_step_t=T0 + 129.0)]
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "events.jsonl"
+    with open(path, "w") as f:
+        for e in first:
+            f.write(json.dumps(e) + "\n")
+        f.write('{"t": 1800000019.0, "event": "checkpoint_comm')  # the driver died here
+    EventLog(str(path)).close()  # the rerun opens the log: the torn line gets its end
+    with open(path, "a") as f:
+        for e in second:
+            f.write(json.dumps(e) + "\n")
+    events = goodput.run_events(str(run))
+    assert events == first + second
+    b = goodput.breakdown(events)
+    assert [a["status"] for a in b["attempts"]] == ["crashed", "finished"]
 
 
 def test_report_refuses_what_is_not_a_run_directory(tmp_path):

@@ -86,7 +86,11 @@ class Cluster:
         else:
             workers = self.cfg.scaling.max_workers + self.cfg.scaling.spare_workers
             cpus = max(os.cpu_count() or 1, math.ceil(workers * self.cfg.scaling.cpus_per_worker))
-            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **quiet)
+            # address="local": always a new instance. Without it ray.init joins the cluster named
+            # in /tmp/ray/ray_current_cluster, which a Ray killed without `ray stop` (a SLURM
+            # step, say) leaves behind, and then refuses num_cpus.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     runtime_env=runtime_env, **quiet)
             logger.info("embedded Ray: one local node of %d CPUs", cpus)
 
     def add_node(self):

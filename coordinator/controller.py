@@ -173,6 +173,7 @@ class Controller:
                                               self.warmup_steps)) \
             if cfg.checkpoint.interval_steps == "auto" else None
         self._commits_seen = 0
+        self._failed_seen = 0
 
     # ---- the state machine ----------------------------------------------------------------
     @property
@@ -289,7 +290,7 @@ class Controller:
         self.world_sizes.append(self.world_size)
         self.events.emit("group_formed", generation=self.generation, world_size=self.world_size,
                          ranks=self.group.ranks(), source=plan.source, step=plan.resumed_step,
-                         restore_s=round(getattr(self.group, "last_restore_s", 0.0), 4))
+                         restore_s=round(self.group.last_restore_s, 4))
         if self.auto is not None:
             self.auto.new_generation(plan.resumed_step if plan.source == "checkpoint" else None)
         logger.info("generation %d formed: %d workers, state from %s at step %d",
@@ -682,7 +683,7 @@ class Controller:
         if self._recent and self._recent[-1][1] < entry[2] and step == self._recent[-1][0] + 1:
             self.exposure_worker_s += self.world_size * (entry[2] - self._recent[-1][1])
         self._recent.append((step, entry[2]))
-        if self._warm is None and step >= max(1, min(self.cfg.train.steps // 10, 50)):
+        if self._warm is None and step >= self.warmup_steps:
             self._warm = (step, entry[2])
         if self._awaiting_recovered is not None:
             rec = self._awaiting_recovered
@@ -737,15 +738,17 @@ class Controller:
         request in flight is answered."""
         if self.committer is None:
             return
-        stats = self.committer.commits
-        for step, stall, persist in stats[self._commits_seen:]:
+        commits = self.committer.commits[self._commits_seen:]
+        failed = self.committer.failed[self._failed_seen:]
+        self._commits_seen += len(commits)
+        self._failed_seen += len(failed)
+        for step, stall, persist in commits:
             if self.auto is not None:
                 self.auto.committed(step, stall, persist)
             if self.metrics is not None:
                 self.metrics.checkpoint(stall, persist)
-        self._commits_seen = len(stats)
-        if self.auto is not None:
-            self.auto.settled([s for s, _, _ in stats] + self.committer.failed)
+        if self.auto is not None and (commits or failed):
+            self.auto.settled([s for s, _, _ in commits] + failed)
 
     def progress(self) -> Progress:
         return Progress(self.last_step, self.cfg.train.steps, self.last_loss, self.world_size,

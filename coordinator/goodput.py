@@ -250,6 +250,7 @@ def breakdown(events: List[Dict[str, Any]]) -> Dict[str, Any]:
         per_attempt.append({"start": round(a.start, 3), "wall_s": round(a.end - a.start, 3),
                             "status": a.status, "failures": a.failures,
                             "lost_steps": a.lost_steps, "steps": a.last_step,
+                            "seconds_per_step": round(a.seconds_per_step(), 6),
                             **{c: round(v, 3) for c, v in cats.items()}})
     wall = sum(a.end - a.start for a in runs)
     worker_s = sum(total_w.values())

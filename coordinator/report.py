@@ -46,13 +46,12 @@ def model_check(b: Dict[str, Any], events: List[Dict[str, Any]]) -> Dict[str, An
     if not b["failures"]:
         return {}
     steady = b["wall_s"] - sec["startup"] - sec["shutdown"] - sec["waiting_for_capacity"]
-    runs = goodput.attempts(events)
     rec = [e for e in events if e["event"] == "recovered"]
     commits = [e for e in events if e["event"] == "checkpoint_committed"]
     if steady <= 0 or not rec:
         return {}
-    step_s = statistics.median(a.seconds_per_step() for a in runs if a.steps_trained) \
-        if any(a.steps_trained for a in runs) else 0.0
+    per_step = [a["seconds_per_step"] for a in b["attempts"] if a["seconds_per_step"] > 0]
+    step_s = statistics.median(per_step) if per_step else 0.0
     inputs = {
         "job_mtbf_s": steady / b["failures"],  # failures per steady wall time
         "stall_s": statistics.median(e["stall_s"] for e in commits) if commits else 0.0,

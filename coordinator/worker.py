@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 import torch
@@ -131,7 +131,6 @@ class TrainWorker:
         self._stop = STOP_NONE
         self._save_request = 0  # the highest checkpoint request heard from the controller
         self._saved_request = 0  # the highest request acted on in this generation
-        self.restore_s = 0.0  # time the last join spent taking its state (checkpoint or peer)
         self._broken = False  # the current group failed: nothing more may run on it
         self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
 
@@ -194,8 +193,9 @@ class TrainWorker:
         the seconds spent taking the state from `source` (the rest of the join is re-forming)."""
         source = source or Source()
         try:
-            step = self._join(generation, rank, world_size, store_host, store_port, source)
-            return {"step": step, "restore_s": self.restore_s}
+            step, restore_s = self._join(generation, rank, world_size, store_host, store_port,
+                                         source)
+            return {"step": step, "restore_s": restore_s}
         except RuntimeError as e:  # a peer was lost while forming: gloo/store errors
             self._broken = True
             error = str(e) if isinstance(e, WorkerError) else (
@@ -204,7 +204,7 @@ class TrainWorker:
         raise WorkerError(error)
 
     def _join(self, generation: int, rank: int, world_size: int, store_host: str,
-              store_port: int, source: Source) -> int:
+              store_port: int, source: Source) -> Tuple[int, float]:
         held = None
         if source.gather and self.state is not None and not self._broken:
             held = full_state(self.state, sharded=True)  # FSDP2: over the old group, all alive
@@ -244,7 +244,7 @@ class TrainWorker:
             if not (rank == source.src and ddp):  # the source's own replica is already in place
                 apply_full_state(st, full)
             del full, mine, held
-        self.restore_s = time.monotonic() - t_restore if source.kind != "init" else 0.0
+        restore_s = time.monotonic() - t_restore if source.kind != "init" else 0.0
         if fresh and source.kind != "checkpoint":
             # Per-rank RNG (dropout and the like): a newcomer seeds from (seed, rank, step); a
             # survivor keeps its stream; a checkpoint restores the saved one.
@@ -262,7 +262,7 @@ class TrainWorker:
                                          reports=self._save_reports)
             # A restored step is on storage already: the final save does not repeat it.
             self.saver.last_step = st.step if source.kind == "checkpoint" else None
-        return st.step
+        return st.step, restore_s
 
     def _arrive(self, store, prefix: str, world_size: int) -> None:
         """Wait until every member of the generation has arrived, or the controller aborts the

@@ -37,8 +37,10 @@ from coordinator.config import Config, ChaosEvent
 from coordinator.events import EventLog
 from coordinator.failure_policy import Facts, NodeIsolation, Plan
 from coordinator.scaling_policy import ScalingPolicy
-from coordinator.worker import STOP_CHECKPOINT, STOP_PAUSE, Source
-from coordinator.worker_group import CapacityError, PollResult, WorkerFailure, WorkerGroup
+from coordinator.protocol import PollResult, Source, WorkerFailure, WorkerGroup
+from coordinator.protocol import StopMode
+from coordinator.workers.worker_group import CapacityError
+STOP_CHECKPOINT, STOP_PAUSE = StopMode.CHECKPOINT, StopMode.PAUSE
 
 logger = logging.getLogger(__name__)
 

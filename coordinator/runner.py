@@ -35,8 +35,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
 
     from coordinator.checkpoint.committer import Committer, absolute_uri
     from coordinator.metrics import JobMetrics
-    from coordinator.worker import WorkerSpec
-    from coordinator.worker_group import RayWorkerGroup
+    from coordinator.workers.worker import WorkerSpec
+    from coordinator.workers.worker_group import RayWorkerGroup
 
     auto = cfg.checkpoint.interval_steps == "auto"
     cluster = Cluster(cfg)

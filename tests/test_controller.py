@@ -6,9 +6,9 @@ from coordinator.config import load_config
 from coordinator.controller import Controller, Phase
 from coordinator.events import EventLog, read_events
 from coordinator.scaling_policy import ScalingPolicy
-from coordinator.checkpoint.saver import SaveReport
-from coordinator.worker import Heartbeat, StepReport, TrainResult
-from coordinator.worker_group import CapacityError, PollResult, WorkerFailure, WorkerInfo
+from coordinator.protocol import (Heartbeat, PollResult, SaveReport, StepReport, TrainResult,
+                                  WorkerFailure, WorkerInfo)
+from coordinator.workers.worker_group import CapacityError
 
 
 class FakeGroup:

@@ -7,7 +7,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from coordinator.checkpoint import manifest as mf
-from coordinator.checkpoint.saver import SaveReport
+from coordinator.protocol import SaveReport
 from coordinator.events import EventLog
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
@@ -33,23 +32,9 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from coordinator.checkpoint.manifest import MANIFEST, step_name
 from coordinator.checkpoint.storage import HashingStream, basename, join, options_for
+from coordinator.protocol import SaveReport
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SaveReport:
-    step: int
-    rank: int
-    ok: bool
-    files: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> {size, sha256}
-    stall_s: float = 0.0  # training blocked: waiting for the previous save + staging
-    waited_s: float = 0.0  # the part of the stall spent waiting for the previous save
-    persist_s: float = 0.0  # background write time, retries included
-    attempts: int = 0
-    error: str = ""
-    generation: int = 0  # the process-group generation that wrote it
-    world_size: int = 1  # ranks writing this checkpoint (all must report before a commit)
 
 
 class _HashingFileSystem(FileSystem):

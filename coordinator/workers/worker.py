@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from coordinator.checkpoint import storage
 from coordinator.checkpoint.restore import broadcast_full_state
-from coordinator.checkpoint.saver import CheckpointSaver, SaveReport, load_checkpoint
+from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
+from coordinator.protocol import Heartbeat, SaveReport, Source, SourceKind, StepReport, StopMode, TrainResult
 from train import data as data_lib
 from train import parallel
 from train.state import (
@@ -51,7 +52,6 @@ CONCURRENCY_GROUPS = {"control": 2, "train": 1}
 
 # Stop requests, agreed by all ranks after every step (a MAX all-reduce of each rank's request), so
 # every rank stops after the same step whichever of them heard the controller first.
-STOP_NONE, STOP_PAUSE, STOP_CHECKPOINT = 0, 1, 2
 # The vote's second element carries checkpoint requests (`checkpoint.interval_steps: auto`): the
 # highest request number any rank has heard. Every rank saves after the step where the agreed number
 # first exceeds the last one it saved for; that count is reset on every join, so it is the same on
@@ -77,38 +77,6 @@ class WorkerSpec:
     checkpoint_final: bool = False  # save at the last step (so a longer rerun can continue)
 
 
-@dataclass
-class StepReport:
-    step: int  # the step just completed (1-based count of completed steps)
-    weighted_loss: float  # this rank's mean loss times its share of the global batch
-    t: float  # unix time the step completed
-    duration_s: float  # wall time of the step on this rank
-
-
-@dataclass
-class Source:
-    """Where the members of a new generation take their training state from."""
-    kind: str = "init"  # init | checkpoint | peer
-    path: Optional[str] = None  # checkpoint: the step directory to load
-    src: Optional[int] = None  # peer: the new-generation rank that sends its full state
-    gather: bool = False  # peer under FSDP2: gather the shards over the old group first
-
-
-@dataclass
-class TrainResult:
-    step: int  # completed steps
-    stopped: bool  # True: stopped early on a stop request (a pause or an emergency checkpoint)
-
-
-@dataclass
-class Heartbeat:
-    rank: Optional[int]
-    generation: int
-    step: int  # completed steps
-    reports: List[StepReport] = field(default_factory=list)  # completed steps since last poll
-    saves: List[SaveReport] = field(default_factory=list)  # finished checkpoint writes since then
-
-
 class WorkerError(RuntimeError):
     """A failure inside a worker that is not a lost process (bad user task, collective error)."""
 
@@ -128,7 +96,7 @@ class TrainWorker:
         self._save_reports: "collections.deque[SaveReport]" = collections.deque()
         self.saver: Optional[CheckpointSaver] = None
         self._ctl_group = None  # gloo group for stop agreement and peer state (None: default)
-        self._stop = STOP_NONE
+        self._stop = StopMode.NONE
         self._save_request = 0  # the highest checkpoint request heard from the controller
         self._saved_request = 0  # the highest request acted on in this generation
         self._broken = False  # the current group failed: nothing more may run on it
@@ -160,8 +128,8 @@ class TrainWorker:
 
     @ray.method(concurrency_group="control")
     def request_stop(self, mode: int) -> None:
-        """Ask the training loop to stop after the current step (STOP_PAUSE), or to take a
-        checkpoint and stop (STOP_CHECKPOINT). All ranks agree on the step (see train)."""
+        """Ask the training loop to stop after the current step (StopMode.PAUSE), or to take a
+        checkpoint and stop (StopMode.CHECKPOINT). All ranks agree on the step (see train)."""
         self._stop = max(self._stop, mode)
 
     @ray.method(concurrency_group="control")
@@ -209,7 +177,7 @@ class TrainWorker:
         if source.gather and self.state is not None and not self._broken:
             held = full_state(self.state, sharded=True)  # FSDP2: over the old group, all alive
         self._teardown()
-        self._stop = STOP_NONE
+        self._stop = StopMode.NONE
         self._saved_request = 0
         timeout = timedelta(seconds=self.spec.collective_timeout_s)
         store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
@@ -328,7 +296,7 @@ class TrainWorker:
             now = time.time()
             self._reports.append(StepReport(st.step, loss * share, now, now - t0))
             try:
-                decided, save = STOP_NONE, 0
+                decided, save = StopMode.NONE, 0
                 if work is not None:
                     work.wait()
                     decided, save = int(vote[0]), int(vote[1])
@@ -338,11 +306,11 @@ class TrainWorker:
             except RuntimeError as e:
                 error = f"rank {self.rank} after step {st.step}: {' '.join(str(e).split())[:300]}"
                 break
-            if decided >= STOP_CHECKPOINT:
+            if decided >= StopMode.CHECKPOINT:
                 if self.saver is not None and self.saver.last_step != st.step:
                     self._checkpoint()
                 break
-            if decided >= STOP_PAUSE:
+            if decided >= StopMode.PAUSE:
                 break
             interval = spec.checkpoint_interval
             requested = save > self._saved_request

@@ -17,73 +17,31 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Protocol, Set
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from coordinator.worker import (
+from coordinator.protocol import (
+    FailureKind,
+    GroupError,
     Heartbeat,
+    PollResult,
     Source,
+    SourceKind,
+    StopMode,
     TrainResult,
-    TrainWorker,
-    WorkerError,
-    WorkerSpec,
+    WorkerFailure,
+    WorkerInfo,
 )
+from coordinator.workers.worker import TrainWorker, WorkerError, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class WorkerInfo:
-    rank: int
-    pid: int
-    node_id: str
-    host: str
-
-
-@dataclass
-class WorkerFailure:
-    rank: int
-    kind: str  # process_exit | node_lost | hang | collective_error | task_error
-    pid: Optional[int]
-    error: str
-
-
-@dataclass
-class PollResult:
-    heartbeats: Dict[int, Heartbeat] = field(default_factory=dict)
-    finished: Dict[int, TrainResult] = field(default_factory=dict)  # train calls that returned
-    failures: List[WorkerFailure] = field(default_factory=list)
-    silent_s: Dict[int, float] = field(default_factory=dict)  # rank -> seconds without an answer
-
-
 class CapacityError(RuntimeError):
     """The cluster could not place the requested workers in time."""
-
-
-class WorkerGroup(Protocol):
-    def start(self, world_size: int, exclude: Iterable[str] = (),
-              spares: int = 0) -> List[WorkerInfo]: ...
-    def spawn(self, n: int, exclude: Iterable[str] = ()) -> int: ...
-    def collect_ready(self) -> int: ...
-    def pending(self) -> int: ...
-    def assign(self, ranks: Dict[int, int], newcomers: List[int]) -> List[WorkerInfo]: ...
-    def form(self, generation: int, source: Source) -> List[WorkerFailure]: ...
-    last_restore_s: float  # after a form: the slowest member's time taking its state
-    def launch(self, until_step: int) -> None: ...
-    def poll(self, fresh: bool = False) -> PollResult: ...
-    def busy(self) -> Set[int]: ...
-    def request_stop(self, mode: int) -> None: ...
-    def request_checkpoint(self, number: int) -> None: ...
-    def chaos(self, rank: int, action: str, arg: Optional[float] = None) -> None: ...
-    def kill(self, rank: int) -> None: ...
-    def pid(self, rank: int) -> Optional[int]: ...
-    def node_of(self, rank: int) -> Optional[str]: ...
-    def ranks(self) -> List[int]: ...
-    def final_digest(self) -> str: ...
-    def shutdown(self) -> None: ...
 
 
 def _first_line(err: BaseException) -> str:

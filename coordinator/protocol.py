@@ -1,0 +1,198 @@
+"""The seam between deciding and carrying out: the types the controller and the workers exchange.
+
+Nothing here imports Ray or torch, so the controller (`coordinator/control/`) and its unit tests
+load neither. `WorkerGroup` is what the controller drives; `coordinator/workers/worker_group.py`
+is the real one (Ray actors) and `tests/fakes.py` the test double, checked against this Protocol.
+
+Every call on a `WorkerGroup` returns within about a second: long waits (workers starting, a
+generation forming, the final digest) are begun by one call and polled by the next, so the
+controller's `step()` never blocks and a preemption notice is acted on at once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Set, runtime_checkable
+
+
+class FailureKind(str, enum.Enum):
+    """Why a worker (or the job) stopped training. A `str` enum: it is written to events as is."""
+    PROCESS_EXIT = "process_exit"  # the worker's process died
+    NODE_LOST = "node_lost"  # ... and its node is gone too
+    HANG = "hang"  # no heartbeat for failure.hang_timeout_s while its peers answered
+    PREEMPT = "preempt"  # the scheduler's notice (SIGTERM, SIGUSR1) to the driver
+    COLLECTIVE_ERROR = "collective_error"  # a collective failed: usually a peer was lost
+    TASK_ERROR = "task_error"  # the user's code raised: not retried
+
+    @property
+    def lost(self) -> bool:
+        """The worker is gone (or killed for hanging): it must be replaced or dropped."""
+        return self in LOST_KINDS
+
+    def __str__(self) -> str:
+        return self.value
+
+
+LOST_KINDS = frozenset({FailureKind.PROCESS_EXIT, FailureKind.NODE_LOST, FailureKind.HANG})
+
+
+class StopMode(enum.IntEnum):
+    """A stop request, agreed by all ranks after each step (the highest request wins)."""
+    NONE = 0
+    PAUSE = 1  # stop after the agreed step (to re-form, e.g. to grow)
+    CHECKPOINT = 2  # checkpoint at the agreed step, then stop (a preemption notice)
+
+
+class SourceKind(str, enum.Enum):
+    """Where a generation's members take their training state from."""
+    INIT = "init"  # a fresh model (or the survivors' own state when nothing changed)
+    PEER = "peer"  # a surviving replica, broadcast
+    MEMORY = "memory"  # shards rebuilt from peers' in-memory snapshots
+    CHECKPOINT = "checkpoint"  # the latest committed checkpoint, resharded
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PlanAction(str, enum.Enum):
+    REFORM = "reform"  # form the next generation as planned
+    WAIT = "wait"  # too few workers: wait for capacity
+    ABORT = "abort"  # give up: the job fails
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class WorkerInfo:
+    rank: int  # -1 while a newcomer has no rank
+    pid: int
+    node_id: str
+    host: str
+
+
+@dataclass
+class WorkerFailure:
+    rank: int
+    kind: FailureKind
+    pid: Optional[int]
+    error: str
+
+    def __post_init__(self) -> None:
+        self.kind = FailureKind(self.kind)
+
+
+@dataclass
+class StepReport:
+    step: int  # the step just completed (1-based count of completed steps)
+    weighted_loss: float  # this rank's mean loss times its share of the global batch
+    t: float  # unix time the step completed
+    duration_s: float  # wall time of the step on this rank
+
+
+@dataclass
+class SaveReport:
+    """One rank's account of one checkpoint write (the driver commits once all ranks report)."""
+    step: int
+    rank: int
+    ok: bool
+    files: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> {size, sha256}
+    stall_s: float = 0.0  # training blocked: waiting for the previous save + staging
+    waited_s: float = 0.0  # the part of the stall spent waiting for the previous save
+    persist_s: float = 0.0  # background write time, retries included
+    attempts: int = 0
+    error: str = ""
+    generation: int = 0  # the process-group generation that wrote it
+    world_size: int = 1  # ranks writing this checkpoint (all must report before a commit)
+
+
+@dataclass
+class Heartbeat:
+    rank: Optional[int]
+    generation: int
+    step: int  # completed steps
+    reports: List[StepReport] = field(default_factory=list)  # completed steps since last poll
+    saves: List[SaveReport] = field(default_factory=list)  # finished checkpoint writes since then
+
+
+@dataclass
+class TrainResult:
+    step: int  # completed steps
+    stopped: bool  # True: stopped early on a stop request (a pause or an emergency checkpoint)
+
+
+@dataclass
+class Source:
+    """Where the members of a new generation take their training state from."""
+    kind: SourceKind = SourceKind.INIT
+    path: Optional[str] = None  # checkpoint: the step directory to load
+    src: Optional[int] = None  # peer: the new-generation rank that sends its full state
+    gather: bool = False  # peer under FSDP2: gather the shards over the old group first
+
+    def __post_init__(self) -> None:
+        self.kind = SourceKind(self.kind)
+
+
+@dataclass
+class PollResult:
+    heartbeats: Dict[int, Heartbeat] = field(default_factory=dict)
+    finished: Dict[int, TrainResult] = field(default_factory=dict)  # train calls that returned
+    failures: List[WorkerFailure] = field(default_factory=list)
+    silent_s: Dict[int, float] = field(default_factory=dict)  # rank -> seconds without an answer
+
+
+class GroupError(RuntimeError):
+    """The group could not do what was asked within its bound (e.g. the final digest)."""
+
+
+@runtime_checkable
+class WorkerGroup(Protocol):
+    """The workers of a job. Members are keyed by their rank in the current generation;
+    newcomers are spawned while the others train and take a rank at the next `assign`."""
+
+    last_restore_s: float  # after a generation formed: the slowest member's restore time
+
+    # ---- membership (newcomers start in the background) ----
+    def spawn(self, n: int, exclude: Iterable[str] = ()) -> int:
+        """Start up to `n` workers on nodes with room, not on `exclude`; returns how many."""
+    def collect_ready(self) -> int:
+        """Newcomers that answer become ready; dead or late ones are dropped. Returns ready."""
+    def pending(self) -> int:
+        """Newcomers placed and not yet given a rank (starting or ready)."""
+    def drop_newcomers(self) -> None:
+        """Stop every newcomer not yet given a rank."""
+    def capacity_note(self, exclude: Iterable[str] = ()) -> str:
+        """What one worker needs and where there is room, for error messages."""
+    def assign(self, ranks: Dict[int, int], newcomers: List[int]) -> List[WorkerInfo]:
+        """Next generation's members: `ranks` maps staying members' ranks to new ones, ready
+        newcomers take `newcomers`; members left out are stopped. Returns the newcomers."""
+    def ranks(self) -> List[int]: ...
+    def pid(self, rank: int) -> Optional[int]: ...
+    def node_of(self, rank: int) -> Optional[str]: ...
+
+    # ---- a generation ----
+    def begin_form(self, generation: int, source: Source) -> None:
+        """Every member starts joining `generation`, taking its state from `source`."""
+    def poll_form(self) -> Optional[List[WorkerFailure]]:
+        """None while the generation forms; then the failures (empty: formed)."""
+    def abort_form(self) -> None:
+        """Release members waiting in the rendezvous of the generation being formed."""
+    def launch(self, until_step: int) -> None:
+        """Every member trains until `until_step` or an agreed stop."""
+    def poll(self, fresh: bool = False) -> PollResult:
+        """One round of heartbeats (about a second at most; `fresh`: current answers from
+        every member, bounded by the RPC timeout)."""
+    def busy(self) -> Set[int]:
+        """Ranks whose train call has not returned."""
+    def wait(self, timeout_s: float) -> None:
+        """Sleep up to `timeout_s`, waking at once when a train call returns."""
+    def request_stop(self, mode: StopMode) -> None: ...
+    def request_checkpoint(self, number: int) -> None: ...
+    def chaos(self, rank: int, action: str, arg: Optional[float] = None) -> None: ...
+    def kill(self, rank: int) -> None: ...
+    def begin_digest(self) -> None:
+        """Start taking the weights digest (a collective under FSDP2)."""
+    def poll_digest(self) -> Optional[str]:
+        """None until the digest is known; raises GroupError past its bound."""
+    def shutdown(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Carrying out, on Ray: the TrainWorker actor and the group that places, forms and polls it."""

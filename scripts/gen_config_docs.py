@@ -240,12 +240,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="exit 1 if docs/configuration.md is not what the script would write")
     args = ap.parse_args(argv)
-    if args.check:
-        if is_stale():
-            print(f"docs/configuration.md is stale: run `{COMMAND}`", file=sys.stderr)
-            return 1
-        return 0
-    text = generate()
+    try:
+        if args.check:
+            if is_stale():
+                print(f"docs/configuration.md is stale: run `{COMMAND}`", file=sys.stderr)
+                return 1
+            return 0
+        text = generate()
+    except ValueError as e:  # config.py that the reference cannot be written from
+        print(f"gen_config_docs: {e}", file=sys.stderr)
+        return 1
     with open(OUTPUT, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"wrote {os.path.relpath(OUTPUT, ROOT)}")

@@ -58,7 +58,9 @@ class JobConfig:
 @dataclass
 class RunConfig:
     dir: Optional[str] = None  # run directory; default runs/<job.name> under the current directory
-    log_interval_s: float = 5.0  # seconds between progress lines when stdout is not a terminal
+    # seconds between progress lines when stdout is not a terminal, and between `progress`
+    # events and metric updates
+    log_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         _check(self.dir is None or str(self.dir).strip() != "", "run.dir", self.dir,
@@ -68,7 +70,9 @@ class RunConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # existing cluster ("auto", "ray://..", "host:port"); RAY_ADDRESS wins
+    # an existing cluster ("auto" on a head node, "host:port", "ray://..."); RAY_ADDRESS wins;
+    # unset: an embedded Ray started in-process
+    address: Optional[str] = None
     simulated_nodes: int = 0  # >0: start this many simulated nodes on this machine (embedded only)
     cpus_per_node: Optional[float] = None  # logical CPUs per simulated node; default: scaled to fit
 
@@ -82,14 +86,15 @@ class RayConfig:
 @dataclass
 class ScalingConfig:
     min_workers: int = 1  # fewest workers the job may train with
-    max_workers: int = 2  # most workers (one per CPU slot or GPU)
+    # most workers (one per CPU slot or GPU); the job starts as wide as capacity allows
+    max_workers: int = 2
     use_gpu: bool = False  # one GPU per worker, nccl backend; otherwise CPU with gloo
     cpus_per_worker: float = 1.0  # logical CPUs reserved per worker (also its torch thread count)
     grow: bool = True  # add workers (up to max_workers) at a step boundary when capacity appears
     # idle workers kept started (torch imported, task built) beyond max_workers when capacity
     # allows: a lost worker is then replaced in well under a second instead of a process start
     spare_workers: int = 0
-    grow_check_s: float = 2.0  # how often a running job looks for capacity to grow into
+    grow_check_s: float = 2.0  # seconds between a running job's looks for capacity to grow into
 
     def __post_init__(self) -> None:
         _check(self.grow_check_s > 0, "scaling.grow_check_s", self.grow_check_s, "must be > 0")
@@ -108,8 +113,8 @@ class TrainConfig:
     task_args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for the Task
     steps: int = 200  # total optimizer steps of the job
     global_batch_size: int = 16  # samples per step over all workers, whatever the world size
-    parallelism: str = "ddp"  # ddp (replicated) | fsdp (FSDP2, sharded)
-    collective_timeout_s: float = 120.0  # process-group timeout for one collective
+    parallelism: str = "ddp"  # one of PARALLELISMS: ddp replicates, fsdp shards (FSDP2 fully_shard)
+    collective_timeout_s: float = 120.0  # process-group timeout for one collective, in seconds
 
     def __post_init__(self) -> None:
         _check(isinstance(self.task, str) and bool(_TASK_RE.match(self.task)), "train.task",
@@ -125,13 +130,16 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    uri: Optional[str] = None  # any fsspec URI; default <run.dir>/checkpoints
+    # any fsspec URI: a path, file://, s3://bucket/prefix, memory://; default <run.dir>/checkpoints
+    uri: Optional[str] = None
     # steps between checkpoints; 0 = off; "auto": Young/Daly from the measured stall and failure
-    # rate (see coordinator/checkpoint/interval.py), re-chosen as measurements arrive
+    # rate (see docs/goodput.md and coordinator/checkpoint/interval.py), re-chosen as
+    # measurements arrive. With checkpoints on, the last step is saved too.
     interval_steps: Any = 0
-    keep: int = 3  # committed checkpoints to keep (>= 2)
+    keep: int = 3  # committed checkpoints to keep (>= 2); older ones are deleted
     async_: bool = True  # YAML key `async`: persist in the background after an in-memory snapshot
-    storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec
+    # passed to fsspec, e.g. {client_kwargs: {endpoint_url: ...}}
+    storage_options: Dict[str, Any] = field(default_factory=dict)
     verify_on_load: bool = True  # recheck sha256 of every file before restoring
 
     def __post_init__(self) -> None:
@@ -144,16 +152,21 @@ class CheckpointConfig:
 @dataclass
 class FailureConfig:
     max_failures: int = 10  # failures the job may survive before it fails (exit 3)
-    hang_timeout_s: float = 10.0  # no heartbeat answer for this long while peers answer = hang
-    wait_for_workers_s: float = 60.0  # how long to wait for min_workers worth of capacity
+    # seconds without a heartbeat answer while peers answer: the worker is hung, so it is killed
+    # and reported (kind: hang)
+    hang_timeout_s: float = 10.0
+    # seconds to wait for min_workers worth of capacity (at start and after a loss), then exit 3
+    wait_for_workers_s: float = 60.0
     # true: a recovery starts replacements where capacity allows and waits for them (up to
     # replace_timeout_s), so the world keeps its size and a DDP run stays bit-identical;
     # false: re-form at once with the survivors (fastest), and grow back later (scaling.grow)
     replace: bool = True
-    replace_timeout_s: float = 30.0  # how long a recovery waits for placed replacements to start
+    replace_timeout_s: float = 30.0  # seconds a recovery waits for placed replacements to start
     node_failure_limit: int = 3  # failures on one node before the job stops using it (0 = never)
-    backoff_s: float = 1.0  # wait before re-forming after the 2nd failure in a row, doubling
-    backoff_max_s: float = 30.0  # cap of that wait
+    # seconds to wait before re-forming after the 2nd failure in a row without a completed step,
+    # doubling with each further one
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0  # cap of that wait, in seconds
     # Per-worker mean time between failures, in seconds: what `checkpoint.interval_steps: auto`
     # assumes until the run has seen a failure of its own (then the observed rate is used).
     # The job's MTBF is this divided by the world size. Default: one week per worker.
@@ -188,14 +201,16 @@ class ChaosEvent:
 
 @dataclass
 class ChaosConfig:
-    events: List[ChaosEvent] = field(default_factory=list)  # scheduled faults (local simulation)
+    # scheduled faults for the local simulation: a list of {at_step, action, target}
+    events: List[ChaosEvent] = field(default_factory=list)
     # A seeded random schedule on top of `events`: `random_faults` faults drawn from
     # `random_actions`, at least `random_min_gap` steps apart, targets drawn among live ranks.
     random_faults: int = 0
-    random_seed: int = 0
+    random_seed: int = 0  # seed of the random schedule
+    # the actions random faults are drawn from (any action but preempt)
     random_actions: List[str] = field(default_factory=lambda: [
         "kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint"])
-    random_min_gap: int = 25
+    random_min_gap: int = 25  # fewest steps between two random faults
 
     def __post_init__(self) -> None:
         for i, ev in enumerate(self.events):
@@ -220,13 +235,16 @@ class ChaosConfig:
 
 @dataclass
 class Config:
-    job: JobConfig = field(default_factory=JobConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    job: JobConfig = field(default_factory=JobConfig)  # what the job is called and seeded with
+    run: RunConfig = field(default_factory=RunConfig)  # where the run writes and how it reports
+    ray: RayConfig = field(default_factory=RayConfig)  # which Ray: an existing cluster or embedded
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)  # world size bounds, resources
+    train: TrainConfig = field(default_factory=TrainConfig)  # what is trained, for how long, how
+    # where checkpoints go, how often, how many stay (see docs/checkpoints.md)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # detection, recovery and the failure budget (see docs/fault-tolerance.md)
     failure: FailureConfig = field(default_factory=FailureConfig)
+    # fault injection for the local simulation (see docs/fault-tolerance.md)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
 
     def __post_init__(self) -> None:

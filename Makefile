@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -v tests
+
+# the unit tier, for the edit loop (under 2 minutes); `make test` stays what CI runs
+test-fast: install
+	$(PY) -m pytest -q -m unit tests
 
 bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"

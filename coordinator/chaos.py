@@ -1,7 +1,9 @@
-"""Fault plan for the local simulation: the `chaos` section of the config as a list of due faults.
+"""Fault injection, in one place: the `chaos` section of the config as a schedule, and the
+injector that fires each fault when the job reaches its step.
 
-The controller asks `due(step)` on every poll and carries each fault out (see
-`Controller._inject`): kill_worker (SIGKILL), hang_worker (SIGSTOP), kill_during_checkpoint (the
+`ChaosInjector` is an observer (control/observers.py): the controller's state machine knows
+nothing of it. It carries each fault out through the worker group and the cluster hooks:
+kill_worker (SIGKILL), hang_worker (SIGSTOP), kill_during_checkpoint (the
 worker SIGKILLs itself while its next checkpoint is being written), kill_node (remove the simulated
 Ray node hosting a rank), add_node, preempt (SIGUSR1 to the driver) and storage_outage (checkpoint
 writes fail for a while). Faults from outside (a `kill -9` of any pid in events.jsonl) need no plan.
@@ -9,10 +11,15 @@ writes fail for a while). Faults from outside (a `kill -9` of any pid in events.
 
 from __future__ import annotations
 
+import logging
 import random
-from typing import List
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 from coordinator.config import ChaosConfig, ChaosEvent
+from coordinator.control.observers import Observer, Snapshot
+
+logger = logging.getLogger(__name__)
 
 
 def random_schedule(cfg: ChaosConfig, total_steps: int, max_workers: int) -> List[ChaosEvent]:
@@ -45,3 +52,50 @@ class ChaosPlan:
         self.pending = [e for e in self.pending if e.at_step > step]
         self.fired.extend(out)
         return out
+
+
+@dataclass
+class ClusterHooks:
+    """What chaos may do to the cluster beyond the workers (the runner fills these in)."""
+    remove_node: Callable[[str], bool] = lambda node_id: False  # a simulated node, by id
+    add_node: Callable[[], None] = lambda: None
+    preempt: Callable[[], None] = lambda: None  # signal the driver as a scheduler would
+    storage_outage: Callable[[float], None] = lambda seconds: None  # the driver's own writes
+
+
+class ChaosInjector(Observer):
+    def __init__(self, plan: ChaosPlan, group, bus, hooks: Optional[ClusterHooks] = None):
+        self.plan, self.group, self.bus = plan, group, bus
+        self.hooks = hooks or ClusterHooks()
+
+    def on_tick(self, snap: Snapshot) -> None:
+        for ev in self.plan.due(snap.step):
+            self.inject(ev, snap.step)
+
+    def inject(self, ev: ChaosEvent, step: int) -> None:
+        ranks = self.group.ranks()
+        rank = None
+        if isinstance(ev.target, int) and ranks:
+            rank = ev.target if ev.target in ranks else ranks[ev.target % len(ranks)]
+        pid = self.group.pid(rank) if rank is not None else None
+        logger.warning("chaos at step %d: %s%s", step, ev.action,
+                       f" rank {rank} (pid {pid})" if rank is not None else "")
+        self.bus.emit("chaos", action=ev.action, rank=rank, pid=pid, step=step,
+                      at_step=ev.at_step)
+        if ev.action in ("kill_worker", "hang_worker", "kill_during_checkpoint"):
+            self.group.chaos(rank, ev.action)
+        elif ev.action == "kill_node":
+            node = self.group.node_of(rank)
+            if not self.hooks.remove_node(node):
+                logger.warning("chaos: node %s is not a simulated node of this run: not removed",
+                               node)
+        elif ev.action == "add_node":
+            for _ in range(int(ev.target or 1)):
+                self.hooks.add_node()
+        elif ev.action == "preempt":
+            self.hooks.preempt()
+        elif ev.action == "storage_outage":
+            seconds = float(ev.target or 10.0)
+            self.hooks.storage_outage(seconds)  # the driver writes the manifests
+            for r in ranks:
+                self.group.chaos(r, "storage_outage", seconds)

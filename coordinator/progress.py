@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Optional, TextIO
 
-from coordinator.controller import Progress
+from coordinator.control.accounting import Progress
 
 
 def _fmt_eta(seconds: Optional[float]) -> str:

@@ -11,7 +11,9 @@ from datetime import timedelta
 from coordinator import goodput
 from coordinator.cluster import Cluster
 from coordinator.config import Config
-from coordinator.controller import Controller, Hooks, Phase
+from coordinator.control.controller import Controller
+from coordinator.control.observers import Bus, standard_observers
+from coordinator.control.state import Phase
 from coordinator.events import EventLog, write_json_atomic
 from coordinator.progress import ProgressReporter
 from coordinator.report import model_check
@@ -33,6 +35,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     # Imported here so that config errors are reported before torch and Ray load.
     import torch.distributed as dist
 
+    from coordinator.chaos import ClusterHooks
+    from coordinator.checkpoint import storage
     from coordinator.checkpoint.committer import Committer, absolute_uri
     from coordinator.metrics import JobMetrics
     from coordinator.workers.worker import WorkerSpec
@@ -63,16 +67,20 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
             checkpoint_interval=0 if auto else int(cfg.checkpoint.interval_steps or 0),
             checkpoint_async=cfg.checkpoint.async_,
             checkpoint_final=bool(cfg.checkpoint.interval_steps))
+        bus = Bus(events)
         committer = Committer(cfg.checkpoint.uri, cfg.checkpoint.storage_options,
                               cfg.checkpoint.keep, cfg.checkpoint.verify_on_load,
-                              cfg.config_hash(), events)
+                              cfg.config_hash(), bus)
         group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, store, cluster.driver_ip(),
                                cluster.free_slots, start_timeout_s=cfg.failure.wait_for_workers_s,
                                hang_timeout_s=cfg.failure.hang_timeout_s)
-        hooks = Hooks(remove_node=cluster.remove_node_of, add_node=cluster.add_node_if_simulated,
-                      preempt=lambda: os.kill(os.getpid(), signal.SIGUSR1))
-        controller = Controller(cfg, group, events, cluster.capacity, committer, hooks=hooks,
-                                metrics=JobMetrics(cfg.job.name))
+        hooks = ClusterHooks(remove_node=cluster.remove_node_of,
+                             add_node=cluster.add_node_if_simulated,
+                             preempt=lambda: os.kill(os.getpid(), signal.SIGUSR1),
+                             storage_outage=storage.inject_outage)
+        controller = Controller(cfg, group, bus, cluster.capacity, committer)
+        standard_observers(cfg, bus, group, controller.steps.warmup_steps, hooks,
+                           JobMetrics(cfg.job.name))
         restore_signals = _install_preemption_handlers(controller, reporter)
         while not controller.done:
             tr = controller.step()
@@ -82,7 +90,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
                 if tr.after in (Phase.RUNNING, Phase.PAUSING):
                     group.wait(POLL_INTERVAL_S)
                 else:
-                    time.sleep(0.05 if tr.after in (Phase.RECOVERING, Phase.FORMING) else 1.0)
+                    # capacity is asked of Ray's state API: once a second is enough
+                    time.sleep(1.0 if tr.note == "waiting for capacity" else 0.05)
         status = {Phase.DONE: "finished", Phase.INTERRUPTED: "interrupted"}.get(controller.phase,
                                                                                "failed")
     except KeyboardInterrupt:
@@ -107,7 +116,7 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     if error:
         summary["error"] = error
     events.emit("job_end", status=status, step=summary.get("steps", 0),
-                last_step_t=controller.last_step_t if controller else None)
+                last_step_t=controller.steps.last_step_t if controller else None)
     events.close()
     # Over every attempt of this run directory (reruns append to the same events.jsonl).
     try:

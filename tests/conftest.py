@@ -44,3 +44,16 @@ def run_cli(args, cwd=ROOT, timeout=240, env=None):
 @pytest.fixture
 def root():
     return ROOT
+
+
+TIERS = ("unit", "e2e", "s3", "slurm")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to exactly one tier (pyproject.toml's markers), so `make test-fast`
+    (-m unit) never silently drops a new test file."""
+    for item in items:
+        tiers = [t for t in TIERS if item.get_closest_marker(t) is not None]
+        if len(tiers) != 1:
+            raise pytest.UsageError(f"{item.nodeid}: mark it with exactly one tier of {TIERS} "
+                                    f"(found {tiers or 'none'})")

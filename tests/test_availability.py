@@ -14,6 +14,8 @@ import pytest
 from coordinator import availability as av
 from coordinator.goodput_sim import simulate_goodput, summarize
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "simulate_goodput.py")
 HOUR = 3600.0

@@ -20,6 +20,8 @@ from train.state import (apply_loaded, build_state, checkpoint_state, full_model
 from train.step import train_step
 from train.task import make_task
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def world1():

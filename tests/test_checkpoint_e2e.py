@@ -13,7 +13,7 @@ from conftest import NO_CHAOS, ROOT, run_cli
 from conftest import run_events as _events, run_summary as _summary
 from coordinator.checkpoint import manifest as mf
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
 

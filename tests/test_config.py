@@ -7,6 +7,8 @@ import pytest
 from conftest import run_cli
 from coordinator.config import ConfigError, load_config
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("overrides, expect", [
     (["train.steps=abc"], "train.steps"),

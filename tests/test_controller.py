@@ -3,205 +3,32 @@
 import pytest
 
 from coordinator.config import load_config
-from coordinator.controller import Controller, Phase
+from coordinator.control.accounting import StepAccounting
+from coordinator.control.controller import Controller
+from coordinator.control.observers import Bus, standard_observers
+from coordinator.control.scaling_policy import ScalingPolicy
+from coordinator.control.state import Phase
 from coordinator.events import EventLog, read_events
-from coordinator.scaling_policy import ScalingPolicy
-from coordinator.protocol import (Heartbeat, PollResult, SaveReport, StepReport, TrainResult,
-                                  WorkerFailure, WorkerInfo)
-from coordinator.workers.worker_group import CapacityError
+from coordinator.protocol import StepReport, WorkerFailure
+from fakes import FakeCommitter, FakeGroup
+
+pytestmark = pytest.mark.unit
 
 
-class FakeGroup:
-    """Workers in lockstep that advance `steps_per_poll` steps per poll. Faults are scripted:
-    `lose(ranks, kind, at_step)` kills ranks when the group reaches that step; survivors then
-    see a collective error, as gloo makes them do. Newcomers become ready `spawn_polls` polls
-    after `spawn`."""
-
-    def __init__(self, steps_per_poll=5, slots=4):
-        self.steps_per_poll = steps_per_poll
-        self.slots = slots  # worker slots in the fake cluster; free() is what is left
-        self.members = {}  # rank -> {"pid", "node", "step", "alive", "busy"}
-        self.pending_new = []  # [pid, node, polls left]
-        self.spawn_polls = 1
-        self.spawn_nodes = ["node0", "node1", "node2"]  # where newcomers go, in turn
-        self.next_pid = 1000
-        self.until = None
-        self.generation = None
-        self.sources = []  # (generation, Source) per form
-        self.form_failures = []  # failures to return from the next forms, in order
-        self.killed = []
-        self.silent = {}  # rank -> seconds without a heartbeat, reported by poll
-        self.stop_mode = 0
-        self.save_requests = []  # (request number, the group's step when it was asked)
-        self.saved_number = 0
-        self.last_restore_s = 0.0
-        self.faults = []  # [at_step, ranks, kind]
-        self.lag = {}  # rank -> steps behind when a fault stops the group
-        self.shut = False
-        self._finished = {}
-        self._late = []
-
-    def free(self):
-        alive = sum(1 for m in self.members.values() if m["alive"])
-        return max(0, self.slots - alive - len(self.pending_new))
-
-    # membership
-    def _new(self, node):
-        self.next_pid += 1
-        return {"pid": self.next_pid, "node": node, "step": 0, "alive": True, "busy": False}
-
-    def start(self, world_size, exclude=(), spares=0):
-        self.spawn(spares, exclude)
-        self.members = {r: self._new(f"node{r % 2}") for r in range(world_size)}
-        for r, m in self.members.items():
-            m["pid"] = 1000 + r
-        return [WorkerInfo(r, m["pid"], m["node"], "host") for r, m in self.members.items()]
-
-    def spawn(self, n, exclude=()):
-        nodes = [nd for nd in self.spawn_nodes if nd not in exclude]
-        for i in range(n):
-            self.pending_new.append([self._new(nodes[i % len(nodes)]), self.spawn_polls])
-        return n
-
-    def collect_ready(self):
-        return sum(1 for _, left in self.pending_new if left <= 0)
-
-    def pending(self):
-        return len(self.pending_new)
-
-    def assign(self, ranks, newcomers):
-        members = {new: self.members[old] for old, new in ranks.items()}
-        added = []
-        for r in newcomers:
-            i = next(i for i, (_, left) in enumerate(self.pending_new) if left <= 0)
-            m, _ = self.pending_new.pop(i)
-            members[r] = m
-            added.append(WorkerInfo(r, m["pid"], m["node"], "host"))
-        self.members = members
-        return added
-
-    def ranks(self):
-        return sorted(self.members)
-
-    # a generation
-    def form(self, generation, source):
-        self.generation = generation
-        self.sources.append((generation, source))
-        if self.form_failures:
-            return self.form_failures.pop(0)
-        step = {"peer": None, "checkpoint": None}.get(source.kind, 0)
-        if source.kind == "peer":
-            step = self.members[source.src]["step"]
-        elif source.kind == "checkpoint":
-            step = int(source.path.rsplit("-", 1)[1])
-        for m in self.members.values():
-            m["step"] = step
-        return []
-
-    def launch(self, until_step):
-        self.until = until_step
-        self.stop_mode = 0
-        self._finished = {}
-        for m in self.members.values():
-            m["busy"] = True
-
-    def busy(self):
-        return {r for r, m in self.members.items() if m["busy"] and m["alive"]}
-
-    def poll(self, fresh=False):
-        late, self._late = self._late, []
-        for entry in self.pending_new:
-            entry[1] -= 1
-        alive = {r: m for r, m in self.members.items() if m["alive"]}
-        res = PollResult(silent_s={r: self.silent.get(r, 0.0) for r in alive})
-        res.failures.extend(late)
-        running = {r: m for r, m in alive.items() if m["busy"]}
-        old = {r: m["step"] for r, m in alive.items()}
-        if running:
-            step = max(m["step"] for m in running.values())
-            target = min(self.until, step + self.steps_per_poll)
-            if self.stop_mode:
-                target = min(target, step + 1)
-            fault = next((f for f in self.faults if f[0] <= target), None)
-            if fault is not None:
-                self.faults.remove(fault)
-                at, ranks, kind = fault[:3]
-                if len(fault) > 3:
-                    self.slots = fault[3]  # e.g. a node went away with its slots
-                for r, m in running.items():
-                    m["step"] = max(m["step"], at - self.lag.get(r, 0))
-                    m["busy"] = False
-                    if r in ranks:
-                        m["alive"] = False
-                        f = WorkerFailure(r, kind.replace("_late", ""), m["pid"], "boom")
-                        # "_late": the survivors' errors arrive one poll before the death
-                        (self._late if kind.endswith("_late") else res.failures).append(f)
-                    else:
-                        res.failures.append(WorkerFailure(r, "collective_error", m["pid"],
-                                                          "peer closed"))
-            else:
-                for m in running.values():
-                    m["step"] = target
-                if target >= self.until or self.stop_mode:
-                    for r, m in running.items():
-                        m["busy"] = False
-                        res.finished[r] = TrainResult(target, target < self.until)
-        world = len(self.members)
-        # A checkpoint asked for is taken at the step the group reached (every member writes).
-        due = [n for n, _ in self.save_requests if n > self.saved_number]
-        saves = []
-        if due and running and not res.failures:
-            self.saved_number = max(due)
-            saves = [SaveReport(target, r, True, stall_s=0.05, persist_s=0.2,
-                                generation=self.generation, world_size=world) for r in running]
-        for r, m in alive.items():  # a rank lost in this poll reported its steps before dying
-            reps = [StepReport(s, (10.0 - s / 10) / world, 100.0 + s, 1.0)  # a step a second
-                    for s in range(old[r] + 1, m["step"] + 1)]
-            res.heartbeats[r] = Heartbeat(r, self.generation, m["step"], reps,
-                                          [x for x in saves if x.rank == r])
-            if not m["alive"]:
-                res.silent_s.pop(r, None)
-        return res
-
-    def request_stop(self, mode):
-        self.stop_mode = max(self.stop_mode, mode)
-
-    def request_checkpoint(self, number):
-        steps = [m["step"] for m in self.members.values() if m["alive"]]
-        self.save_requests.append((number, max(steps, default=0)))
-
-    def chaos(self, rank, action, arg=None):
-        self.faults.append([self.members[rank]["step"] + 1, [rank], "process_exit"])
-
-    def final_digest(self):
-        return "abc123"
-
-    def pid(self, rank):
-        return self.members[rank]["pid"] if rank in self.members else None
-
-    def node_of(self, rank):
-        return self.members[rank]["node"] if rank in self.members else None
-
-    def kill(self, rank):
-        self.killed.append(rank)
-        m = self.members[rank]
-        m["alive"], m["busy"] = False, False
-        self.silent.pop(rank, None)
-        for r, other in self.members.items():  # its peers leave the collective
-            other["busy"] = False
-
-    def shutdown(self):
-        self.shut = True
-
-
-def _controller(tmp_path, group, capacity=None, overrides=()):
+def _controller(tmp_path, group, capacity=None, overrides=(), committer=None):
+    """A controller on `group` with the job's standard observers; `committer(bus)` builds one."""
     cfg = load_config(None, ["train.steps=20", "scaling.min_workers=2", "scaling.max_workers=4",
                              f"run.dir={tmp_path}", *overrides])
     events = EventLog(str(tmp_path / "events.jsonl"))
+    bus = Bus(events)
     clock = iter(range(0, 10_000)).__next__  # one second per call
     cap = capacity if callable(capacity) else (
         group.free if capacity is None else (lambda: capacity))
-    return Controller(cfg, group, events, lambda exclude=(): cap(), clock=lambda: float(clock())), events
+    c = Controller(cfg, group, bus, lambda exclude=(): cap(),
+                   committer=committer(bus) if committer else None,
+                   clock=lambda: float(clock()))
+    standard_observers(cfg, bus, group, c.steps.warmup_steps)
+    return c, events
 
 
 def test_happy_path_one_transition_at_a_time(tmp_path):
@@ -218,7 +45,7 @@ def test_happy_path_one_transition_at_a_time(tmp_path):
         seen.append(t.progress.step)
     assert seen == [5, 10, 15, 20]
     assert t.after == Phase.FINALIZING
-    assert c.last_loss == pytest.approx(10.0 - 20 / 10)  # the weighted losses summed over ranks
+    assert c.steps.last_loss == pytest.approx(10.0 - 20 / 10)  # the weighted losses summed over ranks
     t = c.step()
     assert (t.before, t.after) == (Phase.FINALIZING, Phase.DONE) and c.done
     assert c.step().note == "terminal"
@@ -231,12 +58,11 @@ def test_happy_path_one_transition_at_a_time(tmp_path):
     assert formed["source"] == "init" and formed["ranks"] == [0, 1, 2, 3]
 
 
-def test_partial_step_reports_wait_for_every_rank(tmp_path):
-    c, _ = _controller(tmp_path, FakeGroup())
-    c.world_size = 2
-    c._account(1, 0.5, 1.0, 0.1)
+def test_partial_step_reports_wait_for_every_rank():
+    c = StepAccounting(total_steps=20)
+    c.add(StepReport(1, 0.5, 1.0, 0.1), world_size=2)
     assert c.last_step == 0 and c.last_loss is None
-    c._account(1, 0.25, 1.5, 0.2)
+    c.add(StepReport(1, 0.25, 1.5, 0.2), world_size=2)
     assert c.last_step == 1 and c.last_loss == 0.75 and c.step_time_s == pytest.approx(0.2)
 
 
@@ -244,7 +70,7 @@ def test_starts_narrower_when_capacity_is_short(tmp_path):
     group = FakeGroup()
     c, _ = _controller(tmp_path, group, capacity=3)
     c.step()
-    assert len(group.members) == 3 and c.world_size == 3
+    assert len(group.members) == 3 and c.job.world_size == 3
 
 
 def test_waits_for_capacity_then_fails_with_a_message(tmp_path):
@@ -260,8 +86,8 @@ def test_waits_for_capacity_then_fails_with_a_message(tmp_path):
 
 def test_placement_timeout_fails(tmp_path):
     class Unplaceable(FakeGroup):
-        def start(self, world_size, exclude=(), spares=0):
-            raise CapacityError("could not place 4 workers")
+        def spawn(self, n, exclude=()):
+            return 0
 
     c, _ = _controller(tmp_path, Unplaceable())
     c.step()
@@ -290,7 +116,7 @@ def test_lost_worker_replaced_in_its_rank_from_a_peer(tmp_path):
     group.faults = [[10, [1], "process_exit"]]
     c, events = _controller(tmp_path, group)
     _run(c)
-    assert c.phase == Phase.DONE and c.last_step == 20
+    assert c.phase == Phase.DONE and c.steps.last_step == 20
     (f,) = _events(events, "failure_detected")
     assert f["kind"] == "process_exit" and f["ranks"] == [1] and f["pids"] == [1001]
     assert f["step"] == 10
@@ -427,7 +253,7 @@ def test_grows_at_a_step_boundary_when_capacity_appears(tmp_path):
     c, events = _controller(tmp_path, group,
                             overrides=["train.steps=40", "scaling.grow_check_s=1"])
     c.step(), c.step(), c.step()
-    assert c.world_size == 2
+    assert c.job.world_size == 2
     group.slots = 4
     _run(c)
     assert c.phase == Phase.DONE and c.summary()["world_sizes"] == [2, 4]
@@ -447,39 +273,15 @@ def test_preemption_takes_a_checkpoint_and_stops(tmp_path):
     assert c.phase == Phase.INTERRUPTED and group.stop_mode == 2  # STOP_CHECKPOINT
     (f,) = _events(events, "failure_detected")
     assert f["kind"] == "preempt" and "SIGUSR1" in f["error"]
-    assert c.summary()["status"] == "interrupted" and c.last_step < 20
-
-
-class FakeCommitter:
-    def __init__(self, step):
-        self.step, self.committed, self.failed, self.protected = step, [step], [], set()
-        self.commits = []  # (step, stall_s, persist_s), as the real one records them
-
-    def resolve_resume(self):
-        from coordinator.checkpoint.manifest import CheckpointInfo
-        return CheckpointInfo(self.step, f"/ckpt/step-{self.step:08d}", "committed", "", {}, 4)
-
-    def latest_step(self):
-        return self.step
-
-    def end_generation(self, generation):
-        pass
-
-    def on_save(self, save):
-        if save.ok and save.step not in [c[0] for c in self.commits]:
-            self.commits.append((save.step, save.stall_s, save.persist_s))
-            self.committed.append(save.step)
+    assert c.summary()["status"] == "interrupted" and c.steps.last_step < 20
 
 
 def test_fsdp_rank_lost_restores_the_checkpoint(tmp_path):
     """(h) under FSDP2 a lost rank takes its shards: restore the last committed checkpoint."""
     group = FakeGroup()
     group.faults = [[12, [3], "process_exit", 3]]
-    c, events = _controller(tmp_path, group, overrides=["train.parallelism=fsdp"])
-    c.committer = FakeCommitter(10)
-    c.resume = None
-    c.step()  # STARTING resolved the resume through the committer: undo it for this test
-    c.resume, c._plan.source, c._plan.resumed_step, c.last_step = None, "init", 0, 0
+    c, events = _controller(tmp_path, group, overrides=["train.parallelism=fsdp"],
+                            committer=lambda bus: FakeCommitter(10, bus, resume=False))
     _run(c)
     _, src = group.sources[1]
     assert src.kind == "checkpoint" and src.path.endswith("step-00000010")
@@ -498,7 +300,7 @@ def test_a_failure_while_forming_starts_a_new_recovery(tmp_path):
     assert c.phase == Phase.DONE
     kinds = [(e["kind"], e["ranks"]) for e in _events(events, "failure_detected")]
     assert kinds == [("process_exit", [1]), ("process_exit", [1])]
-    assert len(_events(events, "recovered")) == 1 and c.incidents == 2
+    assert len(_events(events, "recovered")) == 1 and c.job.incidents == 2
 
 
 def test_a_node_failing_repeatedly_is_isolated(tmp_path):
@@ -543,8 +345,8 @@ def test_auto_interval_measures_first_then_follows_young_daly(tmp_path):
     group = FakeGroup(steps_per_poll=5)
     group.faults = [[80, [2], "process_exit"]]
     c, events = _controller(tmp_path, group, overrides=[
-        "train.steps=200", "checkpoint.interval_steps=auto", "failure.expected_mtbf_s=400"])
-    c.committer = FakeCommitter(0)
+        "train.steps=200", "checkpoint.interval_steps=auto", "failure.expected_mtbf_s=400"],
+        committer=lambda bus: FakeCommitter(0, bus, resume=False))
     c.committer.committed = []
     _run(c)
     assert c.phase == Phase.DONE
@@ -564,3 +366,49 @@ def test_auto_interval_measures_first_then_follows_young_daly(tmp_path):
     tau = math.sqrt(2 * 0.05 * obs["job_mtbf_s"])
     assert obs["interval_steps"] == min(200, math.ceil(tau / 1.0))
     assert c.summary()["checkpoint_interval"]["mtbf_source"] == "observed"
+
+
+def test_step_never_blocks_a_preemption_during_a_slow_formation_stops_at_once(tmp_path):
+    """A generation that takes long to form (a slow model build, a checkpoint restore) is
+    polled, not waited for: a preemption notice arriving meanwhile is acted on at the next
+    step, and the members still joining are released through the store."""
+    import time as real_time
+
+    group = FakeGroup()
+    group.form_polls = 10_000  # the formation would take far longer than the test
+    c, events = _controller(tmp_path, group)
+    c.step()
+    assert c.phase == Phase.FORMING
+    for _ in range(5):
+        t0 = real_time.monotonic()
+        assert "forming generation 1" in c.step().note
+        assert real_time.monotonic() - t0 < 0.5
+    c.request_preempt("SIGUSR1")
+    t = c.step()
+    assert t.after == Phase.INTERRUPTED and "SIGUSR1" in c.error
+    assert group.aborted == [1]
+    assert c.summary()["status"] == "interrupted"
+
+
+def test_workers_that_never_start_fail_within_the_wait(tmp_path):
+    class NeverReady(FakeGroup):
+        def collect_ready(self):
+            return 0
+
+    c, _ = _controller(tmp_path, NeverReady(), overrides=["failure.wait_for_workers_s=3"])
+    notes = [c.step().note for _ in range(4)]
+    assert all(n.startswith("starting 4 workers") for n in notes[:3]), notes
+    assert c.phase == Phase.FAILED
+    assert "only 0 of 4 workers started within failure.wait_for_workers_s=3" in c.error
+
+
+def test_the_controller_imports_neither_ray_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import coordinator.control.controller, coordinator.control.observers, "
+            "coordinator.chaos, coordinator.protocol, coordinator.checkpoint.committer; "
+            "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

@@ -7,6 +7,8 @@ from train import data as data_lib
 from train.tasks.gpt import TinyGPT
 from train.tasks.mlp import MLPRegression
 
+pytestmark = pytest.mark.unit
+
 
 # world > gbs is rejected by the config (train.global_batch_size >= scaling.max_workers).
 @pytest.mark.parametrize("gbs, world", [(g, w) for g in (1, 4, 7, 16, 33) for w in (1, 2, 3, 4, 5)

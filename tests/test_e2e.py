@@ -10,7 +10,7 @@ from conftest import run_events as _events, run_summary as _summary
 from dist_harness import run_world
 from train.state import weights_digest
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
 

@@ -19,7 +19,7 @@ from coordinator.checkpoint import manifest as mf
 from dist_harness import run_world
 from train.state import weights_digest
 
-pytestmark = pytest.mark.timeout(360)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(360)]
 
 CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
 STEPS = 150

@@ -1,8 +1,12 @@
+import pytest
+
 """The failure policy, node isolation and the chaos schedule on their own (pure functions)."""
 
 from coordinator.chaos import ChaosPlan, random_schedule
 from coordinator.config import load_config
-from coordinator.failure_policy import Facts, NodeIsolation, backoff, decide, grow_plan
+
+pytestmark = pytest.mark.unit
+from coordinator.control.failure_policy import Facts, NodeIsolation, backoff, decide, grow_plan
 
 
 def facts(**kw):

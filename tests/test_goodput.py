@@ -11,6 +11,8 @@ from conftest import ROOT
 from coordinator import goodput
 from coordinator.events import EventLog
 
+pytestmark = pytest.mark.unit
+
 T0 = 1_800_000_000.0
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from coordinator.checkpoint.interval import AutoInterval, AutoSchedule
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_first_choice_is_a_warm_up_checkpoint_to_measure_the_stall():
     c = AutoInterval(worker_mtbf_prior_s=3600, total_steps=1000, warmup_steps=50).choose(

@@ -5,7 +5,7 @@ import torch
 
 from dist_harness import reshard_roundtrip, run_world
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 # AdamW normalises tiny gradients, so float noise on near-zero ones shows up to ~1e-5 in the

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, free_port
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 
 def _scrape(port, found, stop):

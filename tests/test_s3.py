@@ -13,7 +13,7 @@ import pytest
 from conftest import NO_CHAOS, ROOT, free_port, run_cli
 from conftest import run_events as _events
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.s3, pytest.mark.timeout(420)]
 
 CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
 BUCKET = "ckpt-bucket"

@@ -16,7 +16,7 @@ from conftest import run_events as _events, run_summary as _summary
 from dist_harness import run_world
 from train.state import weights_digest
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
 PYTHON = sys.executable
 CONFIG = "configs/slurm.yaml"

@@ -40,10 +40,6 @@ from coordinator.workers.worker import TrainWorker, WorkerError, WorkerSpec
 logger = logging.getLogger(__name__)
 
 
-class CapacityError(RuntimeError):
-    """The cluster could not place the requested workers in time."""
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     # RayTaskError's text starts with a header line; the user-facing reason is the last line.
@@ -122,29 +118,16 @@ class RayWorkerGroup:
         self._hb_refs: Dict[int, ray.ObjectRef] = {}  # heartbeats in flight
         self._last_heard: Dict[int, float] = {}  # rank -> monotonic time of its last answer
         self._stash = PollResult()  # heartbeats taken outside poll(), handed out by the next one
+        self._form_refs: Dict[int, ray.ObjectRef] = {}  # joins in flight (begin_form)
+        self._form_generation = 0
+        self._form_aborted = False
+        self._digest_refs: List[ray.ObjectRef] = []
         self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
         self.last_restore_s = 0.0  # see WorkerGroup
 
     # ---- membership -----------------------------------------------------------------------
-    def start(self, world_size: int, exclude: Iterable[str] = (),
-              spares: int = 0) -> List[WorkerInfo]:
-        """Place `world_size` workers and give them ranks 0..world_size-1; also start up to
-        `spares` more where capacity allows, left idle (ready newcomers) when they answer."""
-        placed = self.spawn(world_size + spares, exclude)
-        if placed < world_size:
-            self._drop_newcomers()
-            raise CapacityError(f"could place only {placed} of {world_size} workers of "
-                                f"{self._bundle()} (free slots: {self.free_slots(exclude)})")
-        deadline = time.monotonic() + self.start_timeout_s
-        while self.collect_ready() < world_size:
-            if not self._spawning or time.monotonic() > deadline:
-                n = len(self._ready)
-                self._drop_newcomers()
-                raise CapacityError(
-                    f"only {n} of {world_size} workers started within "
-                    f"failure.wait_for_workers_s={self.start_timeout_s:g}s")
-            time.sleep(0.05)
-        return self.assign({}, list(range(world_size)))
+    def capacity_note(self, exclude: Iterable[str] = ()) -> str:
+        return f"each worker needs {self._bundle()}; free slots: {self.free_slots(exclude)}"
 
     def _bundle(self) -> Dict[str, float]:
         bundle = {"CPU": self.cpus_per_worker}
@@ -234,25 +217,32 @@ class RayWorkerGroup:
         return sorted(self.actors)
 
     # ---- a generation ---------------------------------------------------------------------
-    def form(self, generation: int, source: Source) -> List[WorkerFailure]:
-        """Every member joins generation `generation` and takes its state from `source`. If one
-        is lost while joining, the generation is aborted through the store so the others return
-        at once instead of waiting in the rendezvous."""
+    def begin_form(self, generation: int, source: Source) -> None:
+        """Every member starts joining generation `generation`, taking its state from `source`;
+        `poll_form` follows the joins."""
         world = len(self.actors)
-        refs = {r: a.join_group.remote(generation, r, world, self.store_host, self.store_port,
-                                       source)
-                for r, a in self.actors.items()}
+        self._form_refs = {r: a.join_group.remote(generation, r, world, self.store_host,
+                                                  self.store_port, source)
+                           for r, a in self.actors.items()}
         timeout = self.spec.collective_timeout_s + self.rpc_timeout_s
-        if source.kind == "checkpoint":
+        if source.kind == SourceKind.CHECKPOINT:
             timeout += 600
-        deadline = time.monotonic() + timeout
-        failures: List[WorkerFailure] = []
-        aborted = False
+        self._form_generation, self._form_timeout = generation, timeout
+        self._form_deadline = time.monotonic() + timeout
+        self._form_failures: List[WorkerFailure] = []
+        self._form_aborted = False
         self.last_restore_s = 0.0
         self._hb_refs, self._last_heard = {}, {r: time.monotonic() for r in self.actors}
-        while refs and time.monotonic() < deadline:
-            done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0.5)
-            finished = {r: ref for r, ref in refs.items() if ref in set(done)}
+
+    def poll_form(self) -> Optional[List[WorkerFailure]]:
+        """None while members are still joining; then the failures (empty: formed). If one is
+        lost while joining, the generation is aborted through the store so the others return at
+        once instead of waiting in the rendezvous."""
+        refs, generation = self._form_refs, self._form_generation
+        if refs and time.monotonic() < self._form_deadline:
+            done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0.05)
+            done_set = set(done)
+            finished = {r: ref for r, ref in refs.items() if ref in done_set}
             for r in finished:
                 del refs[r]
             joined, fs = self._collect(finished, timeout=0)
@@ -265,19 +255,27 @@ class RayWorkerGroup:
             if quiet and len(quiet) < len(self._last_heard):
                 for r in quiet:
                     self.kill(r)
-                    fs.append(WorkerFailure(r, "hang", self.pid(r),
+                    fs.append(WorkerFailure(r, FailureKind.HANG, self.pid(r),
                                             f"no heartbeat for {self.hang_timeout_s:g}s while "
                                             f"joining generation {generation}"))
                     del refs[r]
-            failures.extend(fs)
-            if fs and not aborted:
-                self.store.set(f"gen{generation}/abort", "1")
-                aborted = True
+            self._form_failures.extend(fs)
+            if fs:
+                self.abort_form()
+            if refs and time.monotonic() < self._form_deadline:
+                return None
         self._hb_refs = {}
         for r in refs:  # still joining at the deadline
-            failures.append(WorkerFailure(r, "hang", self.pid(r),
-                                          f"did not join generation {generation} in {timeout:g}s"))
-        return failures
+            self._form_failures.append(WorkerFailure(
+                r, FailureKind.HANG, self.pid(r),
+                f"did not join generation {generation} in {self._form_timeout:g}s"))
+        refs.clear()
+        return self._form_failures
+
+    def abort_form(self) -> None:
+        if not self._form_aborted and self._form_generation:
+            self.store.set(f"gen{self._form_generation}/abort", "1")
+            self._form_aborted = True
 
     def launch(self, until_step: int) -> None:
         self._train_refs = {r: a.train.remote(until_step) for r, a in self.actors.items()}
@@ -320,7 +318,7 @@ class RayWorkerGroup:
             seen = {f.rank for f in result.failures}
             result.failures.extend(f for f in failures if f.rank not in seen)
         for f in result.failures:
-            if f.kind in ("process_exit", "node_lost"):
+            if f.kind in (FailureKind.PROCESS_EXIT, FailureKind.NODE_LOST):
                 self.dead.add(f.rank)
                 self._hb_refs.pop(f.rank, None)
                 self._train_refs.pop(f.rank, None)
@@ -350,10 +348,10 @@ class RayWorkerGroup:
         for f in failures:
             if f.rank not in seen:
                 result.failures.append(f)
-                if f.kind in ("process_exit", "node_lost"):
+                if f.kind in (FailureKind.PROCESS_EXIT, FailureKind.NODE_LOST):
                     self.dead.add(f.rank)
 
-    def request_stop(self, mode: int) -> None:
+    def request_stop(self, mode: StopMode) -> None:
         for r, a in self.actors.items():
             if r not in self.dead:
                 a.request_stop.remote(mode)
@@ -376,10 +374,24 @@ class RayWorkerGroup:
             _reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                 info.node_id, soft=False)).remote(info.pid)
 
-    def final_digest(self) -> str:
+    def begin_digest(self) -> None:
         ranks = sorted(self.actors)
-        digests = ray.get([self.actors[r].final_digest.remote() for r in ranks],
-                          timeout=self.spec.collective_timeout_s + self.rpc_timeout_s)
+        self._digest_refs = [self.actors[r].final_digest.remote() for r in ranks]
+        self._digest_deadline = (time.monotonic() + self.spec.collective_timeout_s
+                                 + self.rpc_timeout_s)
+
+    def poll_digest(self) -> Optional[str]:
+        refs = self._digest_refs
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.05)
+        if len(done) < len(refs):
+            if time.monotonic() > self._digest_deadline:
+                raise GroupError(f"the weights digest took longer than "
+                                 f"train.collective_timeout_s={self.spec.collective_timeout_s:g}s")
+            return None
+        try:
+            digests = ray.get(refs, timeout=self.rpc_timeout_s)
+        except (RayActorError, RayTaskError) as e:
+            raise GroupError(f"the weights digest failed: {_first_sentence(e)}") from None
         return digests[0]  # rank 0's: the others return None
 
     def shutdown(self) -> None:
@@ -390,7 +402,7 @@ class RayWorkerGroup:
         self._spawning, self._ready = [], []
 
     # ---- helpers --------------------------------------------------------------------------
-    def _drop_newcomers(self) -> None:
+    def drop_newcomers(self) -> None:
         for nc in self._spawning + self._ready:
             self._kill(nc.actor)
         self._spawning, self._ready = [], []
@@ -418,14 +430,15 @@ class RayWorkerGroup:
             except RayTaskError as e:
                 # WorkerError: the collective failed (a peer died or hung); anything else was
                 # raised by the user's task code.
-                kind = "collective_error" if isinstance(e.cause, WorkerError) else "task_error"
+                kind = (FailureKind.COLLECTIVE_ERROR if isinstance(e.cause, WorkerError)
+                        else FailureKind.TASK_ERROR)
                 failures.append(WorkerFailure(rank, kind, self.pid(rank), _first_line(e)))
         return values, failures
 
     def _lost(self, rank: int, err: RayActorError) -> WorkerFailure:
         info = self.infos.get(rank)
         lost_node = info is not None and not _node_reachable(info.node_id)
-        kind = "node_lost" if lost_node else "process_exit"
+        kind = FailureKind.NODE_LOST if lost_node else FailureKind.PROCESS_EXIT
         return WorkerFailure(rank, kind, self.pid(rank), _first_sentence(err))
 
     def pid(self, rank: int) -> Optional[int]:

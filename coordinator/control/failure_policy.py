@@ -14,15 +14,24 @@ The rules, in order:
    step is lost. Under FSDP2 a lost rank takes its shards with it: restore the latest committed
    checkpoint, resharded (or start over when there is none). A group that grows without a loss
    gathers the FSDP2 shards first and sends them like a replica.
-5. Backoff: the first failure after progress re-forms at once; each further failure without a
+5. Hang: a worker silent past `failure.hang_timeout_s` while some peer still answers is hung;
+   when nobody answers, the driver's view is in doubt and nothing is decided (`hung`).
+6. Settling: survivors leave the failed collective within moments; one still in it after the
+   grace (`settle_grace_s`) is stuck and killed.
+7. Backoff: the first failure after progress re-forms at once; each further failure without a
    completed step in between waits twice as long (`failure.backoff_s`, capped at
    `failure.backoff_max_s`), so a crash loop does not spin.
 """
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from coordinator.protocol import FailureKind, PlanAction, SourceKind, WorkerFailure
+
+FSDP_SETTLE_S = 2.0  # how long FSDP2 survivors get to leave a failed group (see settle_grace_s)
 
 
 @dataclass
@@ -45,12 +54,12 @@ class Facts:
 
 @dataclass
 class Plan:
-    action: str  # reform | wait | abort
+    action: PlanAction
     reason: str
     world_size: int = 0
     ranks: Dict[int, int] = field(default_factory=dict)  # survivor's old rank -> new rank
     newcomers: List[int] = field(default_factory=list)  # ranks the newcomers take
-    source: str = "init"  # peer | checkpoint | init
+    source: SourceKind = SourceKind.INIT
     src: Optional[int] = None  # peer: the new rank of the sender
     resumed_step: int = 0
     backoff_s: float = 0.0
@@ -62,7 +71,7 @@ def backoff(streak: int, base_s: float, cap_s: float) -> float:
 
 def decide(f: Facts) -> Plan:
     if f.failures > f.max_failures:
-        return Plan("abort", f"failure budget spent: {f.failures} failures > "
+        return Plan(PlanAction.ABORT, f"failure budget spent: {f.failures} failures > "
                              f"failure.max_failures={f.max_failures}")
     alive = len(f.survivors)
     size = min(f.max_workers, alive + f.ready)
@@ -71,10 +80,10 @@ def decide(f: Facts) -> Plan:
         why = (f"{alive} workers survive and {f.ready} newcomers are ready: {missing} short of "
                f"scaling.min_workers={f.min_workers}")
         if f.waited_s >= f.wait_limit_s:
-            return Plan("abort", f"{why}; waited {f.waited_s:.0f}s "
+            return Plan(PlanAction.ABORT, f"{why}; waited {f.waited_s:.0f}s "
                                  f"(failure.wait_for_workers_s={f.wait_limit_s:g}); add nodes or "
                                  "lower scaling.min_workers")
-        return Plan("wait", why)
+        return Plan(PlanAction.WAIT, why)
     keep = sorted(f.survivors)[:size]  # more survivors than max_workers cannot happen; be safe
     if size >= f.world_size:
         ranks = {r: r for r in keep}
@@ -83,21 +92,21 @@ def decide(f: Facts) -> Plan:
     else:
         ranks = {old: new for new, old in enumerate(keep)}
         newcomers = list(range(len(keep), size))
-    plan = Plan("reform", "", world_size=size, ranks=ranks, newcomers=newcomers,
+    plan = Plan(PlanAction.REFORM, "", world_size=size, ranks=ranks, newcomers=newcomers,
                 backoff_s=backoff(f.streak, f.backoff_s, f.backoff_max_s))
     best = max(keep, key=lambda r: (f.survivors[r], -r)) if keep else None
     if f.parallelism == "ddp" and best is not None \
             and f.survivors[best] >= (f.checkpoint_step or 0):
-        plan.source, plan.src, plan.resumed_step = "peer", ranks[best], f.survivors[best]
+        plan.source, plan.src, plan.resumed_step = SourceKind.PEER, ranks[best], f.survivors[best]
         plan.reason = (f"{len(keep)} survivors keep their state; rank {best} (step "
                        f"{f.survivors[best]}) sends it to the others")
     elif f.checkpoint_step is not None:
-        plan.source, plan.resumed_step = "checkpoint", f.checkpoint_step
+        plan.source, plan.resumed_step = SourceKind.CHECKPOINT, f.checkpoint_step
         why = ("shards were lost" if f.parallelism == "fsdp"
                else "no survivor holds a newer state")
         plan.reason = f"{why}: restoring checkpoint step {f.checkpoint_step}"
     else:
-        plan.source, plan.resumed_step = "init", 0
+        plan.source, plan.resumed_step = SourceKind.INIT, 0
         plan.reason = "state lost and no committed checkpoint: starting over from step 0"
     if len(keep) < f.world_size and size < f.world_size:
         plan.reason += f"; shrinking {f.world_size} -> {size}"
@@ -111,9 +120,9 @@ def grow_plan(world_size: int, ready: int, max_workers: int, step: int) -> Plan:
     members keep their ranks, newcomers are appended, rank 0 sends the state (FSDP2 gathers it
     first: see Source.gather)."""
     size = min(max_workers, world_size + ready)
-    return Plan("reform", f"growing {world_size} -> {size}", world_size=size,
+    return Plan(PlanAction.REFORM, f"growing {world_size} -> {size}", world_size=size,
                 ranks={r: r for r in range(world_size)},
-                newcomers=list(range(world_size, size)), source="peer", src=0,
+                newcomers=list(range(world_size, size)), source=SourceKind.PEER, src=0,
                 resumed_step=step)
 
 
@@ -134,3 +143,44 @@ class NodeIsolation:
             self.isolated.append(node_id)
             return True
         return False
+
+
+def hung(silent_s: Dict[int, float], limit_s: float) -> List[int]:
+    """Ranks silent for longer than `limit_s` (failure.hang_timeout_s) while some peer still
+    answers. A frozen process (SIGSTOP, a GIL-bound loop) cannot answer on its control thread;
+    its peers, blocked in a collective with it, still can. If nobody answers, the driver's view
+    is in doubt (e.g. the whole node is frozen) and nothing is decided here."""
+    quiet = [r for r, s in silent_s.items() if s > limit_s]
+    if not quiet or len(quiet) == len(silent_s):
+        return []
+    return sorted(quiet)
+
+
+def settle_grace_s(parallelism: str, hang_timeout_s: float) -> float:
+    """How long survivors get to leave their failed collective before they count as stuck.
+    Under FSDP2 a survivor's shards are discarded anyway (the group restores a checkpoint), and
+    gloo can keep an FSDP2 survivor waiting on queued collectives of its peers until they exit:
+    give it FSDP_SETTLE_S at most."""
+    return min(hang_timeout_s, FSDP_SETTLE_S) if parallelism == "fsdp" else hang_timeout_s
+
+
+def by_kind(failures: List[WorkerFailure]) -> Dict[FailureKind, List[WorkerFailure]]:
+    out: Dict[FailureKind, List[WorkerFailure]] = collections.defaultdict(list)
+    for f in failures:
+        out[f.kind].append(f)
+    return dict(out)
+
+
+def describe(kind: FailureKind, fs: List[WorkerFailure]) -> str:
+    """'worker 2 lost (process exit, pid 4711)' / 'workers [0, 1] failed (task error: ...)'."""
+    ranks = fs[0].rank if len(fs) == 1 else [f.rank for f in fs]
+    noun = "worker" if len(fs) == 1 else "workers"
+    pids = ", ".join(str(f.pid) for f in fs)
+    words = kind.value.replace("_", " ")
+    if kind.lost:
+        return f"{noun} {ranks} lost ({words}, pid {pids})"
+    return f"{noun} {ranks} failed ({words}: {fs[0].error})"
+
+
+def describe_all(failures: List[WorkerFailure]) -> str:
+    return "; ".join(describe(k, fs) for k, fs in by_kind(failures).items())

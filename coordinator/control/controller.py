@@ -1,0 +1,592 @@
+"""The job controller: a state machine you can step (phases and their data: control/state.py).
+
+Each `step()` performs one transition, or one poll of the workers, and returns a `Transition`
+saying what happened. It never sleeps and never waits on the workers for long: every
+`WorkerGroup` call returns within about a second (long waits are begun by one call and polled
+by the next), so a preemption notice is acted on at the next step. The caller paces the polls,
+and tests drive it one iteration at a time with a fake group (tests/fakes.py).
+
+The controller gathers facts and carries out decisions; *what* to decide comes from the policies
+(`failure_policy`, `scaling_policy`); step and loss bookkeeping is `accounting`; side concerns
+(progress events, metrics, the auto interval, chaos) are observers on the `Bus`.
+
+A failure (a lost process or node, a hang, a collective error) moves RUNNING to RECOVERING: the
+survivors' train calls return (their broken group is torn down), replacements are placed where
+capacity allows, the failure policy plans the next generation, and FORMING re-forms it in place:
+survivors are not restarted. The `recovered` event is written when the new generation completes
+its first step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from coordinator.config import Config
+from coordinator.control import failure_policy as fp
+from coordinator.control import scaling_policy as sp
+from coordinator.control.accounting import Progress, StepAccounting
+from coordinator.control.observers import Bus, Snapshot
+from coordinator.control.state import (
+    TERMINAL, Ended, Finalizing, Forming, JobRecord, Pausing, Phase, Recovering, Running,
+    Starting,
+)
+from coordinator.protocol import (
+    FailureKind, GroupError, PlanAction, PollResult, Source, SourceKind, StopMode, WorkerFailure,
+    WorkerGroup,
+)
+
+logger = logging.getLogger(__name__)
+
+Step = Tuple[str, Optional[Progress]]  # what a phase handler returns: (note, progress)
+
+
+@dataclass
+class Transition:
+    before: Phase
+    after: Phase
+    note: str = ""
+    progress: Optional[Progress] = None
+
+
+class Controller:
+    def __init__(self, cfg: Config, group: WorkerGroup, bus: Bus,
+                 capacity: Callable[..., int], committer=None,
+                 clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.group = group
+        self.bus = bus
+        self.capacity = capacity  # capacity(exclude=[node ids]) -> workers that fit now
+        self.committer = committer  # coordinator.checkpoint.committer.Committer, or None
+        self.clock = clock
+        self.scaling = sp.ScalingPolicy(cfg.scaling.min_workers, cfg.scaling.max_workers)
+        self.isolation = fp.NodeIsolation(cfg.failure.node_failure_limit)
+        self.job = JobRecord()
+        self.steps = StepAccounting(cfg.train.steps)
+        self.state: Any = Starting()
+        self.preempt_signal: Optional[str] = None  # set by the runner's signal handler
+        self.started_at = clock()
+        self._capacity_checked = -1e18  # when a running job last looked for capacity
+
+    # ---- the state machine ----------------------------------------------------------------
+    @property
+    def phase(self) -> Phase:
+        return self.state.phase
+
+    @property
+    def done(self) -> bool:
+        return self.phase in TERMINAL
+
+    def step(self) -> Transition:
+        before = self.phase
+        if self.done:
+            return Transition(before, before, "terminal")
+        handler = getattr(self, f"_{before.value}")
+        note, progress = handler(self.state, self.clock())
+        return Transition(before, self.phase, note, progress)
+
+    def request_preempt(self, signal_name: str) -> None:
+        """A scheduler's notice (SIGTERM, SIGUSR1): checkpoint at the next step, then stop."""
+        if self.preempt_signal is None:
+            self.preempt_signal = signal_name
+
+    def _starting(self, st: Starting, now: float) -> Step:
+        if self.preempt_signal is not None:
+            return self._end(Phase.INTERRUPTED, "preempted before the workers started"), None
+        if not st.world_size:
+            note = self._place_initial(st, now)
+            if note:
+                return note, None
+        ready = self.group.collect_ready()
+        if ready < st.world_size:
+            if self.group.pending() == ready \
+                    or now - st.placed_at >= self.cfg.failure.wait_for_workers_s:
+                self.group.drop_newcomers()
+                return self._end(Phase.FAILED, (
+                    f"only {ready} of {st.world_size} workers started within "
+                    f"failure.wait_for_workers_s={self.cfg.failure.wait_for_workers_s:g}s")), None
+            return f"starting {st.world_size} workers ({ready} ready)", None
+        for info in self.group.assign({}, list(range(st.world_size))):
+            self._worker_started(info)
+        self.job.world_size = st.world_size
+        self._enter_forming(st.plan, "start")
+        return f"started {st.world_size} workers", None
+
+    def _place_initial(self, st: Starting, now: float) -> str:
+        """Size the first generation from capacity and place its workers (and spares, where
+        capacity is left, so they are ready early). Returns a note while it cannot."""
+        exclude = self.isolation.isolated
+        cap = self.capacity(exclude=exclude)
+        decision = self.scaling.initial(cap)
+        if decision.world_size is None:
+            wait_s = self.cfg.failure.wait_for_workers_s
+            if st.waiting_since is None:
+                st.waiting_since = now
+                self._capacity_wait(decision.reason)
+            if now - st.waiting_since >= wait_s:
+                return self._end(Phase.FAILED, (
+                    f"not enough capacity: {decision.reason}; waited "
+                    f"{now - st.waiting_since:.0f}s (failure.wait_for_workers_s={wait_s:g}); "
+                    "lower scaling.min_workers or scaling.cpus_per_worker, or add nodes"))
+            return "waiting for capacity"
+        n = decision.world_size
+        st.plan = fp.Plan(PlanAction.REFORM, "initial", world_size=n)
+        self._resume(st.plan)
+        logger.info(decision.reason)
+        spares = max(0, min(self.cfg.scaling.spare_workers, cap - n))
+        placed = self.group.spawn(n + spares, exclude=exclude)
+        if placed < n:
+            self.group.drop_newcomers()
+            return self._end(Phase.FAILED, f"could not place {n} workers: only {placed} placed "
+                                           f"({self.group.capacity_note(exclude)})")
+        if spares:
+            logger.info("starting %d spare worker(s) (scaling.spare_workers=%d)", spares,
+                        self.cfg.scaling.spare_workers)
+        st.world_size, st.placed_at = n, now
+        return ""
+
+    def _resume(self, plan: fp.Plan) -> None:
+        """A rerun of the same command resumes: a committed checkpoint beats the initial state."""
+        if self.committer is None:
+            return
+        self.job.resume = info = self.committer.resolve_resume()
+        if info is None:
+            return
+        self.steps.resume_at(info.step)
+        plan.source, plan.resumed_step = SourceKind.CHECKPOINT, info.step
+        logger.info("resuming from checkpoint step %d (%s, saved by %s workers)", info.step,
+                    info.path, info.world_size)
+        if info.step >= self.cfg.train.steps:
+            logger.warning("nothing left to train: the checkpoint is at step %d and "
+                           "train.steps=%d; raise train.steps to continue, or use another "
+                           "run.dir / checkpoint.uri to start afresh", info.step,
+                           self.cfg.train.steps)
+
+    def _enter_forming(self, plan: fp.Plan, cause: str, rec: Optional[Recovering] = None,
+                 checkpoint=None) -> None:
+        """Enter FORMING with `plan`; `checkpoint` is what a recovery restores."""
+        source = Source(plan.source, src=plan.src, gather=(
+            plan.source == SourceKind.PEER and self.cfg.train.parallelism == "fsdp"))
+        if plan.source == SourceKind.CHECKPOINT:
+            source.path = (checkpoint or self.job.resume).path
+        self.state = Forming(plan, source, cause, rec)
+
+    def _worker_started(self, info) -> None:
+        self.bus.emit("worker_start", rank=info.rank, pid=info.pid, node_id=info.node_id,
+                      host=info.host, generation=self.job.generation + 1)
+
+    def _forming(self, st: Forming, now: float) -> Step:
+        plan, rec, job = st.plan, st.recovery, self.job
+        if self.preempt_signal is not None:  # no formed group to checkpoint: the last commit stands
+            self.group.abort_form()
+            return self._end(Phase.INTERRUPTED, (
+                f"{self.preempt_signal} received while forming a generation at step "
+                f"{self.steps.last_step}: stopping without a new checkpoint")), None
+        if rec is not None and now < rec.not_before:
+            return "backing off", None
+        if not st.began:
+            st.began = True
+            job.generation += 1
+            self.bus.emit("group_forming", generation=job.generation,
+                          world_size=plan.world_size, source=plan.source, cause=st.cause)
+            self.group.begin_form(job.generation, st.source)
+        failures = self.group.poll_form()
+        if failures is None:
+            return f"forming generation {job.generation}", None
+        job.world_size = plan.world_size
+        if failures:
+            logger.warning("generation %d did not form", job.generation)
+            return self._failure(failures, now, during="forming", carry=rec), None
+        if self.committer is not None:
+            self.committer.end_generation(job.generation - 1)
+        job.world_sizes.append(plan.world_size)
+        self.steps.new_generation(plan.resumed_step)
+        self.bus.emit("group_formed", generation=job.generation, world_size=plan.world_size,
+                      ranks=self.group.ranks(), source=plan.source, step=plan.resumed_step,
+                      restore_s=round(self.group.last_restore_s, 4))
+        logger.info("generation %d formed: %d workers, state from %s at step %d",
+                    job.generation, plan.world_size, plan.source, plan.resumed_step)
+        if rec is not None:
+            self.steps.expect_recovery({
+                "generation": job.generation, "world_size": plan.world_size,
+                "source": plan.source, "resumed_step": plan.resumed_step,
+                "lost_steps": max(0, rec.step_before - plan.resumed_step),
+                "last_step_t": rec.progress_t}, t0=rec.t0)
+        self.group.launch(self.cfg.train.steps)
+        self.state = Running()
+        return f"generation {job.generation} formed", None
+
+    def _running(self, st: Running, now: float) -> Step:
+        poll, failed = self._poll_training(now)
+        if failed is not None:
+            return failed, self.progress()
+        finished = poll.finished
+        last = max((r.step for r in finished.values()), default=0)
+        if finished and not self.group.busy() and not any(r.stopped for r in finished.values()) \
+                and last >= self.cfg.train.steps:
+            # The train calls returned: drain the last reports, which may postdate the heartbeat.
+            self._absorb(self.group.poll())
+            self.state = Finalizing()
+            return f"all workers reached step {last}", self.progress()
+        if self.preempt_signal is not None:
+            return self._begin_pause("preempt"), self.progress()
+        self.bus.tick(self._snapshot(now))
+        return self._grow(now), self.progress()
+
+    def _poll_training(self, now: float) -> Tuple[PollResult, Optional[str]]:
+        """One poll of a training group: absorb what it reports; lost, hung or failed workers
+        start a recovery. Returns (poll, the failure's note or None)."""
+        poll = self.group.poll()
+        self._absorb(poll)
+        failures = poll.failures or self._kill_hung(poll)
+        return poll, (self._failure(failures, now) if failures else None)
+
+    def _begin_pause(self, reason: str) -> str:
+        if reason == "preempt":
+            self.bus.emit("failure_detected", kind=FailureKind.PREEMPT, ranks=[], pids=[],
+                          generation=self.job.generation, step=self.steps.last_step,
+                          error=f"{self.preempt_signal} received",
+                          last_step_t=self.steps.last_step_t)
+            logger.warning("%s received: taking an emergency checkpoint, then stopping",
+                           self.preempt_signal)
+            self.group.request_stop(StopMode.CHECKPOINT)
+        else:
+            self.bus.emit("pausing", reason=reason, step=self.steps.last_step)
+            self.group.request_stop(StopMode.PAUSE)
+        self.state = Pausing(reason)
+        return f"pausing ({reason})"
+
+    def _pausing(self, st: Pausing, now: float) -> Step:
+        _, failed = self._poll_training(now)
+        if failed is not None:
+            return failed, self.progress()
+        if self.preempt_signal is not None and st.reason != "preempt":
+            st.reason = "preempt"  # a notice during a grow pause: checkpoint first
+            self.group.request_stop(StopMode.CHECKPOINT)
+        if self.group.busy():
+            return "", self.progress()
+        # Every train call returned at the same step. Drain the reports (the emergency
+        # checkpoint's among them) before deciding.
+        self._absorb(self.group.poll())
+        if st.reason == "preempt":
+            return self._end(Phase.INTERRUPTED, f"stopped at step {self.steps.last_step} on "
+                                                f"{self.preempt_signal}"), self.progress()
+        if self.steps.last_step >= self.cfg.train.steps:
+            self.state = Finalizing()
+            return "finished while pausing", self.progress()
+        ready = self.group.collect_ready()
+        plan = fp.grow_plan(self.job.world_size, ready, self.cfg.scaling.max_workers,
+                            self.steps.last_step)
+        if plan.world_size <= self.job.world_size:  # the newcomers vanished: carry on
+            self.group.launch(self.cfg.train.steps)
+            self.state = Running()
+            return "no newcomer ready: resuming", self.progress()
+        for info in self.group.assign(plan.ranks, plan.newcomers):
+            self._worker_started(info)
+        logger.info("%s at step %d", plan.reason, self.steps.last_step)
+        self._enter_forming(plan, "grow")
+        return plan.reason, self.progress()
+
+    def _grow(self, now: float) -> str:
+        """Look for capacity to grow into (or for spares) every scaling.grow_check_s."""
+        sc = self.cfg.scaling
+        ready = self.group.collect_ready()
+        due = now - self._capacity_checked >= sc.grow_check_s
+        g = sp.growth(self.job.world_size, sc.max_workers, sc.grow, sc.spare_workers, ready,
+                      self.group.pending() - ready, self.group.pending(), due)
+        if g.pause:  # all of them at once: one pause, not one per newcomer
+            logger.info("%d new worker(s) ready: growing at the next step boundary", ready)
+            return self._begin_pause("grow")
+        if due:
+            self._capacity_checked = now
+        n = self._spawn_up_to(g.spawn)
+        if not n:
+            return ""
+        if g.spares:
+            logger.info("starting %d spare worker(s) (scaling.spare_workers=%d)", n,
+                        sc.spare_workers)
+            return f"starting {n} spares"
+        logger.info("capacity for %d more worker(s): starting them", n)
+        return f"starting {n} newcomers"
+
+    def _spawn_up_to(self, want: int) -> int:
+        """Start up to `want` newcomers, as many as capacity allows now."""
+        if want <= 0:
+            return 0
+        cap = self.capacity(exclude=self.isolation.isolated)
+        return self.group.spawn(min(want, cap), exclude=self.isolation.isolated) if cap else 0
+
+    # ---- failures and recovery ------------------------------------------------------------
+    def _kill_hung(self, poll: PollResult) -> List[WorkerFailure]:
+        limit = self.cfg.failure.hang_timeout_s
+        hung = [WorkerFailure(r, FailureKind.HANG, self.group.pid(r),
+                              f"no heartbeat for {poll.silent_s[r]:.0f}s")
+                for r in fp.hung(poll.silent_s, limit)]
+        for f in hung:
+            logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs while "
+                           "its peers did (failure.hang_timeout_s=%g): killing it", f.rank,
+                           f.pid, poll.silent_s[f.rank], limit)
+            self.group.kill(f.rank)
+        return hung
+
+    def _failure(self, failures: List[WorkerFailure], now: float, during: str = "training",
+                 carry: Optional[Recovering] = None) -> str:
+        """Record failures; a user-code error fails the job, anything else starts a recovery
+        (or joins the one in progress). `carry`: a recovery cut short by this failure, whose
+        start time and step the new one keeps."""
+        job = self.job
+        task_errors = [f for f in failures if f.kind == FailureKind.TASK_ERROR]
+        if task_errors:
+            self._report(task_errors)
+            return self._end(Phase.FAILED, f"worker failure at step {self.steps.last_step}: "
+                                           f"{fp.describe_all(task_errors)}")
+        rec = self.state if isinstance(self.state, Recovering) else None
+        new_incident = rec is None
+        if rec is None:
+            job.incidents += 1
+            job.streak += 1
+            rec = Recovering(now, job.world_size,
+                             step_before=max(self.steps.max_step_seen, self.steps.last_step))
+            if carry is not None:
+                rec.t0, rec.step_before = carry.t0, max(rec.step_before, carry.step_before)
+            self.state = rec
+        lost = [f for f in failures if f.kind.lost and f.rank not in rec.lost]
+        rec.lost.update(f.rank for f in lost)
+        # A survivor's collective error is a consequence: its cause (a lost worker) usually shows
+        # in the same poll or the next. Collective errors are reported only if, once the
+        # survivors settle, no worker turned out lost.
+        if new_incident and not lost:
+            rec.unexplained = list(failures)
+        if lost:
+            self._report(lost)
+        for node in dict.fromkeys(self.group.node_of(f.rank) for f in lost):
+            if node in rec.nodes_hit:
+                continue  # one failure per node and incident, however many workers it held
+            rec.nodes_hit.add(node)
+            if self.isolation.record(node):
+                logger.warning("node %s had %d worker failures (failure.node_failure_limit=%d): "
+                               "this job no longer places workers on it", node,
+                               self.isolation.counts[node], self.isolation.limit)
+                self.bus.emit("node_isolated", node_id=node, failures=self.isolation.counts[node])
+        if rec.settled and lost:
+            rec.settled = False  # a survivor died while we planned: look again
+        desc = fp.describe_all(lost or failures)
+        if new_incident:
+            logger.warning("%s at step %d (%s); recovering (failure %d of "
+                           "failure.max_failures=%d)", desc, self.steps.last_step, during,
+                           job.incidents, self.cfg.failure.max_failures)
+        elif lost:
+            logger.warning("%s while recovering; it is replaced in the same recovery", desc)
+        return desc
+
+    def _report(self, failures: List[WorkerFailure]) -> None:
+        self.job.failures.extend(failures)
+        for kind, fs in fp.by_kind(failures).items():
+            self.bus.emit("failure_detected", kind=kind, ranks=[f.rank for f in fs],
+                          pids=[f.pid for f in fs], generation=self.job.generation,
+                          step=self.steps.last_step, error=fs[0].error,
+                          last_step_t=self.steps.last_step_t)
+
+    def _recovering(self, rec: Recovering, now: float) -> Step:
+        if self.preempt_signal is not None:  # no whole group to checkpoint: the last commit stands
+            return self._end(Phase.INTERRUPTED, (
+                f"{self.preempt_signal} received while recovering at step "
+                f"{self.steps.last_step}: stopping without a new checkpoint")), None
+        poll = self.group.poll()
+        self._absorb(poll)
+        more = [f for f in poll.failures if f.kind.lost or f.kind == FailureKind.TASK_ERROR]
+        if more:
+            self._failure(more, now)
+            if self.done:
+                return self.state.error, None
+        if not rec.settled:
+            note = self._settle(rec, now)
+            if note:
+                return note, None
+        cfg = self.cfg
+        need = sp.replacements(rec.world_size, len(rec.survivors), self.group.pending(),
+                               cfg.scaling.min_workers, cfg.scaling.max_workers,
+                               cfg.failure.replace)
+        if need.needed and (rec.spawned_at is None or now - rec.spawned_at >= 1.0) \
+                and self._spawn_up_to(need.want):
+            rec.spawned_at = now
+        ready = self.group.collect_ready()
+        starting = self.group.pending() - ready
+        if starting and rec.spawned_at is None:
+            rec.spawned_at = now  # started before the failure (growth, spares): wait for them too
+        if starting and need.needed and now - rec.spawned_at < cfg.failure.replace_timeout_s:
+            return f"waiting for {starting} replacement(s) to start", None
+        plan = fp.decide(self._facts(rec, ready, now))
+        if plan.action == PlanAction.ABORT:
+            return self._end(Phase.FAILED, f"cannot recover: {plan.reason}"), None
+        if plan.action == PlanAction.WAIT:
+            if rec.wait_since is None:
+                rec.wait_since = now
+                self._capacity_wait(plan.reason)
+            return "waiting for capacity", None
+        checkpoint = None
+        if plan.source == SourceKind.CHECKPOINT:
+            checkpoint = self.committer.resolve_resume()  # reads and verifies it
+            if checkpoint is None:
+                logger.error("no readable committed checkpoint: starting over from step 0")
+                plan.source, plan.resumed_step = SourceKind.INIT, 0
+            else:
+                plan.resumed_step = checkpoint.step
+        for info in self.group.assign(plan.ranks, plan.newcomers):
+            self._worker_started(info)
+        rec.not_before = now + plan.backoff_s
+        if plan.backoff_s:
+            logger.warning("failure %d in a row without progress: waiting %.1fs before "
+                           "re-forming (failure.backoff_s=%g)", self.job.streak, plan.backoff_s,
+                           cfg.failure.backoff_s)
+        logger.info("recovery plan: %s", plan.reason)
+        self._enter_forming(plan, "recovery", rec, checkpoint)
+        return plan.reason, None
+
+    def _settle(self, rec: Recovering, now: float) -> Optional[str]:
+        """Wait for the survivors to leave the failed group, then take each one's final step.
+        Returns a note while not settled, None once settled."""
+        busy = self.group.busy() - rec.lost
+        if busy:
+            # Survivors leave their broken collective within moments (their peers close the
+            # group); one that does not within the grace is stuck: kill it.
+            grace = fp.settle_grace_s(self.cfg.train.parallelism, self.cfg.failure.hang_timeout_s)
+            if now - rec.t0 <= grace:
+                return "waiting for survivors to leave the failed group"
+            stuck = [WorkerFailure(r, FailureKind.HANG, self.group.pid(r),
+                                   "still in the failed collective") for r in sorted(busy)]
+            for f in stuck:
+                logger.warning("worker %d did not leave the failed group within %gs: "
+                               "killing it", f.rank, grace)
+                self.group.kill(f.rank)
+            self._failure(stuck, now)
+            return "killed stuck survivors"
+        fresh = self.group.poll(fresh=True)  # every survivor's final step
+        self._absorb(fresh)
+        lost_now = [f for f in fresh.failures if f.kind.lost]
+        if lost_now:
+            self._failure(lost_now, now)
+            return "a survivor was lost while settling"
+        rec.survivors = {r: hb.step for r, hb in fresh.heartbeats.items() if r not in rec.lost}
+        missing = set(self.group.ranks()) - rec.lost - set(rec.survivors)
+        if missing:  # no answer: treat as lost
+            for r in sorted(missing):
+                self.group.kill(r)
+            self._failure([WorkerFailure(r, FailureKind.HANG, self.group.pid(r), "no answer")
+                           for r in sorted(missing)], now)
+            return "survivors did not answer"
+        rec.settled = True
+        # The last moment any survivor completed a step: the lost worker's own last reports
+        # died with it, so failure_detected's last_step_t can be up to a poll earlier.
+        rec.progress_t = self.steps.newest_report_t()
+        if not rec.lost and rec.unexplained:  # nobody was lost: the errors are the failure
+            self._report(rec.unexplained)
+            rec.unexplained = []
+        for step in rec.survivors.values():
+            self.steps.saw(step)
+        return None
+
+    def _facts(self, rec: Recovering, ready: int, now: float) -> fp.Facts:
+        ckpt = self.committer.latest_step() if self.committer is not None else None
+        fc, sc = self.cfg.failure, self.cfg.scaling
+        return fp.Facts(world_size=rec.world_size, survivors=dict(rec.survivors), ready=ready,
+                        min_workers=sc.min_workers, max_workers=sc.max_workers,
+                        parallelism=self.cfg.train.parallelism, checkpoint_step=ckpt,
+                        failures=self.job.incidents, max_failures=fc.max_failures,
+                        streak=self.job.streak, backoff_s=fc.backoff_s,
+                        backoff_max_s=fc.backoff_max_s,
+                        waited_s=(now - rec.wait_since) if rec.wait_since is not None else 0.0,
+                        wait_limit_s=fc.wait_for_workers_s)
+
+    def _capacity_wait(self, reason: str) -> None:
+        logger.warning("waiting for capacity: %s (up to failure.wait_for_workers_s=%gs)", reason,
+                       self.cfg.failure.wait_for_workers_s)
+        self.bus.emit("capacity_wait", reason=reason, step=self.steps.last_step)
+
+    # ---- what the workers report ----------------------------------------------------------
+    def _absorb(self, poll: PollResult) -> None:
+        for hb in poll.heartbeats.values():
+            for rep in hb.reports:
+                done = self.steps.add(rep, self.job.world_size)
+                if done is None:
+                    continue
+                self.job.streak = 0
+                if done.recovered is not None:
+                    self._recovered(done.recovered)
+            for save in hb.saves:
+                if self.committer is not None:
+                    self.committer.on_save(save)  # commits are announced on the bus
+            self.steps.saw(hb.step)
+
+    def _recovered(self, rec: Dict[str, Any]) -> None:
+        self.job.recoveries.append(rec)
+        self.bus.emit("recovered", **rec)
+        logger.warning("recovered: generation %d, %d workers, state from %s at step %d, "
+                       "%d steps lost, %.2fs from detection to this step", rec["generation"],
+                       rec["world_size"], rec["source"], rec["resumed_step"], rec["lost_steps"],
+                       rec["recovery_s"])
+
+    def _snapshot(self, now: float) -> Snapshot:
+        s = self.steps
+        return Snapshot(now=now, step=s.last_step, step_t=s.last_step_t, loss=s.last_loss,
+                        world_size=self.job.world_size, steps_per_s=s.steps_per_s(),
+                        step_s=s.mean_step_s(), step_time_s=s.step_time_s,
+                        wall_s=now - self.started_at, incidents=self.job.incidents,
+                        exposure_worker_s=s.exposure_worker_s)
+
+    def progress(self) -> Progress:
+        return self.steps.progress(self.job.world_size)
+
+    # ---- endings --------------------------------------------------------------------------
+    def _finalizing(self, st: Finalizing, now: float) -> Step:
+        if not st.began:
+            st.began = True
+            self.group.begin_digest()
+        try:
+            digest = self.group.poll_digest()
+        except GroupError as e:
+            return self._end(Phase.FAILED, str(e)), None
+        if digest is None:
+            return "taking the weights digest", None
+        self.job.digest = digest
+        self.state = Ended(Phase.DONE)
+        return "done", self.progress()
+
+    def _end(self, phase: Phase, message: str) -> str:
+        self.state = Ended(phase, message)
+        (logger.warning if phase == Phase.INTERRUPTED else logger.error)(message)
+        return message
+
+    @property
+    def error(self) -> Optional[str]:
+        return getattr(self.state, "error", None)
+
+    def summary(self) -> Dict[str, Any]:
+        job, s, c = self.job, self.steps, self.committer
+        status = {Phase.DONE: "finished", Phase.INTERRUPTED: "interrupted"}.get(self.phase,
+                                                                               "failed")
+        return {
+            "job": self.cfg.job.name,
+            "status": status,
+            "steps": s.last_step,
+            "total_steps": self.cfg.train.steps,
+            "final_loss": s.last_loss,
+            "weights_digest": job.digest,
+            "world_sizes": job.world_sizes,
+            "generations": job.generation,
+            "failures": len(job.failures),
+            "recoveries": len(job.recoveries),
+            "lost_steps": sum(r["lost_steps"] for r in job.recoveries),
+            "resumed_from_step": job.resume.step if job.resume else None,
+            "checkpoints_committed": len(c.committed) if c else 0,
+            "checkpoints_failed": len(c.failed) if c else 0,
+            "isolated_nodes": list(self.isolation.isolated),
+            "steps_per_s": s.steady_steps_per_s(),
+            "wall_s": round(self.clock() - self.started_at, 3),
+            "step_s": round(s.step_time_s, 3),  # time in steps (the slowest rank's, summed)
+            "checkpoint_interval": self.cfg.checkpoint.interval_steps,
+            "error": self.error,
+            **self.bus.summary(),
+        }

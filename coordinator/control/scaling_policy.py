@@ -1,0 +1,66 @@
+"""How many workers to run with: facts (capacity, limits) in, a decision out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ScalingDecision:
+    world_size: Optional[int]  # None: not enough capacity, wait
+    reason: str
+
+
+class ScalingPolicy:
+    def __init__(self, min_workers: int, max_workers: int):
+        self.min_workers, self.max_workers = min_workers, max_workers
+
+    def initial(self, capacity: int) -> ScalingDecision:
+        """Start as wide as capacity allows, up to max_workers; below min_workers, wait."""
+        if capacity < self.min_workers:
+            return ScalingDecision(None, f"capacity for {capacity} workers, "
+                                         f"scaling.min_workers={self.min_workers}")
+        n = min(self.max_workers, capacity)
+        why = "max_workers" if n == self.max_workers else f"capacity for {capacity} workers"
+        return ScalingDecision(n, f"starting {n} workers ({why}; "
+                                  f"min {self.min_workers}, max {self.max_workers})")
+
+
+@dataclass(frozen=True)
+class Replacements:
+    want: int  # newcomers still to start (may be <= 0)
+    needed: bool  # whether the recovery waits for them (failure.replace, or below min_workers)
+
+
+def replacements(world_size: int, survivors: int, pending: int, min_workers: int,
+                 max_workers: int, replace: bool) -> Replacements:
+    """After a loss: start newcomers up to the size before the failure (at least min_workers,
+    at most max_workers), counting those already starting. With failure.replace=false the
+    survivors carry on alone unless they are fewer than min_workers."""
+    target = min(max_workers, max(world_size, min_workers))
+    return Replacements(target - survivors - pending, replace or survivors < min_workers)
+
+
+@dataclass(frozen=True)
+class Growth:
+    pause: bool = False  # pause at the next step boundary and re-form with the ready newcomers
+    spawn: int = 0  # newcomers (or spares) to start now, if capacity allows
+    spares: bool = False  # the ones to start are idle spares, not members-to-be
+
+
+def growth(world_size: int, max_workers: int, grow: bool, spare_workers: int, ready: int,
+           starting: int, pending: int, check_due: bool) -> Growth:
+    """While training: below max_workers (and scaling.grow on), start newcomers when capacity
+    appears (every scaling.grow_check_s) and pause once they are all ready, so the group grows
+    in one pause, not one per newcomer. At max_workers, keep scaling.spare_workers started and
+    idle instead, ready to replace a lost worker at once."""
+    if world_size >= max_workers or not grow:
+        if not spare_workers or not check_due:
+            return Growth()
+        return Growth(spawn=max(0, spare_workers - pending), spares=True)
+    if ready and not starting:
+        return Growth(pause=True)
+    if not check_due:
+        return Growth()
+    return Growth(spawn=max(0, max_workers - world_size - pending))

@@ -1,0 +1,108 @@
+"""The controller's phases, one object each, holding the data that belongs to that phase only.
+
+    Starting -> Forming -> Running -> Finalizing -> Ended(done)
+                  ^  |       |   \\
+                  |  v       v    Pausing (grow at a step boundary, or preempt) -> Ended(interrupted)
+               Recovering <--+
+    (any phase) -> Ended(failed)
+
+Data that outlives a phase (generation, failures, the world sizes so far) is on `JobRecord`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set
+
+from coordinator.control.failure_policy import Plan
+from coordinator.protocol import Source, WorkerFailure
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    FORMING = "forming"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    RECOVERING = "recovering"
+    FINALIZING = "finalizing"
+    DONE = "done"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+TERMINAL = (Phase.DONE, Phase.FAILED, Phase.INTERRUPTED)
+
+
+@dataclass
+class Starting:
+    phase = Phase.STARTING
+    waiting_since: Optional[float] = None  # capacity short since then
+    world_size: int = 0  # 0 until capacity allowed a size and the workers were placed
+    placed_at: float = 0.0
+    plan: Optional[Plan] = None
+
+
+@dataclass
+class Recovering:
+    """One recovery in progress, from detection to the new generation's plan."""
+    phase = Phase.RECOVERING
+    t0: float  # when the failure was detected
+    world_size: int  # the size of the generation that failed
+    step_before: int = 0  # the highest step any rank completed before the failure
+    lost: Set[int] = field(default_factory=set)
+    nodes_hit: Set[str] = field(default_factory=set)  # nodes counted toward isolation
+    unexplained: List[WorkerFailure] = field(default_factory=list)  # errors without a lost worker
+    settled: bool = False  # every survivor left the failed group and reported its step
+    survivors: Dict[int, int] = field(default_factory=dict)  # rank -> completed step
+    spawned_at: Optional[float] = None
+    wait_since: Optional[float] = None
+    not_before: float = 0.0  # backoff: do not re-form before this time
+    progress_t: Optional[float] = None  # when the last step of any survivor completed
+
+
+@dataclass
+class Forming:
+    phase = Phase.FORMING
+    plan: Plan
+    source: Source
+    cause: str  # start | recovery | grow
+    recovery: Optional[Recovering] = None  # the recovery this generation ends
+    began: bool = False
+
+
+@dataclass
+class Running:
+    phase = Phase.RUNNING
+
+
+@dataclass
+class Pausing:
+    phase = Phase.PAUSING
+    reason: str  # grow | preempt
+
+
+@dataclass
+class Finalizing:
+    phase = Phase.FINALIZING
+    began: bool = False
+
+
+@dataclass
+class Ended:
+    phase: Phase
+    error: Optional[str] = None
+
+
+@dataclass
+class JobRecord:
+    """What the job has been through, across phases and generations (the summary's facts)."""
+    generation: int = 0
+    world_size: int = 0
+    world_sizes: List[int] = field(default_factory=list)
+    failures: List[WorkerFailure] = field(default_factory=list)
+    incidents: int = 0  # failures counted against failure.max_failures
+    streak: int = 0  # failures without a completed step in between
+    recoveries: List[Dict[str, Any]] = field(default_factory=list)
+    resume: Optional[Any] = None  # the checkpoint this run started from (CheckpointInfo)
+    digest: Optional[str] = None

@@ -28,7 +28,9 @@ from coordinator.config import Config
 from coordinator.control import failure_policy as fp
 from coordinator.control import scaling_policy as sp
 from coordinator.control.accounting import Progress, StepAccounting
+from coordinator.control.incidents import Incidents
 from coordinator.control.observers import Bus, Snapshot
+from coordinator.control.summary import job_summary
 from coordinator.control.state import (
     TERMINAL, Ended, Finalizing, Forming, JobRecord, Pausing, Phase, Recovering, Running,
     Starting,
@@ -62,9 +64,10 @@ class Controller:
         self.committer = committer  # coordinator.checkpoint.committer.Committer, or None
         self.clock = clock
         self.scaling = sp.ScalingPolicy(cfg.scaling.min_workers, cfg.scaling.max_workers)
-        self.isolation = fp.NodeIsolation(cfg.failure.node_failure_limit)
         self.job = JobRecord()
         self.steps = StepAccounting(cfg.train.steps)
+        self.incidents = Incidents(cfg, group, bus, self.job, self.steps)
+        self.isolation = self.incidents.isolation
         self.state: Any = Starting()
         self.preempt_signal: Optional[str] = None  # set by the runner's signal handler
         self.started_at = clock()
@@ -240,7 +243,7 @@ class Controller:
         start a recovery. Returns (poll, the failure's note or None)."""
         poll = self.group.poll()
         self._absorb(poll)
-        failures = poll.failures or self._kill_hung(poll)
+        failures = poll.failures or self.incidents.kill_hung(poll)
         return poll, (self._failure(failures, now) if failures else None)
 
     def _begin_pause(self, reason: str) -> str:
@@ -319,75 +322,16 @@ class Controller:
         return self.group.spawn(min(want, cap), exclude=self.isolation.isolated) if cap else 0
 
     # ---- failures and recovery ------------------------------------------------------------
-    def _kill_hung(self, poll: PollResult) -> List[WorkerFailure]:
-        limit = self.cfg.failure.hang_timeout_s
-        hung = [WorkerFailure(r, FailureKind.HANG, self.group.pid(r),
-                              f"no heartbeat for {poll.silent_s[r]:.0f}s")
-                for r in fp.hung(poll.silent_s, limit)]
-        for f in hung:
-            logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs while "
-                           "its peers did (failure.hang_timeout_s=%g): killing it", f.rank,
-                           f.pid, poll.silent_s[f.rank], limit)
-            self.group.kill(f.rank)
-        return hung
-
     def _failure(self, failures: List[WorkerFailure], now: float, during: str = "training",
                  carry: Optional[Recovering] = None) -> str:
-        """Record failures; a user-code error fails the job, anything else starts a recovery
-        (or joins the one in progress). `carry`: a recovery cut short by this failure, whose
-        start time and step the new one keeps."""
-        job = self.job
-        task_errors = [f for f in failures if f.kind == FailureKind.TASK_ERROR]
-        if task_errors:
-            self._report(task_errors)
-            return self._end(Phase.FAILED, f"worker failure at step {self.steps.last_step}: "
-                                           f"{fp.describe_all(task_errors)}")
-        rec = self.state if isinstance(self.state, Recovering) else None
-        new_incident = rec is None
+        """A user-code error fails the job; anything else starts a recovery (or joins the one in
+        progress). `carry`: a recovery this failure cut short (see Incidents.record)."""
+        current = self.state if isinstance(self.state, Recovering) else None
+        rec, note = self.incidents.record(failures, now, current, during, carry)
         if rec is None:
-            job.incidents += 1
-            job.streak += 1
-            rec = Recovering(now, job.world_size,
-                             step_before=max(self.steps.max_step_seen, self.steps.last_step))
-            if carry is not None:
-                rec.t0, rec.step_before = carry.t0, max(rec.step_before, carry.step_before)
-            self.state = rec
-        lost = [f for f in failures if f.kind.lost and f.rank not in rec.lost]
-        rec.lost.update(f.rank for f in lost)
-        # A survivor's collective error is a consequence: its cause (a lost worker) usually shows
-        # in the same poll or the next. Collective errors are reported only if, once the
-        # survivors settle, no worker turned out lost.
-        if new_incident and not lost:
-            rec.unexplained = list(failures)
-        if lost:
-            self._report(lost)
-        for node in dict.fromkeys(self.group.node_of(f.rank) for f in lost):
-            if node in rec.nodes_hit:
-                continue  # one failure per node and incident, however many workers it held
-            rec.nodes_hit.add(node)
-            if self.isolation.record(node):
-                logger.warning("node %s had %d worker failures (failure.node_failure_limit=%d): "
-                               "this job no longer places workers on it", node,
-                               self.isolation.counts[node], self.isolation.limit)
-                self.bus.emit("node_isolated", node_id=node, failures=self.isolation.counts[node])
-        if rec.settled and lost:
-            rec.settled = False  # a survivor died while we planned: look again
-        desc = fp.describe_all(lost or failures)
-        if new_incident:
-            logger.warning("%s at step %d (%s); recovering (failure %d of "
-                           "failure.max_failures=%d)", desc, self.steps.last_step, during,
-                           job.incidents, self.cfg.failure.max_failures)
-        elif lost:
-            logger.warning("%s while recovering; it is replaced in the same recovery", desc)
-        return desc
-
-    def _report(self, failures: List[WorkerFailure]) -> None:
-        self.job.failures.extend(failures)
-        for kind, fs in fp.by_kind(failures).items():
-            self.bus.emit("failure_detected", kind=kind, ranks=[f.rank for f in fs],
-                          pids=[f.pid for f in fs], generation=self.job.generation,
-                          step=self.steps.last_step, error=fs[0].error,
-                          last_step_t=self.steps.last_step_t)
+            return self._end(Phase.FAILED, note)
+        self.state = rec
+        return note
 
     def _recovering(self, rec: Recovering, now: float) -> Step:
         if self.preempt_signal is not None:  # no whole group to checkpoint: the last commit stands
@@ -402,7 +346,7 @@ class Controller:
             if self.done:
                 return self.state.error, None
         if not rec.settled:
-            note = self._settle(rec, now)
+            note = self.incidents.settle(rec, now, self._absorb)
             if note:
                 return note, None
         cfg = self.cfg
@@ -418,7 +362,8 @@ class Controller:
             rec.spawned_at = now  # started before the failure (growth, spares): wait for them too
         if starting and need.needed and now - rec.spawned_at < cfg.failure.replace_timeout_s:
             return f"waiting for {starting} replacement(s) to start", None
-        plan = fp.decide(self._facts(rec, ready, now))
+        ckpt = self.committer.latest_step() if self.committer is not None else None
+        plan = fp.decide(self.incidents.facts(rec, ready, now, ckpt))
         if plan.action == PlanAction.ABORT:
             return self._end(Phase.FAILED, f"cannot recover: {plan.reason}"), None
         if plan.action == PlanAction.WAIT:
@@ -444,61 +389,6 @@ class Controller:
         logger.info("recovery plan: %s", plan.reason)
         self._enter_forming(plan, "recovery", rec, checkpoint)
         return plan.reason, None
-
-    def _settle(self, rec: Recovering, now: float) -> Optional[str]:
-        """Wait for the survivors to leave the failed group, then take each one's final step.
-        Returns a note while not settled, None once settled."""
-        busy = self.group.busy() - rec.lost
-        if busy:
-            # Survivors leave their broken collective within moments (their peers close the
-            # group); one that does not within the grace is stuck: kill it.
-            grace = fp.settle_grace_s(self.cfg.train.parallelism, self.cfg.failure.hang_timeout_s)
-            if now - rec.t0 <= grace:
-                return "waiting for survivors to leave the failed group"
-            stuck = [WorkerFailure(r, FailureKind.HANG, self.group.pid(r),
-                                   "still in the failed collective") for r in sorted(busy)]
-            for f in stuck:
-                logger.warning("worker %d did not leave the failed group within %gs: "
-                               "killing it", f.rank, grace)
-                self.group.kill(f.rank)
-            self._failure(stuck, now)
-            return "killed stuck survivors"
-        fresh = self.group.poll(fresh=True)  # every survivor's final step
-        self._absorb(fresh)
-        lost_now = [f for f in fresh.failures if f.kind.lost]
-        if lost_now:
-            self._failure(lost_now, now)
-            return "a survivor was lost while settling"
-        rec.survivors = {r: hb.step for r, hb in fresh.heartbeats.items() if r not in rec.lost}
-        missing = set(self.group.ranks()) - rec.lost - set(rec.survivors)
-        if missing:  # no answer: treat as lost
-            for r in sorted(missing):
-                self.group.kill(r)
-            self._failure([WorkerFailure(r, FailureKind.HANG, self.group.pid(r), "no answer")
-                           for r in sorted(missing)], now)
-            return "survivors did not answer"
-        rec.settled = True
-        # The last moment any survivor completed a step: the lost worker's own last reports
-        # died with it, so failure_detected's last_step_t can be up to a poll earlier.
-        rec.progress_t = self.steps.newest_report_t()
-        if not rec.lost and rec.unexplained:  # nobody was lost: the errors are the failure
-            self._report(rec.unexplained)
-            rec.unexplained = []
-        for step in rec.survivors.values():
-            self.steps.saw(step)
-        return None
-
-    def _facts(self, rec: Recovering, ready: int, now: float) -> fp.Facts:
-        ckpt = self.committer.latest_step() if self.committer is not None else None
-        fc, sc = self.cfg.failure, self.cfg.scaling
-        return fp.Facts(world_size=rec.world_size, survivors=dict(rec.survivors), ready=ready,
-                        min_workers=sc.min_workers, max_workers=sc.max_workers,
-                        parallelism=self.cfg.train.parallelism, checkpoint_step=ckpt,
-                        failures=self.job.incidents, max_failures=fc.max_failures,
-                        streak=self.job.streak, backoff_s=fc.backoff_s,
-                        backoff_max_s=fc.backoff_max_s,
-                        waited_s=(now - rec.wait_since) if rec.wait_since is not None else 0.0,
-                        wait_limit_s=fc.wait_for_workers_s)
 
     def _capacity_wait(self, reason: str) -> None:
         logger.warning("waiting for capacity: %s (up to failure.wait_for_workers_s=%gs)", reason,
@@ -564,29 +454,7 @@ class Controller:
         return getattr(self.state, "error", None)
 
     def summary(self) -> Dict[str, Any]:
-        job, s, c = self.job, self.steps, self.committer
-        status = {Phase.DONE: "finished", Phase.INTERRUPTED: "interrupted"}.get(self.phase,
-                                                                               "failed")
-        return {
-            "job": self.cfg.job.name,
-            "status": status,
-            "steps": s.last_step,
-            "total_steps": self.cfg.train.steps,
-            "final_loss": s.last_loss,
-            "weights_digest": job.digest,
-            "world_sizes": job.world_sizes,
-            "generations": job.generation,
-            "failures": len(job.failures),
-            "recoveries": len(job.recoveries),
-            "lost_steps": sum(r["lost_steps"] for r in job.recoveries),
-            "resumed_from_step": job.resume.step if job.resume else None,
-            "checkpoints_committed": len(c.committed) if c else 0,
-            "checkpoints_failed": len(c.failed) if c else 0,
-            "isolated_nodes": list(self.isolation.isolated),
-            "steps_per_s": s.steady_steps_per_s(),
-            "wall_s": round(self.clock() - self.started_at, 3),
-            "step_s": round(s.step_time_s, 3),  # time in steps (the slowest rank's, summed)
-            "checkpoint_interval": self.cfg.checkpoint.interval_steps,
-            "error": self.error,
-            **self.bus.summary(),
-        }
+        """summary.json's fields (the runner adds goodput)."""
+        return job_summary(self.cfg, self.job, self.steps, self.committer,
+                           self.isolation.isolated, self.phase, self.error,
+                           self.clock() - self.started_at, self.bus.summary())

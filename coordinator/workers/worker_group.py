@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
 import ray
@@ -26,12 +26,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from coordinator.protocol import (
     FailureKind,
     GroupError,
-    Heartbeat,
     PollResult,
     Source,
     SourceKind,
     StopMode,
-    TrainResult,
     WorkerFailure,
     WorkerInfo,
 )

@@ -1,0 +1,160 @@
+"""Failures as the job records them, and the survivors' side of a recovery.
+
+An *incident* is a failure and everything lost with it until the next generation forms: one
+`Recovering` state, counted once against `failure.max_failures`, each node it hit counted once
+toward isolation, each kind reported once as `failure_detected` with the list of ranks. Workers
+lost while a recovery is in progress join that incident. `settle` waits for the survivors to leave
+the failed group and takes each one's final step, which is what the failure policy plans from.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional, Tuple
+
+from coordinator.config import Config
+from coordinator.control import failure_policy as fp
+from coordinator.control.accounting import StepAccounting
+from coordinator.control.state import JobRecord, Recovering
+from coordinator.protocol import FailureKind, PollResult, WorkerFailure, WorkerGroup
+
+logger = logging.getLogger(__name__)
+
+
+class Incidents:
+    def __init__(self, cfg: Config, group: WorkerGroup, bus, job: JobRecord,
+                 steps: StepAccounting):
+        self.cfg, self.group, self.bus, self.job, self.steps = cfg, group, bus, job, steps
+        self.isolation = fp.NodeIsolation(cfg.failure.node_failure_limit)
+
+    def kill_hung(self, poll: PollResult) -> List[WorkerFailure]:
+        """Workers silent past failure.hang_timeout_s while their peers answer: killed."""
+        limit = self.cfg.failure.hang_timeout_s
+        hung = [WorkerFailure(r, FailureKind.HANG, self.group.pid(r),
+                              f"no heartbeat for {poll.silent_s[r]:.0f}s")
+                for r in fp.hung(poll.silent_s, limit)]
+        for f in hung:
+            logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs while "
+                           "its peers did (failure.hang_timeout_s=%g): killing it", f.rank,
+                           f.pid, poll.silent_s[f.rank], limit)
+            self.group.kill(f.rank)
+        return hung
+
+    def record(self, failures: List[WorkerFailure], now: float, current: Optional[Recovering],
+               during: str = "training", carry: Optional[Recovering] = None
+               ) -> Tuple[Optional[Recovering], str]:
+        """Record failures into the incident in progress (`current`) or a new one. Returns the
+        incident and a description, or (None, the reason the job fails) for a user-code error.
+        `carry`: a recovery cut short by this failure, whose start time and step the new
+        incident keeps."""
+        job, steps = self.job, self.steps
+        task_errors = [f for f in failures if f.kind == FailureKind.TASK_ERROR]
+        if task_errors:
+            self.report(task_errors)
+            return None, (f"worker failure at step {steps.last_step}: "
+                          f"{fp.describe_all(task_errors)}")
+        rec, new_incident = current, current is None
+        if rec is None:
+            job.incidents += 1
+            job.streak += 1
+            rec = Recovering(now, job.world_size,
+                             step_before=max(steps.max_step_seen, steps.last_step))
+            if carry is not None:
+                rec.t0, rec.step_before = carry.t0, max(rec.step_before, carry.step_before)
+        lost = [f for f in failures if f.kind.lost and f.rank not in rec.lost]
+        rec.lost.update(f.rank for f in lost)
+        # A survivor's collective error is a consequence: its cause (a lost worker) usually shows
+        # in the same poll or the next. Collective errors are reported only if, once the
+        # survivors settle, no worker turned out lost.
+        if new_incident and not lost:
+            rec.unexplained = list(failures)
+        if lost:
+            self.report(lost)
+        self._count_nodes(rec, lost)
+        if rec.settled and lost:
+            rec.settled = False  # a survivor died while we planned: look again
+        desc = fp.describe_all(lost or failures)
+        if new_incident:
+            logger.warning("%s at step %d (%s); recovering (failure %d of "
+                           "failure.max_failures=%d)", desc, steps.last_step, during,
+                           job.incidents, self.cfg.failure.max_failures)
+        elif lost:
+            logger.warning("%s while recovering; it is replaced in the same recovery", desc)
+        return rec, desc
+
+    def _count_nodes(self, rec: Recovering, lost: List[WorkerFailure]) -> None:
+        for node in dict.fromkeys(self.group.node_of(f.rank) for f in lost):
+            if node in rec.nodes_hit:
+                continue  # one failure per node and incident, however many workers it held
+            rec.nodes_hit.add(node)
+            iso = self.isolation
+            if iso.record(node):
+                logger.warning("node %s had %d worker failures (failure.node_failure_limit=%d): "
+                               "this job no longer places workers on it", node, iso.counts[node],
+                               iso.limit)
+                self.bus.emit("node_isolated", node_id=node, failures=iso.counts[node])
+
+    def report(self, failures: List[WorkerFailure]) -> None:
+        self.job.failures.extend(failures)
+        for kind, fs in fp.by_kind(failures).items():
+            self.bus.emit("failure_detected", kind=kind, ranks=[f.rank for f in fs],
+                          pids=[f.pid for f in fs], generation=self.job.generation,
+                          step=self.steps.last_step, error=fs[0].error,
+                          last_step_t=self.steps.last_step_t)
+
+    def settle(self, rec: Recovering, now: float,
+               absorb: Callable[[PollResult], None]) -> Optional[str]:
+        """Wait for the survivors to leave the failed group, then take each one's final step.
+        Returns a note while not settled, None once settled."""
+        busy = self.group.busy() - rec.lost
+        if busy:
+            # Survivors leave their broken collective within moments (their peers close the
+            # group); one that does not within the grace is stuck: kill it.
+            grace = fp.settle_grace_s(self.cfg.train.parallelism, self.cfg.failure.hang_timeout_s)
+            if now - rec.t0 <= grace:
+                return "waiting for survivors to leave the failed group"
+            stuck = [WorkerFailure(r, FailureKind.HANG, self.group.pid(r),
+                                   "still in the failed collective") for r in sorted(busy)]
+            for f in stuck:
+                logger.warning("worker %d did not leave the failed group within %gs: "
+                               "killing it", f.rank, grace)
+                self.group.kill(f.rank)
+            self.record(stuck, now, rec)
+            return "killed stuck survivors"
+        fresh = self.group.poll(fresh=True)  # every survivor's final step
+        absorb(fresh)
+        lost_now = [f for f in fresh.failures if f.kind.lost]
+        if lost_now:
+            self.record(lost_now, now, rec)
+            return "a survivor was lost while settling"
+        rec.survivors = {r: hb.step for r, hb in fresh.heartbeats.items() if r not in rec.lost}
+        missing = set(self.group.ranks()) - rec.lost - set(rec.survivors)
+        if missing:  # no answer: treat as lost
+            for r in sorted(missing):
+                self.group.kill(r)
+            self.record([WorkerFailure(r, FailureKind.HANG, self.group.pid(r), "no answer")
+                         for r in sorted(missing)], now, rec)
+            return "survivors did not answer"
+        rec.settled = True
+        # The last moment any survivor completed a step: the lost worker's own last reports
+        # died with it, so failure_detected's last_step_t can be up to a poll earlier.
+        rec.progress_t = self.steps.newest_report_t()
+        if not rec.lost and rec.unexplained:  # nobody was lost: the errors are the failure
+            self.report(rec.unexplained)
+            rec.unexplained = []
+        for step in rec.survivors.values():
+            self.steps.saw(step)
+        return None
+
+    def facts(self, rec: Recovering, ready: int, now: float,
+              checkpoint_step: Optional[int]) -> fp.Facts:
+        """What the failure policy decides from."""
+        fc, sc = self.cfg.failure, self.cfg.scaling
+        return fp.Facts(world_size=rec.world_size, survivors=dict(rec.survivors), ready=ready,
+                        min_workers=sc.min_workers, max_workers=sc.max_workers,
+                        parallelism=self.cfg.train.parallelism, checkpoint_step=checkpoint_step,
+                        failures=self.job.incidents, max_failures=fc.max_failures,
+                        streak=self.job.streak, backoff_s=fc.backoff_s,
+                        backoff_max_s=fc.backoff_max_s,
+                        waited_s=(now - rec.wait_since) if rec.wait_since is not None else 0.0,
+                        wait_limit_s=fc.wait_for_workers_s)

@@ -1,0 +1,40 @@
+"""summary.json's fields, from what the job recorded (the runner adds the goodput breakdown)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from coordinator.config import Config
+from coordinator.control.accounting import StepAccounting
+from coordinator.control.state import JobRecord, Phase
+
+STATUS = {Phase.DONE: "finished", Phase.INTERRUPTED: "interrupted"}  # anything else: failed
+
+
+def job_summary(cfg: Config, job: JobRecord, steps: StepAccounting, committer,
+                isolated: List[str], phase: Phase, error: Optional[str], wall_s: float,
+                extra: Dict[str, Any]) -> Dict[str, Any]:
+    """`extra`: what the observers add (the auto interval's choice replaces the configured one)."""
+    return {
+        "job": cfg.job.name,
+        "status": STATUS.get(phase, "failed"),
+        "steps": steps.last_step,
+        "total_steps": cfg.train.steps,
+        "final_loss": steps.last_loss,
+        "weights_digest": job.digest,
+        "world_sizes": job.world_sizes,
+        "generations": job.generation,
+        "failures": len(job.failures),
+        "recoveries": len(job.recoveries),
+        "lost_steps": sum(r["lost_steps"] for r in job.recoveries),
+        "resumed_from_step": job.resume.step if job.resume else None,
+        "checkpoints_committed": len(committer.committed) if committer else 0,
+        "checkpoints_failed": len(committer.failed) if committer else 0,
+        "isolated_nodes": list(isolated),
+        "steps_per_s": steps.steady_steps_per_s(),
+        "wall_s": round(wall_s, 3),
+        "step_s": round(steps.step_time_s, 3),  # time in steps (the slowest rank's, summed)
+        "checkpoint_interval": cfg.checkpoint.interval_steps,
+        "error": error,
+        **extra,
+    }

@@ -66,8 +66,16 @@ def full_state(state: TrainState, sharded: bool) -> FullState:
             "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None}
 
 
+def _drop_gradients(state: TrainState) -> None:
+    """Gradients left by a step that failed (a peer died inside its backward or the bucket
+    priming) are garbage, and while any exist DCP's set_state_dict does not initialise an
+    optimizer that never stepped: it then fails with 'Expected device to be set'."""
+    state.optimizer.zero_grad(set_to_none=True)
+
+
 def apply_full_state(state: TrainState, full: FullState) -> None:
     """Load a full state into this rank's model and optimizer (FSDP2 keeps its own shard)."""
+    _drop_gradients(state)
     set_state_dict(state.model, state.optimizer, model_state_dict=full["model"],
                    optim_state_dict=full["optim"],
                    options=StateDictOptions(full_state_dict=True))
@@ -135,6 +143,7 @@ def load_template(state: TrainState, rank: int,
 
 
 def apply_loaded(state: TrainState, sd: Dict[str, object], rank: int) -> None:
+    _drop_gradients(state)
     set_state_dict(state.model, state.optimizer, model_state_dict=sd["model"],
                    optim_state_dict=sd["optim"])
     state.step = int(sd["extra"]["step"])

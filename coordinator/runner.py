@@ -8,13 +8,13 @@ import signal
 import time
 from datetime import timedelta
 
-from coordinator import goodput
 from coordinator.cluster import Cluster
 from coordinator.config import Config
 from coordinator.controller import Controller, Hooks, Phase
 from coordinator.events import EventLog, write_json_atomic
+from coordinator.goodput import accounting
+from coordinator.goodput.report import model_check
 from coordinator.progress import ProgressReporter
-from coordinator.report import model_check
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     events.close()
     # Over every attempt of this run directory (reruns append to the same events.jsonl).
     try:
-        events_so_far = goodput.run_events(run_dir)
-        summary["goodput"] = goodput.breakdown(events_so_far)
+        events_so_far = accounting.run_events(run_dir)
+        summary["goodput"] = accounting.breakdown(events_so_far)
         summary["goodput"]["model_check"] = model_check(summary["goodput"], events_so_far)
     except Exception as e:  # the accounting must never cost the summary
         logger.exception("goodput accounting failed")

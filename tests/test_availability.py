@@ -1,5 +1,5 @@
-"""The availability model (coordinator/availability.py), its Monte Carlo
-(coordinator/goodput_sim.py) and the CLI that compares the strategies (scripts/simulate_goodput.py).
+"""The availability model (coordinator/goodput/availability.py), its Monte Carlo
+(coordinator/goodput/simulate.py) and the CLI that compares the strategies (scripts/simulate_goodput.py).
 """
 
 import json
@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from coordinator import availability as av
-from coordinator.goodput_sim import simulate_goodput, summarize
+from coordinator.goodput import availability as av
+from coordinator.goodput.simulate import simulate_goodput, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "simulate_goodput.py")
@@ -125,7 +125,7 @@ def test_monte_carlo_agrees_with_closed_form(name):
     closed = av.expected_goodput(TAU, C, M, recovery_s, fraction, STEP / 2)
     mc = _mc(recovery_s, fraction, seed=sorted(CASES).index(name))
     # 4 standard errors (a false alarm about once in 16,000 runs) plus the edge effect of a finite
-    # run, about one segment's work over the horizon (see goodput_sim's module doc).
+    # run, about one segment's work over the horizon (see coordinator/goodput/simulate.py's module doc).
     assert abs(mc.mean - closed) <= 4 * mc.stderr + TAU / HORIZON, (mc, closed)
     assert mc.ci95[0] < mc.mean < mc.ci95[1]
 

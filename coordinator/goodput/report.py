@@ -10,7 +10,7 @@ import statistics
 import sys
 from typing import Any, Dict, List, TextIO
 
-from coordinator import availability, goodput
+from coordinator.goodput import accounting, availability
 
 LABELS = {
     "productive": "productive training",
@@ -39,9 +39,10 @@ PHASE_LABELS = {
 
 
 def model_check(b: Dict[str, Any], events: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """What the availability model (coordinator/availability.py) predicts for this run, fed with
-    the run's own measurements, next to what the run measured. Both leave start-up, shutdown and
-    waiting for capacity out (the model has none). None when the run saw no failure."""
+    """What the availability model (coordinator/goodput/availability.py) predicts for this run,
+    fed with the run's own measurements, next to what the run measured. Both leave start-up,
+    shutdown and waiting for capacity out (the model has none). None when the run saw no
+    failure."""
     sec = b["seconds"]
     if not b["failures"]:
         return {}
@@ -92,7 +93,7 @@ def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) 
                  f"{'worker-s':>11}{'share':>8}")
     wall = b["wall_s"] or 1.0
     wsum = b.get("worker_s") or 1.0
-    for c in goodput.CATEGORIES:
+    for c in accounting.CATEGORIES:
         sec, ws = b["seconds"][c], b["worker_seconds"][c]
         bar = "#" * int(round(25 * sec / wall))
         lines.append(f"  {LABELS[c]:<26}{sec:>10.2f}{100 * sec / wall:>7.1f}%"
@@ -159,7 +160,7 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    runs = goodput.attempts(events)
+    runs = accounting.attempts(events)
     t0 = runs[0].start if runs else float(events[0]["t"])
     rel = lambda t: float(t) - t0  # noqa: E731
     fig, (ax_w, ax_s) = plt.subplots(2, 1, figsize=(12, 6.5), sharex=True,
@@ -263,7 +264,7 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
 
 def run_report(run_dir: str, out: TextIO = sys.stdout) -> int:
     try:
-        events = goodput.run_events(run_dir)
+        events = accounting.run_events(run_dir)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -271,7 +272,7 @@ def run_report(run_dir: str, out: TextIO = sys.stdout) -> int:
         print(f"error: {run_dir!r}: events.jsonl holds no job_start: nothing to report",
               file=sys.stderr)
         return 2
-    b = goodput.breakdown(events)
+    b = accounting.breakdown(events)
     print(format_table(b, events, run_dir), file=out)
     path = os.path.join(run_dir, "timeline.png")
     g = b["goodput"]

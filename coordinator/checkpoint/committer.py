@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 from coordinator.checkpoint import manifest as mf
 from coordinator.checkpoint.saver import SaveReport
-from coordinator.events import EventLog
+from coordinator.events import Event, EventLog
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Committer:
         for ci in skipped:
             logger.warning("checkpoint step %d at %s not used: %s%s", ci.step, ci.path, ci.reason,
                            f"; falling back to step {chosen.step}" if chosen else "")
-            self.events.emit("checkpoint_skipped", step=ci.step, status=ci.status,
+            self.events.emit(Event.CHECKPOINT_SKIPPED, step=ci.step, status=ci.status,
                              reason=ci.reason)
         if chosen is not None:
             self.protected.add(chosen.step)
@@ -75,7 +75,7 @@ class Committer:
         if waited > 0.01:
             logger.warning("checkpoint step %d waited %.2fs for the previous save to persist "
                            "(raise checkpoint.interval_steps if this recurs)", rep.step, waited)
-            self.events.emit("checkpoint_wait", step=rep.step, waited_s=round(waited, 4))
+            self.events.emit(Event.CHECKPOINT_WAIT, step=rep.step, waited_s=round(waited, 4))
         bad = {r: x.error for r, x in sorted(reports.items()) if not x.ok}
         if bad:
             ranks = sorted(bad)
@@ -93,7 +93,7 @@ class Committer:
         persist = max(r.persist_s for r in reports.values())
         self.committed.append(rep.step)
         self.commits.append((rep.step, stall, persist))
-        self.events.emit("checkpoint_committed", step=rep.step,
+        self.events.emit(Event.CHECKPOINT_COMMITTED, step=rep.step,
                          uri=f"{self.uri.rstrip('/')}/{mf.step_name(rep.step)}",
                          bytes=manifest["bytes"], stall_s=round(stall, 4),
                          persist_s=round(persist, 4))
@@ -115,7 +115,7 @@ class Committer:
         self.failed.append(step)
         logger.error("checkpoint step %d not committed: %s", step, reason)
         extra = {} if stall_s is None else {"stall_s": round(stall_s, 4)}
-        self.events.emit("checkpoint_failed", step=step, reason=reason, **extra)
+        self.events.emit(Event.CHECKPOINT_FAILED, step=step, reason=reason, **extra)
 
     def retain(self) -> None:
         """Keep the newest `keep` committed checkpoints; a failed delete is logged, not fatal."""

@@ -26,10 +26,11 @@ before it) and gives `worker_goodput`. Time between attempts (a crashed driver u
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from coordinator.events import read_events
 
 
 CATEGORIES = ("productive", "checkpoint_stall", "recomputed", "detection", "reformation",
@@ -273,19 +274,10 @@ def breakdown(events: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def run_events(run_dir: str) -> List[Dict[str, Any]]:
-    """The run directory's events. A line torn by a driver killed while writing it (the rerun
-    appends after it) is skipped: the accounting goes on without that one event."""
+    """The run directory's events, read as `events.read_events` reads them (a line torn by a
+    driver killed while writing it is skipped: the accounting goes on without that one event)."""
     path = os.path.join(run_dir, "events.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir!r} has no events.jsonl: not a run directory "
                                 "(give run.dir of a job)")
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(e, dict) and "t" in e and "event" in e:
-                out.append(e)
-    return out
+    return read_events(path)

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from coordinator.goodput import availability as av  # noqa: E402
-from coordinator.events import read_events  # noqa: E402
+from coordinator.events import Event, get_field, read_events  # noqa: E402
 from coordinator.goodput.simulate import simulate_goodput, summarize  # noqa: E402
 
 # Per-GPU MTBF: Llama 3 saw 419 unexpected interruptions in 54 days on 16,384 GPUs, one per
@@ -114,10 +114,12 @@ def run_costs(run_dir: str) -> Tuple[Dict[str, float], Dict[str, str]]:
     if not os.path.isfile(path):
         raise ValueError(f"--from-run: no events.jsonl in {run_dir!r}")
     events = read_events(path)  # a torn line (a driver killed mid-line) is skipped
-    recoveries = [e["recovery_s"] for e in events
-                  if e["event"] == "recovered" and _number(e.get("recovery_s"))]
-    stalls = [e["stall_s"] for e in events
-              if e["event"] == "checkpoint_committed" and _number(e.get("stall_s"))]
+    recoveries = [get_field(e, Event.RECOVERED, "recovery_s") for e in events
+                  if e["event"] == Event.RECOVERED]
+    stalls = [get_field(e, Event.CHECKPOINT_COMMITTED, "stall_s") for e in events
+              if e["event"] == Event.CHECKPOINT_COMMITTED]
+    recoveries = [x for x in recoveries if _number(x)]
+    stalls = [x for x in stalls if _number(x)]
     values, sources = {}, {}
     if recoveries:
         values["ours_recovery_s"] = statistics.fmean(recoveries)

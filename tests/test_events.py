@@ -229,3 +229,43 @@ def test_every_kind_is_emitted_somewhere():
     """A kind no code writes any more is dead in the schema (or its emit became unreadable)."""
     emitted = {kind for _, kind, _, _ in _emit_calls()}
     assert not {k.value for k in Event} - emitted
+
+
+READERS = ("coordinator/goodput/*.py", "scripts/simulate_goodput.py", "scripts/bench_recovery.py")
+
+
+def test_readers_read_only_declared_kinds_and_fields():
+    """The analysis names kinds as Event.X and reads fields with get_field(e, Event.X, "name"),
+    both literal, so this reads every (kind, field) it uses and checks the schema declares it."""
+    problems, reads = [], set()
+    for rel, tree in _sources(*READERS):
+        for node in ast.walk(tree):
+            where = f"{rel}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "get_field":
+                kind = _kind_of(node.args[1]) if len(node.args) > 2 else None
+                name = node.args[2] if len(node.args) > 2 else None
+                if not (isinstance(node.args[1], ast.Attribute) and isinstance(name, ast.Constant)
+                        and isinstance(name.value, str)):
+                    problems.append(f"{where}: get_field needs Event.X and a literal field name")
+                elif kind not in Event._value2member_map_:
+                    problems.append(f"{where}: unknown kind {kind}")
+                elif name.value not in SCHEMA[Event(kind)].fields:
+                    problems.append(f"{where}: {kind} declares no field {name.value!r}")
+                else:
+                    reads.add((kind, name.value))
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "Event" and node.attr not in Event.__members__):
+                problems.append(f"{where}: Event.{node.attr} is not a kind")
+            elif isinstance(node, (ast.Compare, ast.Call)):
+                # a kind compared or passed as a bare string (other strings may be kind-like:
+                # an output key named checkpoint_interval is no event)
+                operands = ([node.left, *node.comparators] if isinstance(node, ast.Compare)
+                            else node.args)
+                for op in operands:
+                    for c in (op.elts if isinstance(op, (ast.Tuple, ast.List, ast.Set)) else [op]):
+                        if isinstance(c, ast.Constant) and c.value in Event._value2member_map_:
+                            problems.append(f"{where}: the bare string {c.value!r}: use Event.X")
+    assert not problems, "\n".join(problems)
+    # What the goodput spans hang on is among them (the scan did see the readers).
+    assert {("group_formed", "restore_s"), ("failure_detected", "last_step_t"),
+            ("recovered", "lost_steps"), ("checkpoint_committed", "stall_s")} <= reads

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+from coordinator.events import Event
 from coordinator.config import ChaosConfig, ChaosEvent
 from coordinator.control.observers import Observer, Snapshot
 
@@ -80,7 +81,7 @@ class ChaosInjector(Observer):
         pid = self.group.pid(rank) if rank is not None else None
         logger.warning("chaos at step %d: %s%s", step, ev.action,
                        f" rank {rank} (pid {pid})" if rank is not None else "")
-        self.bus.emit("chaos", action=ev.action, rank=rank, pid=pid, step=step,
+        self.bus.emit(Event.CHAOS, action=ev.action, rank=rank, pid=pid, step=step,
                       at_step=ev.at_step)
         if ev.action in ("kill_worker", "hang_worker", "kill_during_checkpoint"):
             self.group.chaos(rank, ev.action)

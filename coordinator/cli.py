@@ -119,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return run_inspect(args.uri, args.verify, {})
     if args.verb == "report":
-        from coordinator.report import run_report
+        from coordinator.goodput.report import run_report
 
         try:
             return run_report(args.run_dir)

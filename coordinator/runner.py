@@ -8,15 +8,15 @@ import signal
 import time
 from datetime import timedelta
 
-from coordinator import goodput
 from coordinator.cluster import Cluster
 from coordinator.config import Config
 from coordinator.control.controller import Controller
 from coordinator.control.observers import Bus, standard_observers
 from coordinator.control.state import Phase
 from coordinator.events import EventLog, write_json_atomic
+from coordinator.goodput import accounting
+from coordinator.goodput.report import model_check
 from coordinator.progress import ProgressReporter
-from coordinator.report import model_check
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(cfg.to_yaml())
     events = EventLog(os.path.join(run_dir, "events.jsonl"))
-    events.emit("job_start", job=cfg.job.name, config_hash=cfg.config_hash(), pid=os.getpid())
+    events.emit(Event.JOB_START, job=cfg.job.name, config_hash=cfg.config_hash(), pid=os.getpid())
 
     # Imported here so that config errors are reported before torch and Ray load.
     import torch.distributed as dist
@@ -115,13 +115,13 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     summary["status"] = status
     if error:
         summary["error"] = error
-    events.emit("job_end", status=status, step=summary.get("steps", 0),
+    events.emit(Event.JOB_END, status=status, step=summary.get("steps", 0),
                 last_step_t=controller.steps.last_step_t if controller else None)
     events.close()
     # Over every attempt of this run directory (reruns append to the same events.jsonl).
     try:
-        events_so_far = goodput.run_events(run_dir)
-        summary["goodput"] = goodput.breakdown(events_so_far)
+        events_so_far = accounting.run_events(run_dir)
+        summary["goodput"] = accounting.breakdown(events_so_far)
         summary["goodput"]["model_check"] = model_check(summary["goodput"], events_so_far)
     except Exception as e:  # the accounting must never cost the summary
         logger.exception("goodput accounting failed")

@@ -45,17 +45,20 @@ def ours(run_dir: str, *extra: str) -> dict:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"our run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    from coordinator.events import read_events
+    from coordinator.events import Event, events_of, get_field
 
-    events = list(read_events(os.path.join(run_dir, "events.jsonl")))
-    kill = next(e for e in events if e["event"] == "chaos")
-    detected = next(e for e in events if e["event"] == "failure_detected")
-    rec = next(e for e in events if e["event"] == "recovered")
-    next_step_t = detected["t"] + rec["recovery_s"]  # recovery_s: detection -> first step
+    path = os.path.join(run_dir, "events.jsonl")
+    kill = events_of(path, Event.CHAOS)[0]
+    detected = events_of(path, Event.FAILURE_DETECTED)[0]
+    rec = events_of(path, Event.RECOVERED)[0]
+    # recovery_s: detection -> first step
+    next_step_t = detected["t"] + get_field(rec, Event.RECOVERED, "recovery_s")
     return {"recovery_s": round(next_step_t - kill["t"], 3),
             "detect_s": round(detected["t"] - kill["t"], 3),
-            "lost_steps": rec["lost_steps"], "killed_at_step": kill["step"],
-            "world_size_after": rec["world_size"], "source": rec["source"]}
+            "lost_steps": get_field(rec, Event.RECOVERED, "lost_steps"),
+            "killed_at_step": get_field(kill, Event.CHAOS, "step"),
+            "world_size_after": get_field(rec, Event.RECOVERED, "world_size"),
+            "source": get_field(rec, Event.RECOVERED, "source")}
 
 
 def _ray_train_loop(config):

@@ -6,8 +6,9 @@ For each job size N (one worker per GPU) the job fails every M = per-GPU MTBF / 
 strategies checkpoint every Young/Daly interval sqrt(2 * stall * M) and pay their recovery cost per
 failure; ours recovers the peer fraction of failures from a surviving replica (losing the step in
 flight), restart-all rolls every failure back to the last committed checkpoint. For each N the
-script gives the closed-form goodput of coordinator/availability.py and a seeded Monte Carlo of the
-same model (coordinator/goodput_sim.py) with its 95% interval, and draws both against N.
+script gives the closed-form goodput of coordinator/goodput/availability.py and a seeded Monte
+Carlo of the same model (coordinator/goodput/simulate.py) with its 95% interval, and draws both
+against N.
 
 With --from-run, ours' recovery cost is the mean `recovery_s` of the run's `recovered` events
 (detection to the first step after) and the stall the median `stall_s` of its
@@ -31,9 +32,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from coordinator import availability as av  # noqa: E402
-from coordinator.events import read_events  # noqa: E402
-from coordinator.goodput_sim import simulate_goodput, summarize  # noqa: E402
+from coordinator.goodput import availability as av  # noqa: E402
+from coordinator.events import Event, get_field, read_events  # noqa: E402
+from coordinator.goodput.simulate import simulate_goodput, summarize  # noqa: E402
 
 # Per-GPU MTBF: Llama 3 saw 419 unexpected interruptions in 54 days on 16,384 GPUs, one per
 # 3.1 h, i.e. about 50,700 GPU-hours per interruption. Recovery costs: scripts/bench_recovery.py
@@ -112,14 +113,13 @@ def run_costs(run_dir: str) -> Tuple[Dict[str, float], Dict[str, str]]:
         raise ValueError(f"--from-run: {run_dir!r} is not a directory")
     if not os.path.isfile(path):
         raise ValueError(f"--from-run: no events.jsonl in {run_dir!r}")
-    try:
-        events = list(read_events(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--from-run: {path!r} is not JSON lines ({e})")
-    recoveries = [e["recovery_s"] for e in events if isinstance(e, dict)
-                  and e.get("event") == "recovered" and _number(e.get("recovery_s"))]
-    stalls = [e["stall_s"] for e in events if isinstance(e, dict)
-              and e.get("event") == "checkpoint_committed" and _number(e.get("stall_s"))]
+    events = read_events(path)  # a torn line (a driver killed mid-line) is skipped
+    recoveries = [get_field(e, Event.RECOVERED, "recovery_s") for e in events
+                  if e["event"] == Event.RECOVERED]
+    stalls = [get_field(e, Event.CHECKPOINT_COMMITTED, "stall_s") for e in events
+              if e["event"] == Event.CHECKPOINT_COMMITTED]
+    recoveries = [x for x in recoveries if _number(x)]
+    stalls = [x for x in stalls if _number(x)]
     values, sources = {}, {}
     if recoveries:
         values["ours_recovery_s"] = statistics.fmean(recoveries)

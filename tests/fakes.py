@@ -224,7 +224,6 @@ class FakeCommitter:
     def __init__(self, step, bus, resume=True):
         self.step, self.bus, self.resume = step, bus, resume
         self.committed, self.failed, self.protected = [step], [], set()
-        self.commits = []  # (step, stall_s, persist_s)
         self.resolved = 0
 
     def resolve_resume(self):
@@ -243,8 +242,7 @@ class FakeCommitter:
 
     def on_save(self, rep):
         save = rep
-        if save.ok and save.step not in [c[0] for c in self.commits]:
-            self.commits.append((save.step, save.stall_s, save.persist_s))
+        if save.ok and save.step not in self.committed:
             self.committed.append(save.step)
             self.bus.emit("checkpoint_committed", step=save.step, uri=f"/ckpt/{save.step}",
                           bytes=1, stall_s=save.stall_s, persist_s=save.persist_s)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from coordinator import goodput
+from coordinator.goodput import accounting
 from coordinator.events import EventLog
 
 pytestmark = pytest.mark.unit
@@ -39,7 +39,7 @@ def test_a_clean_run_is_startup_running_and_shutdown():
         ev(40.0, "checkpoint_committed", step=100, stall_s=0.25, persist_s=1.0, bytes=1),
         ev(40.0, "job_end", status="finished", step=100, last_step_t=T0 + 38.0),
     ]
-    b = goodput.breakdown(events)
+    b = accounting.breakdown(events)
     s = secs(b)
     assert b["wall_s"] == 40.0
     assert s["startup"] == 6.0 and s["shutdown"] == 2.0
@@ -63,7 +63,7 @@ def test_a_peer_recovery_splits_into_detection_reformation_and_restore():
            lost_steps=0, recovery_s=4.5),
         ev(50.0, "job_end", status="finished", step=100, last_step_t=T0 + 49.0),
     ]
-    b = goodput.breakdown(events)
+    b = accounting.breakdown(events)
     s = secs(b)
     assert s["detection"] == pytest.approx(0.2)
     assert s["reformation"] == pytest.approx(3.6)  # 20 -> 23.6, then 0.4 s of restore
@@ -86,7 +86,7 @@ def test_survivors_steps_after_the_lost_workers_last_report_count_as_running():
            lost_steps=0, recovery_s=3.0, last_step_t=T0 + 19.97),
         ev(30.0, "job_end", status="finished", step=60, last_step_t=T0 + 30.0),
     ]
-    s = secs(goodput.breakdown(events))
+    s = secs(accounting.breakdown(events))
     assert s["detection"] == pytest.approx(0.03)
     assert s["productive"] == pytest.approx(13.97 + 7.5)
 
@@ -94,7 +94,7 @@ def test_survivors_steps_after_the_lost_workers_last_report_count_as_running():
 def test_the_model_check_compares_the_run_with_the_availability_model():
     """report's model check: the first-order model is exact for failures that never overlap a
     recovery, as these (one every 10 s of wall time, each down 2 s, no checkpoints)."""
-    from coordinator.report import model_check
+    from coordinator.goodput.report import model_check
 
     events = start(formed=0.0)[:1] + [
         ev(0.0, "group_forming", generation=1, world_size=2, source="init", cause="start"),
@@ -113,7 +113,7 @@ def test_the_model_check_compares_the_run_with_the_availability_model():
             ev(t + 10.1, "recovered", generation=k + 2, world_size=2, source="peer",
                resumed_step=step, lost_steps=0, recovery_s=2.0)]
     events.append(ev(30.0, "job_end", status="finished", step=step, last_step_t=T0 + 30.0))
-    b = goodput.breakdown(events)
+    b = accounting.breakdown(events)
     check = model_check(b, events)
     assert check["measured"] == pytest.approx(0.8)
     assert check["inputs"]["job_mtbf_s"] == pytest.approx(10.0)
@@ -122,7 +122,7 @@ def test_the_model_check_compares_the_run_with_the_availability_model():
     assert check["modelled_first_order"] == pytest.approx(1 - 2.05 / 10.0, abs=1e-3)
     # Poisson failures may land on a recovery, which costs less per failure: a higher figure
     assert check["modelled_poisson"] == pytest.approx(0.8146, abs=1e-3)
-    assert model_check(goodput.breakdown(start()), start()) == {}  # no failure, no check
+    assert model_check(accounting.breakdown(start()), start()) == {}  # no failure, no check
 
 
 def test_a_rollback_to_a_checkpoint_counts_the_lost_steps_as_recomputed():
@@ -138,7 +138,7 @@ def test_a_rollback_to_a_checkpoint_counts_the_lost_steps_as_recomputed():
            lost_steps=30, recovery_s=3.8),
         ev(56.0, "job_end", status="finished", step=200, last_step_t=T0 + 56.0),
     ]
-    b = goodput.breakdown(events)
+    b = accounting.breakdown(events)
     s = secs(b)
     running = 20.0 + 26.0
     per_step = running / (100 + 130)
@@ -157,7 +157,7 @@ def test_a_crashed_driver_and_its_rerun():
     second = start(t=100.0, formed=110.0, source="checkpoint", step=50, restore_s=0.75) + [
         ev(130.0, "job_end", status="finished", step=100, last_step_t=T0 + 129.0),
     ]
-    b = goodput.breakdown(first + second)
+    b = accounting.breakdown(first + second)
     a1, a2 = b["attempts"]
     assert a1["status"] == "crashed" and a1["wall_s"] == 18.0 and a1["lost_steps"] == 10
     per_step = (12.0 - 0.1) / 60  # running 6 -> 18 less the stall, over 60 steps
@@ -177,7 +177,7 @@ def test_waiting_for_capacity_and_a_growth_pause():
               ev(32.0, "group_formed", generation=2, world_size=4, source="peer", step=81,
                  restore_s=0.5),
               ev(40.0, "job_end", status="finished", step=120, last_step_t=T0 + 40.0)]
-    b = goodput.breakdown(events)
+    b = accounting.breakdown(events)
     s = secs(b)
     assert s["startup"] == pytest.approx(1.0 + 1.0)  # before the wait, and forming generation 1
     assert s["waiting_for_capacity"] == pytest.approx(8.0)
@@ -198,7 +198,7 @@ def test_a_preemption_is_shutdown_not_a_failure():
         ev(31.0, "checkpoint_committed", step=91, stall_s=0.3, persist_s=0.5, bytes=1),
         ev(32.0, "job_end", status="interrupted", step=91, last_step_t=T0 + 30.1),
     ]
-    b = goodput.breakdown(events)
+    b = accounting.breakdown(events)
     s = secs(b)
     assert b["failures"] == 0 and b["attempts"][0]["status"] == "interrupted"
     assert s["productive"] == pytest.approx(24.0) and s["shutdown"] == pytest.approx(2.0)
@@ -256,9 +256,9 @@ def test_a_torn_line_from_a_killed_driver_is_skipped(tmp_path):
     with open(path, "a") as f:
         for e in second:
             f.write(json.dumps(e) + "\n")
-    events = goodput.run_events(str(run))
+    events = accounting.run_events(str(run))
     assert events == first + second
-    b = goodput.breakdown(events)
+    b = accounting.breakdown(events)
     assert [a["status"] for a in b["attempts"]] == ["crashed", "finished"]
 
 
@@ -272,3 +272,18 @@ def test_report_refuses_what_is_not_a_run_directory(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no job_start" in proc.stderr
     assert not os.path.exists(tmp_path / "timeline.png")
+
+
+def test_the_analysis_loads_neither_ray_nor_torch():
+    """coordinator.goodput reads events.jsonl anywhere, a laptop without Ray included."""
+    code = ("import sys\n"
+            "import coordinator.goodput.accounting, coordinator.goodput.report\n"
+            "import coordinator.goodput.availability, coordinator.goodput.simulate\n"
+            "print(coordinator.__file__)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    where, loaded = proc.stdout.strip().splitlines()
+    assert where.startswith(ROOT)  # this checkout's code, not an installed copy
+    assert loaded == "[]"

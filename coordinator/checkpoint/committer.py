@@ -7,8 +7,8 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from coordinator.checkpoint import manifest as mf
+from coordinator.events import Event
 from coordinator.protocol import SaveReport
-from coordinator.events import EventLog
 
 logger = logging.getLogger(__name__)
 
@@ -22,19 +22,18 @@ def absolute_uri(uri: str) -> str:
 
 class Committer:
     def __init__(self, uri: str, storage_options: Dict, keep: int, verify_on_load: bool,
-                 config_hash: str, events: EventLog):
+                 config_hash: str, events):
         self.uri = absolute_uri(uri)
         self.options = dict(storage_options)
         self.keep, self.verify_on_load = keep, verify_on_load
         self.config_hash = config_hash
-        self.events = events
+        self.events = events  # the job's Bus (or an EventLog): commits are announced there
         self.protected: set = set()  # steps that must not be deleted (the one restored from)
         # (generation, step) -> rank -> report: a save commits once every rank of the generation
         # that wrote it reported; a generation that ends first leaves its save uncommitted.
         self._pending: Dict[Tuple[int, int], Dict[int, SaveReport]] = {}
         self._ended = -1  # the newest generation ended by end_generation
         self.committed: List[int] = []
-        self.commits: List[Tuple[int, float, float]] = []  # (step, stall_s, persist_s) per commit
         self.failed: List[int] = []
 
     # ---- resume ---------------------------------------------------------------------------
@@ -45,7 +44,7 @@ class Committer:
         for ci in skipped:
             logger.warning("checkpoint step %d at %s not used: %s%s", ci.step, ci.path, ci.reason,
                            f"; falling back to step {chosen.step}" if chosen else "")
-            self.events.emit("checkpoint_skipped", step=ci.step, status=ci.status,
+            self.events.emit(Event.CHECKPOINT_SKIPPED, step=ci.step, status=ci.status,
                              reason=ci.reason)
         if chosen is not None:
             self.protected.add(chosen.step)
@@ -75,7 +74,7 @@ class Committer:
         if waited > 0.01:
             logger.warning("checkpoint step %d waited %.2fs for the previous save to persist "
                            "(raise checkpoint.interval_steps if this recurs)", rep.step, waited)
-            self.events.emit("checkpoint_wait", step=rep.step, waited_s=round(waited, 4))
+            self.events.emit(Event.CHECKPOINT_WAIT, step=rep.step, waited_s=round(waited, 4))
         bad = {r: x.error for r, x in sorted(reports.items()) if not x.ok}
         if bad:
             ranks = sorted(bad)
@@ -92,8 +91,7 @@ class Committer:
         stall = max(r.stall_s for r in reports.values())
         persist = max(r.persist_s for r in reports.values())
         self.committed.append(rep.step)
-        self.commits.append((rep.step, stall, persist))
-        self.events.emit("checkpoint_committed", step=rep.step,
+        self.events.emit(Event.CHECKPOINT_COMMITTED, step=rep.step,
                          uri=f"{self.uri.rstrip('/')}/{mf.step_name(rep.step)}",
                          bytes=manifest["bytes"], stall_s=round(stall, 4),
                          persist_s=round(persist, 4))
@@ -115,7 +113,7 @@ class Committer:
         self.failed.append(step)
         logger.error("checkpoint step %d not committed: %s", step, reason)
         extra = {} if stall_s is None else {"stall_s": round(stall_s, 4)}
-        self.events.emit("checkpoint_failed", step=step, reason=reason, **extra)
+        self.events.emit(Event.CHECKPOINT_FAILED, step=step, reason=reason, **extra)
 
     def retain(self) -> None:
         """Keep the newest `keep` committed checkpoints; a failed delete is logged, not fatal."""

@@ -24,7 +24,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from coordinator.availability import young_daly_interval_s
+from coordinator.goodput.availability import young_daly_interval_s
 
 RECENT_STALLS = 5  # the median of this many recent stalls is C
 NOTABLE_CHANGE = 0.2  # a new choice is logged when the interval moves by more than this fraction

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from coordinator.events import Event
 from coordinator.config import Config
 from coordinator.control import failure_policy as fp
 from coordinator.control import scaling_policy as sp
@@ -177,7 +178,7 @@ class Controller:
         self.state = Forming(plan, source, cause, rec)
 
     def _worker_started(self, info) -> None:
-        self.bus.emit("worker_start", rank=info.rank, pid=info.pid, node_id=info.node_id,
+        self.bus.emit(Event.WORKER_START, rank=info.rank, pid=info.pid, node_id=info.node_id,
                       host=info.host, generation=self.job.generation + 1)
 
     def _forming(self, st: Forming, now: float) -> Step:
@@ -192,7 +193,7 @@ class Controller:
         if not st.began:
             st.began = True
             job.generation += 1
-            self.bus.emit("group_forming", generation=job.generation,
+            self.bus.emit(Event.GROUP_FORMING, generation=job.generation,
                           world_size=plan.world_size, source=plan.source, cause=st.cause)
             self.group.begin_form(job.generation, st.source)
         failures = self.group.poll_form()
@@ -206,7 +207,7 @@ class Controller:
             self.committer.end_generation(job.generation - 1)
         job.world_sizes.append(plan.world_size)
         self.steps.new_generation(plan.resumed_step)
-        self.bus.emit("group_formed", generation=job.generation, world_size=plan.world_size,
+        self.bus.emit(Event.GROUP_FORMED, generation=job.generation, world_size=plan.world_size,
                       ranks=self.group.ranks(), source=plan.source, step=plan.resumed_step,
                       restore_s=round(self.group.last_restore_s, 4))
         logger.info("generation %d formed: %d workers, state from %s at step %d",
@@ -248,7 +249,7 @@ class Controller:
 
     def _begin_pause(self, reason: str) -> str:
         if reason == "preempt":
-            self.bus.emit("failure_detected", kind=FailureKind.PREEMPT, ranks=[], pids=[],
+            self.bus.emit(Event.FAILURE_DETECTED, kind=FailureKind.PREEMPT, ranks=[], pids=[],
                           generation=self.job.generation, step=self.steps.last_step,
                           error=f"{self.preempt_signal} received",
                           last_step_t=self.steps.last_step_t)
@@ -256,7 +257,7 @@ class Controller:
                            self.preempt_signal)
             self.group.request_stop(StopMode.CHECKPOINT)
         else:
-            self.bus.emit("pausing", reason=reason, step=self.steps.last_step)
+            self.bus.emit(Event.PAUSING, reason=reason, step=self.steps.last_step)
             self.group.request_stop(StopMode.PAUSE)
         self.state = Pausing(reason)
         return f"pausing ({reason})"
@@ -393,7 +394,7 @@ class Controller:
     def _capacity_wait(self, reason: str) -> None:
         logger.warning("waiting for capacity: %s (up to failure.wait_for_workers_s=%gs)", reason,
                        self.cfg.failure.wait_for_workers_s)
-        self.bus.emit("capacity_wait", reason=reason, step=self.steps.last_step)
+        self.bus.emit(Event.CAPACITY_WAIT, reason=reason, step=self.steps.last_step)
 
     # ---- what the workers report ----------------------------------------------------------
     def _absorb(self, poll: PollResult) -> None:
@@ -412,7 +413,7 @@ class Controller:
 
     def _recovered(self, rec: Dict[str, Any]) -> None:
         self.job.recoveries.append(rec)
-        self.bus.emit("recovered", **rec)
+        self.bus.emit(Event.RECOVERED, **rec)
         logger.warning("recovered: generation %d, %d workers, state from %s at step %d, "
                        "%d steps lost, %.2fs from detection to this step", rec["generation"],
                        rec["world_size"], rec["source"], rec["resumed_step"], rec["lost_steps"],

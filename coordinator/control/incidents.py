@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, List, Optional, Tuple
 
+from coordinator.events import Event
 from coordinator.config import Config
 from coordinator.control import failure_policy as fp
 from coordinator.control.accounting import StepAccounting
@@ -92,12 +93,12 @@ class Incidents:
                 logger.warning("node %s had %d worker failures (failure.node_failure_limit=%d): "
                                "this job no longer places workers on it", node, iso.counts[node],
                                iso.limit)
-                self.bus.emit("node_isolated", node_id=node, failures=iso.counts[node])
+                self.bus.emit(Event.NODE_ISOLATED, node_id=node, failures=iso.counts[node])
 
     def report(self, failures: List[WorkerFailure]) -> None:
         self.job.failures.extend(failures)
         for kind, fs in fp.by_kind(failures).items():
-            self.bus.emit("failure_detected", kind=kind, ranks=[f.rank for f in fs],
+            self.bus.emit(Event.FAILURE_DETECTED, kind=kind, ranks=[f.rank for f in fs],
                           pids=[f.pid for f in fs], generation=self.job.generation,
                           step=self.steps.last_step, error=fs[0].error,
                           last_step_t=self.steps.last_step_t)

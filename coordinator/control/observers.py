@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
+from coordinator.events import Event
 from coordinator.checkpoint.interval import AutoInterval, AutoSchedule
 from coordinator.config import Config
 
@@ -82,7 +83,7 @@ class ProgressEvents(Observer):
         if snap.step == self._step or snap.now - self._t < self.interval_s:
             return
         self._t, self._step = snap.now, snap.step
-        self.bus.emit("progress", step=snap.step, step_t=snap.step_t,
+        self.bus.emit(Event.PROGRESS, step=snap.step, step_t=snap.step_t,
                       world_size=snap.world_size,
                       loss=None if snap.loss is None else round(snap.loss, 6),
                       steps_per_s=None if snap.steps_per_s is None else round(snap.steps_per_s, 3))
@@ -97,9 +98,9 @@ class MetricsObserver(Observer):
 
     def on_event(self, record: Dict[str, Any]) -> None:
         kind = record["event"]
-        if kind == "failure_detected" and record["ranks"]:
+        if kind == Event.FAILURE_DETECTED and record["ranks"]:
             self.metrics.failure(record["kind"], len(record["ranks"]))
-        elif kind == "checkpoint_committed":
+        elif kind == Event.CHECKPOINT_COMMITTED:
             self.metrics.checkpoint(record["stall_s"], record["persist_s"])
 
     def on_tick(self, snap: Snapshot) -> None:
@@ -121,12 +122,12 @@ class AutoIntervalObserver(Observer):
 
     def on_event(self, record: Dict[str, Any]) -> None:
         kind = record["event"]
-        if kind == "checkpoint_committed":
+        if kind == Event.CHECKPOINT_COMMITTED:
             self.schedule.committed(record["step"], record["stall_s"], record["persist_s"])
             self.schedule.settled([record["step"]])
-        elif kind == "checkpoint_failed":
+        elif kind == Event.CHECKPOINT_FAILED:
             self.schedule.settled([record["step"]])
-        elif kind == "group_formed":
+        elif kind == Event.GROUP_FORMED:
             self.schedule.new_generation(record["step"] if record["source"] == "checkpoint"
                                          else None)
 
@@ -137,7 +138,7 @@ class AutoIntervalObserver(Observer):
             logger.info("checkpoint interval (auto): every %d steps: %s; %s MTBF per worker "
                         "(%d failure(s) in %.0f worker-s)", choice.interval_steps, choice.reason,
                         choice.mtbf_source, choice.failures, choice.exposure_worker_s)
-            self.bus.emit("checkpoint_interval", step=snap.step, **choice.fields())
+            self.bus.emit(Event.CHECKPOINT_INTERVAL, step=snap.step, **choice.fields())
         if ask:
             self.group.request_checkpoint(self.schedule.number)
 

@@ -26,10 +26,11 @@ before it) and gives `worker_goodput`. Time between attempts (a crashed driver u
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from coordinator.events import Event, get_field, read_events
 
 
 CATEGORIES = ("productive", "checkpoint_stall", "recomputed", "detection", "reformation",
@@ -105,25 +106,28 @@ class _Cutter:
         # (without a step time, running lasts until `t`)
         self.cut(t, next_phase)
 
+    def stall(self, step: Optional[int], stall_s: Optional[float]) -> None:
+        self.stalls.append((int(step or 0), float(stall_s or 0.0)))
+
     def event(self, e: Dict[str, Any]) -> None:
         kind, t = e["event"], float(e["t"])
         a = self.a
-        if kind == "capacity_wait":
+        if kind == Event.CAPACITY_WAIT:
             if self.phase == "running":
                 self.end_running(t, a.last_step, None, "waiting_for_capacity", "running")
             else:
                 self.cut(t, "waiting_for_capacity")
-        elif kind == "group_forming":
-            size = int(e.get("world_size") or 0)
+        elif kind == Event.GROUP_FORMING:
+            size = int(get_field(e, Event.GROUP_FORMING, "world_size") or 0)
             if self.phase == "startup" and self.held == 0:
                 self.held = size  # start-up was starting the first group's workers
             if self.phase not in ("running",):
-                cause = e.get("cause", "start")
+                cause = get_field(e, Event.GROUP_FORMING, "cause", "start")
                 self.cut(t, "startup" if cause == "start" else "reformation")
             self.held = size  # from here on the group being formed is held
             self.forming = e
-        elif kind == "group_formed":
-            restore = float(e.get("restore_s") or 0.0)
+        elif kind == Event.GROUP_FORMED:
+            restore = float(get_field(e, Event.GROUP_FORMED, "restore_s") or 0.0)
             start = self.t
             if restore > 0 and t - restore > start:
                 self.cut(t - restore, "restore")
@@ -131,51 +135,58 @@ class _Cutter:
                 self.phase = "restore"
             self.cut(t, "running")
             self.forming = None
-            self.run_step = int(e.get("step") or 0)
-            self.run_world = self.held = int(e.get("world_size") or 0)
+            self.run_step = int(get_field(e, Event.GROUP_FORMED, "step") or 0)
+            self.run_world = self.held = int(get_field(e, Event.GROUP_FORMED, "world_size") or 0)
             if a.first_step is None:
                 a.first_step = self.run_step
             a.last_step = max(a.last_step, self.run_step)
-        elif kind == "failure_detected":
-            step = int(e.get("step") or 0)
-            preempt = e.get("kind") == "preempt"
+        elif kind == Event.FAILURE_DETECTED:
+            step = int(get_field(e, Event.FAILURE_DETECTED, "step") or 0)
+            preempt = get_field(e, Event.FAILURE_DETECTED, "kind") == "preempt"
             if not preempt and self.phase != "reformation":
                 a.failures += 1
             if self.phase == "running":
                 if preempt:  # training goes on to the emergency checkpoint: all of it is shutdown
                     self.end_running(t, step, None, "shutdown", "running")
                 else:
-                    self.end_running(t, step, e.get("last_step_t"), "reformation", "detection")
+                    self.end_running(t, step, get_field(e, Event.FAILURE_DETECTED, "last_step_t"),
+                                     "reformation", "detection")
                     spans = self.a.spans
                     if len(spans) >= 2 and spans[-1].phase == "detection":
                         self.detection = (spans[-2], spans[-1])
             elif not preempt:
                 self.cut(t, "reformation")
-        elif kind == "pausing":
+        elif kind == Event.PAUSING:
             if self.phase == "running":
-                self.end_running(t, int(e.get("step") or 0), None, "reformation", "running")
-        elif kind == "recovered":
-            a.lost_steps += int(e.get("lost_steps") or 0)
+                step = int(get_field(e, Event.PAUSING, "step") or 0)
+                self.end_running(t, step, None, "reformation", "running")
+        elif kind == Event.RECOVERED:
+            a.lost_steps += int(get_field(e, Event.RECOVERED, "lost_steps") or 0)
             # Survivors report steps the lost worker did not live to report: training went on
             # until then, and detection starts there.
-            later = e.get("last_step_t")
+            later = get_field(e, Event.RECOVERED, "last_step_t")
             if self.detection is not None and later is not None:
                 run, det = self.detection
                 if run.t1 < later < det.t1:
                     run.t1 = det.t0 = later
             self.detection = None
-        elif kind in ("checkpoint_committed", "checkpoint_failed"):
-            self.stalls.append((int(e.get("step") or 0), float(e.get("stall_s") or 0.0)))
-        elif kind == "progress":
-            a.last_step = max(a.last_step, int(e.get("step") or 0))
-        elif kind == "job_end":
-            step = int(e.get("step") or 0)
+        elif kind == Event.CHECKPOINT_COMMITTED:
+            self.stall(get_field(e, Event.CHECKPOINT_COMMITTED, "step"),
+                       get_field(e, Event.CHECKPOINT_COMMITTED, "stall_s"))
+        elif kind == Event.CHECKPOINT_FAILED:  # a failed save stalled training all the same
+            self.stall(get_field(e, Event.CHECKPOINT_FAILED, "step"),
+                       get_field(e, Event.CHECKPOINT_FAILED, "stall_s"))
+        elif kind == Event.PROGRESS:
+            a.last_step = max(a.last_step, int(get_field(e, Event.PROGRESS, "step") or 0))
+        elif kind == Event.JOB_END:
+            step = int(get_field(e, Event.JOB_END, "step") or 0)
             if self.phase == "running":
-                self.end_running(t, step, e.get("last_step_t"), "shutdown", "shutdown")
+                self.end_running(t, step, get_field(e, Event.JOB_END, "last_step_t"), "shutdown",
+                                 "shutdown")
             else:
                 a.last_step = max(a.last_step, step)
                 self.cut(t, "shutdown")
-            a.status = e.get("status", "finished")
+            a.status = get_field(e, Event.JOB_END, "status", "finished")
 
     def close(self, t_last: float) -> Attempt:
         if self.a.status == "crashed" and self.phase == "running":
@@ -198,13 +209,13 @@ def attempts(events: List[Dict[str, Any]]) -> List[Attempt]:
     last_t = None
     for e in events:
         t = float(e["t"])
-        if e["event"] == "job_start":
+        if e["event"] == Event.JOB_START:
             if cutter is not None:
                 out.append(cutter.close(last_t))
             cutter = _Cutter(t)
         elif cutter is not None:
             cutter.event(e)
-            if e["event"] == "job_end":
+            if e["event"] == Event.JOB_END:
                 out.append(cutter.close(t))
                 cutter = None
         last_t = t
@@ -273,19 +284,10 @@ def breakdown(events: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def run_events(run_dir: str) -> List[Dict[str, Any]]:
-    """The run directory's events. A line torn by a driver killed while writing it (the rerun
-    appends after it) is skipped: the accounting goes on without that one event."""
+    """The run directory's events, read as `events.read_events` reads them (a line torn by a
+    driver killed while writing it is skipped: the accounting goes on without that one event)."""
     path = os.path.join(run_dir, "events.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir!r} has no events.jsonl: not a run directory "
                                 "(give run.dir of a job)")
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(e, dict) and "t" in e and "event" in e:
-                out.append(e)
-    return out
+    return read_events(path)

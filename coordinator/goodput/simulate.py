@@ -1,6 +1,6 @@
-"""Monte Carlo of the availability model: the same job as `coordinator/availability.py`, played
-out failure by failure, so the closed forms there can be checked against a timeline rather than
-against more algebra.
+"""Monte Carlo of the availability model: the same job as `coordinator/goodput/availability.py`,
+played out failure by failure, so the closed forms there can be checked against a timeline
+rather than against more algebra.
 
 One trial follows one job for `horizon_s` of wall time. Failures are a Poisson process of rate
 1 / job_mtbf_s that strikes in every state. The job is in one of three states:
@@ -31,7 +31,7 @@ from typing import Tuple
 
 import numpy as np
 
-from coordinator.availability import _positive, check_inputs
+from coordinator.goodput.availability import _positive, check_inputs
 
 TRAIN, PEER, ROLLBACK = 0, 1, 2
 

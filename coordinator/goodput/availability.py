@@ -7,7 +7,7 @@ between checkpoints and stalls `checkpoint_stall_s` (C) for each one. A failure 
 `recovery_s` (R: detection, re-forming the group, restoring state) and loses some work: a restart
 from the last committed checkpoint loses everything since that checkpoint; a recovery from a
 surviving peer's memory loses only the step in flight. `docs/availability.md` walks through it;
-`coordinator/goodput_sim.py` simulates the same model event by event.
+`coordinator/goodput/simulate.py` simulates the same model event by event.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import statistics
 import sys
 from typing import Any, Dict, List, TextIO
 
-from coordinator import availability, goodput
+from coordinator.events import Event, get_field
+from coordinator.goodput import accounting, availability
 
 LABELS = {
     "productive": "productive training",
@@ -38,29 +39,36 @@ PHASE_LABELS = {
 }
 
 
+def _of(events: List[Dict[str, Any]], kind: Event) -> List[Dict[str, Any]]:
+    return [e for e in events if e["event"] == kind]
+
+
 def model_check(b: Dict[str, Any], events: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """What the availability model (coordinator/availability.py) predicts for this run, fed with
-    the run's own measurements, next to what the run measured. Both leave start-up, shutdown and
-    waiting for capacity out (the model has none). None when the run saw no failure."""
+    """What the availability model (coordinator/goodput/availability.py) predicts for this run,
+    fed with the run's own measurements, next to what the run measured. Both leave start-up,
+    shutdown and waiting for capacity out (the model has none). None when the run saw no
+    failure."""
     sec = b["seconds"]
     if not b["failures"]:
         return {}
     steady = b["wall_s"] - sec["startup"] - sec["shutdown"] - sec["waiting_for_capacity"]
-    rec = [e for e in events if e["event"] == "recovered"]
-    commits = [e for e in events if e["event"] == "checkpoint_committed"]
+    rec = _of(events, Event.RECOVERED)
+    commits = _of(events, Event.CHECKPOINT_COMMITTED)
     if steady <= 0 or not rec:
         return {}
     per_step = [a["seconds_per_step"] for a in b["attempts"] if a["seconds_per_step"] > 0]
     step_s = statistics.median(per_step) if per_step else 0.0
     inputs = {
         "job_mtbf_s": steady / b["failures"],  # failures per steady wall time
-        "stall_s": statistics.median(e["stall_s"] for e in commits) if commits else 0.0,
+        "stall_s": statistics.median(get_field(e, Event.CHECKPOINT_COMMITTED, "stall_s")
+                                     for e in commits) if commits else 0.0,
         # work between checkpoints: productive time over the checkpoints taken
         "interval_s": sec["productive"] / len(commits) if commits else steady,
         # downtime per failure: its detection plus detection -> training again
         "recovery_s": sec["detection"] / b["failures"]
-        + statistics.mean(e["recovery_s"] for e in rec),
-        "peer_fraction": sum(e["source"] == "peer" for e in rec) / len(rec),
+        + statistics.mean(get_field(e, Event.RECOVERED, "recovery_s") for e in rec),
+        "peer_fraction": sum(get_field(e, Event.RECOVERED, "source") == "peer"
+                             for e in rec) / len(rec),
         "step_s": step_s,
     }
     exact = availability.expected_goodput(
@@ -92,7 +100,7 @@ def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) 
                  f"{'worker-s':>11}{'share':>8}")
     wall = b["wall_s"] or 1.0
     wsum = b.get("worker_s") or 1.0
-    for c in goodput.CATEGORIES:
+    for c in accounting.CATEGORIES:
         sec, ws = b["seconds"][c], b["worker_seconds"][c]
         bar = "#" * int(round(25 * sec / wall))
         lines.append(f"  {LABELS[c]:<26}{sec:>10.2f}{100 * sec / wall:>7.1f}%"
@@ -103,21 +111,25 @@ def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) 
         lines.append(f"  ({b['between_runs_s']:.1f}s between attempts, no workers held: "
                      "not counted)")
     lines.append("")
-    kinds = collections.Counter(e.get("kind") for e in events if e["event"] == "failure_detected")
-    rec = [e for e in events if e["event"] == "recovered"]
+    kinds = collections.Counter(get_field(e, Event.FAILURE_DETECTED, "kind")
+                                for e in _of(events, Event.FAILURE_DETECTED))
+    rec = _of(events, Event.RECOVERED)
     kind_s = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
     line = f"failures detected: {kind_s}; recoveries {len(rec)}"
     if rec:
-        rs = [e["recovery_s"] for e in rec]
+        rs = [get_field(e, Event.RECOVERED, "recovery_s") for e in rec]
         line += f" (detection to training again: median {statistics.median(rs):.2f}s, " \
                 f"max {max(rs):.2f}s)"
     lines.append(line + f"; lost steps {b['lost_steps']}")
-    commits = [e for e in events if e["event"] == "checkpoint_committed"]
-    failed = [e for e in events if e["event"] == "checkpoint_failed"]
+    commits = _of(events, Event.CHECKPOINT_COMMITTED)
+    failed = _of(events, Event.CHECKPOINT_FAILED)
     line = f"checkpoints: {len(commits)} committed, {len(failed)} not committed"
     if commits:
-        line += f"; median stall {statistics.median(e['stall_s'] for e in commits):.3f}s, " \
-                f"median persist {statistics.median(e['persist_s'] for e in commits):.2f}s"
+        stall = statistics.median(get_field(e, Event.CHECKPOINT_COMMITTED, "stall_s")
+                                  for e in commits)
+        persist = statistics.median(get_field(e, Event.CHECKPOINT_COMMITTED, "persist_s")
+                                    for e in commits)
+        line += f"; median stall {stall:.3f}s, median persist {persist:.2f}s"
     lines.append(line)
     check = model_check(b, events)
     if check:
@@ -130,11 +142,13 @@ def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) 
             f"{i['job_mtbf_s']:.1f}s, stall {i['stall_s']:.3f}s per {i['interval_s']:.1f}s of "
             f"work, {i['recovery_s']:.2f}s down per failure, "
             f"{100 * i['peer_fraction']:.0f}% recovered from peers")
-    choices = [e for e in events if e["event"] == "checkpoint_interval"]
+    choices = _of(events, Event.CHECKPOINT_INTERVAL)
     if choices:
         c = choices[-1]
-        lines.append(f"checkpoint interval (auto): {c['interval_steps']} steps, last chosen at "
-                     f"step {c['step']}: {c['reason']}")
+        steps = get_field(c, Event.CHECKPOINT_INTERVAL, "interval_steps")
+        lines.append(f"checkpoint interval (auto): {steps} steps, last chosen at step "
+                     f"{get_field(c, Event.CHECKPOINT_INTERVAL, 'step')}: "
+                     f"{get_field(c, Event.CHECKPOINT_INTERVAL, 'reason')}")
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -152,6 +166,26 @@ def _time_of_step(pts: List[tuple], step: int, not_after: float) -> float:
     return best
 
 
+def _step_point(e: Dict[str, Any]):
+    """(time, step) of an event that says which step the job had completed when: the time of
+    the step itself where the event has it, else the event's."""
+    kind, step_t = e["event"], None
+    if kind == Event.PROGRESS:
+        step = get_field(e, Event.PROGRESS, "step")
+        step_t = get_field(e, Event.PROGRESS, "step_t")
+    elif kind == Event.FAILURE_DETECTED:
+        step = get_field(e, Event.FAILURE_DETECTED, "step")
+        step_t = get_field(e, Event.FAILURE_DETECTED, "last_step_t")
+    elif kind == Event.JOB_END:
+        step = get_field(e, Event.JOB_END, "step")
+        step_t = get_field(e, Event.JOB_END, "last_step_t")
+    elif kind == Event.GROUP_FORMED:
+        step = get_field(e, Event.GROUP_FORMED, "step")
+    else:
+        return None
+    return None if step is None else (step_t or e["t"], step)
+
+
 def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
     import matplotlib
 
@@ -159,7 +193,7 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    runs = goodput.attempts(events)
+    runs = accounting.attempts(events)
     t0 = runs[0].start if runs else float(events[0]["t"])
     rel = lambda t: float(t) - t0  # noqa: E731
     fig, (ax_w, ax_s) = plt.subplots(2, 1, figsize=(12, 6.5), sharex=True,
@@ -184,16 +218,15 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
             xs += [rel(sp.t0), rel(sp.t1)]
             ys += [w, w]
     ax_w.plot(xs, ys, color="#1b5e20", lw=2, drawstyle="steps-post", label="workers training")
-    top = max([e.get("world_size", 0) for e in events if e["event"] == "group_formed"] + [1])
+    top = max([get_field(e, Event.GROUP_FORMED, "world_size", 0)
+               for e in _of(events, Event.GROUP_FORMED)] + [1])
     ax_w.set_ylim(0, top + 1)
     ax_w.set_ylabel("workers")
 
     # steps: at each group formation, progress line, failure and job end (with the time of the
     # step itself where the event has it), so a rollback shows as a drop
-    when = {"progress": "step_t", "failure_detected": "last_step_t", "job_end": "last_step_t"}
-    pts = sorted((rel(e.get(when.get(e["event"], "t")) or e["t"]), e["step"]) for e in events
-                 if e["event"] in ("progress", "group_formed", "failure_detected", "job_end")
-                 and e.get("step") is not None)
+    pts = sorted(p for p in map(_step_point, events) if p is not None)
+    pts = [(rel(t), step) for t, step in pts]
     if pts:
         ax_s.plot([p[0] for p in pts], [p[1] for p in pts], color="#1b5e20", lw=1.5,
                   marker=".", ms=3, label="completed step")
@@ -201,8 +234,8 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
     ax_s.set_xlabel("seconds since the job started")
 
     # Few events: each is labelled where it happens; many: colours and the legend say it all.
-    n_fail = sum(e["event"] == "failure_detected" for e in events)
-    n_rec = sum(e["event"] == "recovered" for e in events)
+    n_fail = len(_of(events, Event.FAILURE_DETECTED))
+    n_rec = len(_of(events, Event.RECOVERED))
     labelled = set()
 
     def once(key, label):
@@ -213,32 +246,37 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
 
     for e in events:
         x = rel(e["t"])
-        if e["event"] == "failure_detected":
-            kind = e.get("kind", "")
+        if e["event"] == Event.FAILURE_DETECTED:
+            kind = get_field(e, Event.FAILURE_DETECTED, "kind", "")
             color = FAILURE_COLORS.get(kind, "#b71c1c")
             label = once(("fail", kind), f"{kind.replace('_', ' ')} detected")
             ax_w.axvline(x, color=color, ls="--", lw=1.2, label=label)
             ax_s.axvline(x, color=color, ls="--", lw=1.2)
             if n_fail <= 8:
-                ranks = e.get("ranks") or []
+                ranks = get_field(e, Event.FAILURE_DETECTED, "ranks") or []
                 ax_w.annotate(f"{kind.replace('_', ' ')}" + (f" {ranks}" if ranks else ""),
                               (x, top + 0.9), fontsize=7, va="top", ha="right", color=color,
                               bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
-        elif e["event"] == "pausing":
-            ax_w.annotate(e.get("reason", "pause"), (x, top + 0.9), fontsize=7, va="top",
-                          ha="left", color="#e65100",
+        elif e["event"] == Event.PAUSING:
+            ax_w.annotate(get_field(e, Event.PAUSING, "reason", "pause"), (x, top + 0.9),
+                          fontsize=7, va="top", ha="left", color="#e65100",
                           bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
-        elif e["event"] == "checkpoint_committed":
+        elif e["event"] == Event.CHECKPOINT_COMMITTED:
             # at the time its step was trained (the commit itself comes after the persist)
-            at = _time_of_step(pts, e["step"], x)
-            ax_s.plot([at], [e["step"]], marker="v", color="#1565c0", ms=6, ls="none",
+            step = get_field(e, Event.CHECKPOINT_COMMITTED, "step")
+            at = _time_of_step(pts, step, x)
+            ax_s.plot([at], [step], marker="v", color="#1565c0", ms=6, ls="none",
                       label=once("ckpt", "checkpoint committed"))
-        elif e["event"] == "recovered":
-            ax_w.plot([x], [e["world_size"]], marker="o", color="#e65100", ms=7, ls="none",
+        elif e["event"] == Event.RECOVERED:
+            world = get_field(e, Event.RECOVERED, "world_size")
+            ax_w.plot([x], [world], marker="o", color="#e65100", ms=7, ls="none",
                       label=once("rec", "recovered (first step after)"))
             if n_rec <= 8:
-                ax_w.annotate(f"{e['recovery_s']:.1f}s, {e['source']}, lost {e['lost_steps']}",
-                              (x, e["world_size"]), textcoords="offset points",
+                r = get_field(e, Event.RECOVERED, "recovery_s")
+                src = get_field(e, Event.RECOVERED, "source")
+                lost = get_field(e, Event.RECOVERED, "lost_steps")
+                ax_w.annotate(f"{r:.1f}s, {src}, lost {lost}", (x, world),
+                              textcoords="offset points",
                               xytext=(4, -12), fontsize=7, color="#e65100")
     handles, labels = [], []
     for ax in (ax_w, ax_s):
@@ -263,15 +301,15 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
 
 def run_report(run_dir: str, out: TextIO = sys.stdout) -> int:
     try:
-        events = goodput.run_events(run_dir)
+        events = accounting.run_events(run_dir)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not any(e["event"] == "job_start" for e in events):
+    if not _of(events, Event.JOB_START):
         print(f"error: {run_dir!r}: events.jsonl holds no job_start: nothing to report",
               file=sys.stderr)
         return 2
-    b = goodput.breakdown(events)
+    b = accounting.breakdown(events)
     print(format_table(b, events, run_dir), file=out)
     path = os.path.join(run_dir, "timeline.png")
     g = b["goodput"]

@@ -13,7 +13,7 @@ from coordinator.config import Config
 from coordinator.control.controller import Controller
 from coordinator.control.observers import Bus, standard_observers
 from coordinator.control.state import Phase
-from coordinator.events import EventLog, write_json_atomic
+from coordinator.events import Event, EventLog, write_json_atomic
 from coordinator.goodput import accounting
 from coordinator.goodput.report import model_check
 from coordinator.progress import ProgressReporter

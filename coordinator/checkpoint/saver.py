@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from coordinator.checkpoint.manifest import MANIFEST, step_name
 from coordinator.checkpoint.storage import HashingStream, basename, join, options_for
 from coordinator.protocol import SaveReport
+from train.errors import short_error
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def _error_text(e: BaseException) -> str:
         e, prefix = exc, f"rank {rank}: "
     else:
         prefix = ""
-    return f"{prefix}{type(e).__name__}: {' '.join(str(e).split())}"[:400]
+    return short_error(f"{prefix}{type(e).__name__}: {e}", limit=400)
 
 
 def load_checkpoint(path: str, storage_options: Dict[str, Any], template_fn, group):

@@ -32,6 +32,7 @@ from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, SourceKind, StepReport, StopMode, TrainResult
 from train import data as data_lib
 from train import parallel
+from train.errors import short_error
 from train.state import (
     TrainState,
     apply_full_state,
@@ -167,7 +168,7 @@ class TrainWorker:
         except RuntimeError as e:  # a peer was lost while forming: gloo/store errors
             self._broken = True
             error = str(e) if isinstance(e, WorkerError) else (
-                f"rank {rank} joining generation {generation}: {' '.join(str(e).split())[:300]}")
+                f"rank {rank} joining generation {generation}: {short_error(e)}")
         self._teardown()
         raise WorkerError(error)
 
@@ -289,7 +290,7 @@ class TrainWorker:
                 loss = train_step(st.model, st.optimizer, st.scheduler, self.task.loss, batch,
                                   scale)
             except RuntimeError as e:  # a peer died or hung: gloo/nccl raise here
-                error = f"rank {self.rank} step {st.step + 1}: {' '.join(str(e).split())[:300]}"
+                error = f"rank {self.rank} step {st.step + 1}: {short_error(e)}"
                 break
             # The optimizer has stepped: the step is done, whatever happens to the stop vote.
             st.step += 1
@@ -304,7 +305,7 @@ class TrainWorker:
                 work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._ctl_group,
                                        async_op=True) if st.step < until_step else None
             except RuntimeError as e:
-                error = f"rank {self.rank} after step {st.step}: {' '.join(str(e).split())[:300]}"
+                error = f"rank {self.rank} after step {st.step}: {short_error(e)}"
                 break
             if decided >= StopMode.CHECKPOINT:
                 if self.saver is not None and self.saver.last_step != st.step:
@@ -322,7 +323,7 @@ class TrainWorker:
             try:  # a vote still in flight when the loop stopped: finish it on every rank
                 work.wait()
             except RuntimeError as e:
-                error = f"rank {self.rank} after step {st.step}: {' '.join(str(e).split())[:300]}"
+                error = f"rank {self.rank} after step {st.step}: {short_error(e)}"
         if error is not None:
             # Outside the except block, so the traceback (and the group it references) is gone;
             # drop this frame's references too (FSDP2's shards hold the group through its mesh).

@@ -15,6 +15,7 @@ from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.checkpoint.storage import filesystem, join, sha256_file
 from coordinator.events import EventLog, events_of
 from train import data as data_lib
+from train.loop import run_steps
 from train.state import (apply_loaded, build_state, checkpoint_state, full_model_state,
                          load_template, weights_digest)
 from train.step import train_step
@@ -33,10 +34,8 @@ def world1():
 def _trained(steps, task="train.tasks.gpt:TinyGPT"):
     t = make_task(task, {})
     st = build_state(t, "ddp", torch.device("cpu"), 0, 100)
-    for s in range(steps):
-        train_step(st.model, st.optimizer, st.scheduler, t.loss,
-                   data_lib.local_batch(t, 0, s, 8, 1, 0), 1.0)
-        st.step += 1
+    run_steps(st, seed=0, global_batch_size=8, world_size=1, rank=0, device=torch.device("cpu"),
+              until_step=steps)
     return t, st
 
 

@@ -33,6 +33,7 @@ from coordinator.protocol import Heartbeat, SaveReport, Source, SourceKind, Step
 from train import data as data_lib
 from train import parallel
 from train.errors import short_error
+from train.loop import StepError, run_steps
 from train.state import (
     TrainState,
     apply_full_state,
@@ -44,7 +45,6 @@ from train.state import (
     load_template,
     weights_digest,
 )
-from train.step import train_step
 from train.task import make_task
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,34 @@ class WorkerSpec:
 
 class WorkerError(RuntimeError):
     """A failure inside a worker that is not a lost process (bad user task, collective error)."""
+
+
+class _StopVote:
+    """The stop vote, agreed by all ranks after every step (see the top of this module). The vote
+    of step k runs asynchronously during step k+1 and is read after it, so its latency hides
+    behind compute; every rank reads the same result after the same step."""
+
+    def __init__(self, group):
+        self._group = group  # None: the default (training) group, gloo
+        self._buf = torch.zeros(2, dtype=torch.int64)
+        self._work = None
+
+    def cast(self, stop: int, save: int, again: bool) -> Tuple[int, int]:
+        """Read the previous step's agreed (stop, save): (NONE, 0) after the first step of a
+        call; then cast this step's vote, unless no step follows (`again` false)."""
+        decided, agreed = StopMode.NONE, 0
+        if self._work is not None:
+            self._work.wait()
+            decided, agreed = int(self._buf[0]), int(self._buf[1])
+        self._buf[0], self._buf[1] = stop, save
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self._group,
+                                     async_op=True) if again else None
+        return decided, agreed
+
+    def finish(self) -> None:
+        """Wait for a vote still in flight (the loop stopped before reading it)."""
+        if self._work is not None:
+            self._work.wait()
 
 
 @ray.remote(concurrency_groups=CONCURRENCY_GROUPS, max_restarts=0, max_task_retries=0)
@@ -275,59 +303,37 @@ class TrainWorker:
         """Run steps until `until_step`, or until a stop request all ranks agree on."""
         assert self.state is not None and self.rank is not None, "join_group first"
         st, spec = self.state, self.spec
-        scale = data_lib.loss_scale(spec.global_batch_size, self.world_size, self.rank)
-        share = data_lib.share(spec.global_batch_size, self.world_size, self.rank)
-        # The stop vote of step k runs asynchronously during step k+1 and is read after it, so
-        # its latency hides behind compute; every rank reads the same result after the same step.
-        vote, work = torch.zeros(2, dtype=torch.int64), None
-        error = None
-        while st.step < until_step:
-            t0 = time.time()
-            batch = data_lib.local_batch(self.task, spec.seed, st.step, spec.global_batch_size,
-                                         self.world_size, self.rank)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            try:
-                loss = train_step(st.model, st.optimizer, st.scheduler, self.task.loss, batch,
-                                  scale)
-            except RuntimeError as e:  # a peer died or hung: gloo/nccl raise here
-                error = f"rank {self.rank} step {st.step + 1}: {short_error(e)}"
-                break
+        vote = _StopVote(self._ctl_group)
+        error: Optional[str] = None
+
+        def after_step(step: int, weighted_loss: float, t: float, duration: float) -> bool:
+            nonlocal error
             # The optimizer has stepped: the step is done, whatever happens to the stop vote.
-            st.step += 1
-            now = time.time()
-            self._reports.append(StepReport(st.step, loss * share, now, now - t0))
+            self._reports.append(StepReport(step, weighted_loss, t, duration))
             try:
-                decided, save = StopMode.NONE, 0
-                if work is not None:
-                    work.wait()
-                    decided, save = int(vote[0]), int(vote[1])
-                vote[0], vote[1] = self._stop, self._save_request
-                work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._ctl_group,
-                                       async_op=True) if st.step < until_step else None
+                decided, save = vote.cast(self._stop, self._save_request,
+                                          again=step < until_step)
             except RuntimeError as e:
-                error = f"rank {self.rank} after step {st.step}: {short_error(e)}"
-                break
-            if decided >= StopMode.CHECKPOINT:
-                if self.saver is not None and self.saver.last_step != st.step:
-                    self._checkpoint()
-                break
-            if decided >= StopMode.PAUSE:
-                break
-            interval = spec.checkpoint_interval
-            requested = save > self._saved_request
-            self._saved_request = max(self._saved_request, save)
-            if self.saver is not None and st.step < spec.total_steps and (
-                    requested or (interval and st.step % interval == 0)):
-                self._checkpoint()
-        if error is None and work is not None:
+                error = f"rank {self.rank} after step {step}: {short_error(e)}"
+                return True
+            return self._after_vote(step, decided, save)
+
+        try:
+            run_steps(st, seed=spec.seed, global_batch_size=spec.global_batch_size,
+                      world_size=self.world_size, rank=self.rank, device=self.device,
+                      until_step=until_step, after_step=after_step)
+        except StepError as e:  # a peer died or hung: gloo/nccl raise inside the step
+            error = f"rank {self.rank} step {e.step}: {short_error(e.cause)}"
+        if error is None:
             try:  # a vote still in flight when the loop stopped: finish it on every rank
-                work.wait()
+                vote.finish()
             except RuntimeError as e:
                 error = f"rank {self.rank} after step {st.step}: {short_error(e)}"
         if error is not None:
-            # Outside the except block, so the traceback (and the group it references) is gone;
-            # drop this frame's references too (FSDP2's shards hold the group through its mesh).
-            st = batch = work = None
+            # Outside the except blocks, so the tracebacks (and the group they reference) are
+            # gone; drop this frame's references too (FSDP2's shards hold the group through its
+            # mesh; the vote's work, the control group).
+            st = vote = after_step = None
             self._broken = True
             self._teardown()
             raise WorkerError(error)
@@ -337,6 +343,24 @@ class TrainWorker:
                 self._checkpoint()
             self.saver.wait()  # every save of this call is reported before it returns
         return TrainResult(st.step, st.step < until_step)
+
+    def _after_vote(self, step: int, decided: int, save: int) -> bool:
+        """Act on the vote agreed after the previous step, now that step `step` is done: stop
+        (with a checkpoint if asked), or save if a request or the interval says so. Returns
+        whether to stop."""
+        if decided >= StopMode.CHECKPOINT:
+            if self.saver is not None and self.saver.last_step != step:
+                self._checkpoint()
+            return True
+        if decided >= StopMode.PAUSE:
+            return True
+        interval = self.spec.checkpoint_interval
+        requested = save > self._saved_request
+        self._saved_request = max(self._saved_request, save)
+        if self.saver is not None and step < self.spec.total_steps and (
+                requested or (interval and step % interval == 0)):
+            self._checkpoint()
+        return False
 
     def _checkpoint(self) -> None:
         t0 = time.time()  # the stall includes gathering the state dict, not only staging it

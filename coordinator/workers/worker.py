@@ -35,6 +35,7 @@ from train import parallel
 from train.errors import short_error
 from train.loop import StepError, run_steps
 from train.state import (
+    FullState,
     TrainState,
     apply_full_state,
     apply_loaded,
@@ -190,9 +191,12 @@ class TrainWorker:
         the seconds spent taking the state from `source` (the rest of the join is re-forming)."""
         source = source or Source()
         try:
-            step, restore_s = self._join(generation, rank, world_size, store_host, store_port,
-                                         source)
-            return {"step": step, "restore_s": restore_s}
+            held = self._leave(source)
+            ckpt_group = self._rendezvous(generation, rank, world_size, store_host, store_port)
+            restore_s = self._restore(source, held, ckpt_group)
+            del held
+            self._wrap(source, ckpt_group)
+            return {"step": self.state.step, "restore_s": restore_s}
         except RuntimeError as e:  # a peer was lost while forming: gloo/store errors
             self._broken = True
             error = str(e) if isinstance(e, WorkerError) else (
@@ -200,14 +204,22 @@ class TrainWorker:
         self._teardown()
         raise WorkerError(error)
 
-    def _join(self, generation: int, rank: int, world_size: int, store_host: str,
-              store_port: int, source: Source) -> Tuple[int, float]:
+    def _leave(self, source: Source) -> Optional[FullState]:
+        """Leave the current group. Under FSDP2 a survivor first gathers the full state over it
+        (all its members are alive) when `source` asks for it: the new group is restored from
+        that. Returns the gathered state (None otherwise)."""
         held = None
         if source.gather and self.state is not None and not self._broken:
-            held = full_state(self.state, sharded=True)  # FSDP2: over the old group, all alive
+            held = full_state(self.state, sharded=True)
         self._teardown()
         self._stop = StopMode.NONE
         self._saved_request = 0
+        return held
+
+    def _rendezvous(self, generation: int, rank: int, world_size: int, store_host: str,
+                    store_port: int):
+        """Form generation `generation`'s process group through the driver's store, with its side
+        groups. Returns the checkpoint group."""
         timeout = timedelta(seconds=self.spec.collective_timeout_s)
         store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
         prefix = f"gen{generation}/"
@@ -222,7 +234,13 @@ class TrainWorker:
             if backend != "gloo" else None
         self._broken = False
         self.generation, self.rank, self.world_size = generation, rank, world_size
-        ddp = self.spec.parallelism == "ddp"
+        return ckpt_group
+
+    def _restore(self, source: Source, held: Optional[FullState], ckpt_group) -> float:
+        """Build the state if this worker has none, then take it from `source`: as built (init),
+        from a checkpoint, or broadcast by a peer. Returns the seconds the taking took (0 for
+        init)."""
+        rank, ddp = self.rank, self.spec.parallelism == "ddp"
         fresh = self.state is None
         if fresh:
             # DDP stays unwrapped until its state is final: wrapping broadcasts rank 0's weights.
@@ -246,20 +264,25 @@ class TrainWorker:
             # Per-rank RNG (dropout and the like): a newcomer seeds from (seed, rank, step); a
             # survivor keeps its stream; a checkpoint restores the saved one.
             torch.manual_seed(self.spec.seed * 100_003 + 1 + rank + 7_919 * st.step)
+        return restore_s
+
+    def _wrap(self, source: Source, ckpt_group) -> None:
+        """Wrap the restored model for training (DDP), prime it, and open this generation's
+        saver."""
+        st, rank, ddp = self.state, self.rank, self.spec.parallelism == "ddp"
         if ddp:
             st.model = parallel.wrap(st.model, "ddp", self.device, self.task)
         # Same DDP bucket layout for every wrap, resumed or not (see train.parallel.prime).
         batch = data_lib.local_batch(self.task, self.spec.seed, st.step,
-                                     self.spec.global_batch_size, world_size, rank)
+                                     self.spec.global_batch_size, self.world_size, rank)
         parallel.prime(st.model, self.task.loss, {k: v.to(self.device) for k, v in batch.items()})
         if self.spec.checkpoint_uri:
-            self.saver = CheckpointSaver(self.spec.checkpoint_uri, self.spec.checkpoint_options,
-                                         self.spec.checkpoint_async, rank, ckpt_group,
-                                         split_replicated=ddp, generation=generation,
-                                         reports=self._save_reports)
+            self.saver = CheckpointSaver(
+                self.spec.checkpoint_uri, self.spec.checkpoint_options,
+                self.spec.checkpoint_async, rank, ckpt_group, split_replicated=ddp,
+                generation=self.generation, reports=self._save_reports)
             # A restored step is on storage already: the final save does not repeat it.
             self.saver.last_step = st.step if source.kind == "checkpoint" else None
-        return st.step, restore_s
 
     def _arrive(self, store, prefix: str, world_size: int) -> None:
         """Wait until every member of the generation has arrived, or the controller aborts the

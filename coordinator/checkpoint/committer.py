@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from coordinator.checkpoint import manifest as mf
+from coordinator.checkpoint import storage
 from coordinator.protocol import SaveReport
 from coordinator.events import EventLog
 
@@ -22,12 +23,18 @@ def absolute_uri(uri: str) -> str:
 
 class Committer:
     def __init__(self, uri: str, storage_options: Dict, keep: int, verify_on_load: bool,
-                 config_hash: str, events: EventLog):
+                 config_hash: str, events: EventLog,
+                 fault: Optional[Callable[[], None]] = None):
+        """`fault`: a fault point for the manifest writes (chaos only: a
+        `checkpoint.faults.StorageOutage`'s `check`)."""
         self.uri = absolute_uri(uri)
         self.options = dict(storage_options)
         self.keep, self.verify_on_load = keep, verify_on_load
         self.config_hash = config_hash
         self.events = events
+        # Transitional: until the driver passes its own outage, the one its chaos starts through
+        # storage.inject_outage (see there).
+        self.fault = fault if fault is not None else storage.DRIVER_OUTAGE.check
         self.protected: set = set()  # steps that must not be deleted (the one restored from)
         # (generation, step) -> rank -> report: a save commits once every rank of the generation
         # that wrote it reported; a generation that ends first leaves its save uncommitted.
@@ -86,7 +93,7 @@ class Committer:
             files.update(r.files)
         try:
             manifest = mf.write_manifest(self.uri, self.options, rep.step, files, world_size,
-                                         generation, self.config_hash)
+                                         generation, self.config_hash, before_write=self.fault)
         except Exception as e:  # the storage failed at the last moment: not committed
             return self._failed(rep.step, f"manifest write failed: {type(e).__name__}: {e}")
         stall = max(r.stall_s for r in reports.values())

@@ -26,7 +26,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from coordinator.checkpoint import storage
+from coordinator.checkpoint.faults import StorageOutage
 from coordinator.checkpoint.restore import broadcast_full_state
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, SourceKind, StepReport, StopMode, TrainResult
@@ -131,6 +131,7 @@ class TrainWorker:
         self._saved_request = 0  # the highest request acted on in this generation
         self._broken = False  # the current group failed: nothing more may run on it
         self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
+        self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
 
     def _pick_device(self) -> torch.device:
         if not self.spec.use_gpu:
@@ -177,7 +178,14 @@ class TrainWorker:
         elif action == "kill_during_checkpoint":
             self._kill_in_checkpoint = True
         elif action == "storage_outage":
-            storage.inject_outage(float(arg or 10.0))
+            # The fault point reaches the saves from here on: the current saver's next file and
+            # every later saver's (see _wrap). Runs without chaos never get one.
+            if self._outage is None:
+                self._outage = StorageOutage()
+            self._outage.start(float(arg or 10.0))
+            saver = self.saver
+            if saver is not None:
+                saver.set_fault(self._outage.check)
         else:
             raise ValueError(f"unknown chaos action {action!r}")
 
@@ -280,7 +288,8 @@ class TrainWorker:
             self.saver = CheckpointSaver(
                 self.spec.checkpoint_uri, self.spec.checkpoint_options,
                 self.spec.checkpoint_async, rank, ckpt_group, split_replicated=ddp,
-                generation=self.generation, reports=self._save_reports)
+                generation=self.generation, reports=self._save_reports,
+                fault=self._outage.check if self._outage is not None else None)
             # A restored step is on storage already: the final save does not repeat it.
             self.saver.last_step = st.step if source.kind == "checkpoint" else None
 

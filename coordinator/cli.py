@@ -66,8 +66,7 @@ def check_runnable(cfg: Config) -> None:
         source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
         raise ConfigError(f"{source}={address!r}: {why}; start the cluster or fix the address")
     node_actions = {"kill_node", "add_node"}
-    wanted = {e.action for e in cfg.chaos.events} | (
-        set(cfg.chaos.random_actions) if cfg.chaos.random_faults else set())
+    wanted = cfg.chaos.actions()
     if wanted & node_actions and (address or not cfg.ray.simulated_nodes):
         raise ConfigError(f"chaos {'/'.join(sorted(wanted & node_actions))} removes or adds "
                           "simulated nodes: it needs an embedded cluster with "

@@ -212,6 +212,11 @@ class ChaosConfig:
         "kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint"])
     random_min_gap: int = 25  # fewest steps between two random faults
 
+    def actions(self) -> set:
+        """Every action this schedule may fire (listed events and the random draw)."""
+        return {e.action for e in self.events} | (
+            set(self.random_actions) if self.random_faults else set())
+
     def __post_init__(self) -> None:
         for i, ev in enumerate(self.events):
             _check(ev.action in CHAOS_ACTIONS, f"chaos.events[{i}].action", ev.action,

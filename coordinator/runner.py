@@ -36,7 +36,7 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
     import torch.distributed as dist
 
     from coordinator.chaos import ClusterHooks
-    from coordinator.checkpoint import storage
+    from coordinator.checkpoint.faults import StorageOutage
     from coordinator.checkpoint.committer import Committer, absolute_uri
     from coordinator.metrics import JobMetrics
     from coordinator.workers.worker import WorkerSpec
@@ -68,16 +68,18 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
             checkpoint_async=cfg.checkpoint.async_,
             checkpoint_final=bool(cfg.checkpoint.interval_steps))
         bus = Bus(events)
+        # chaos only: the driver's manifest writes fail during an injected storage outage
+        outage = StorageOutage() if "storage_outage" in cfg.chaos.actions() else None
         committer = Committer(cfg.checkpoint.uri, cfg.checkpoint.storage_options,
                               cfg.checkpoint.keep, cfg.checkpoint.verify_on_load,
-                              cfg.config_hash(), bus)
+                              cfg.config_hash(), bus, fault=outage.check if outage else None)
         group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, store, cluster.driver_ip(),
                                cluster.free_slots, start_timeout_s=cfg.failure.wait_for_workers_s,
                                hang_timeout_s=cfg.failure.hang_timeout_s)
         hooks = ClusterHooks(remove_node=cluster.remove_node_of,
                              add_node=cluster.add_node_if_simulated,
                              preempt=lambda: os.kill(os.getpid(), signal.SIGUSR1),
-                             storage_outage=storage.inject_outage)
+                             storage_outage=outage.start if outage else lambda s: None)
         controller = Controller(cfg, group, bus, cluster.capacity, committer)
         standard_observers(cfg, bus, group, controller.steps.warmup_steps, hooks,
                            JobMetrics(cfg.job.name))

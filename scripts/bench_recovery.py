@@ -68,8 +68,8 @@ def _ray_train_loop(config):
     import ray.train
     import ray.train.torch
 
-    from train import data as data_lib
-    from train.step import train_step
+    from train.loop import run_steps
+    from train.state import TrainState
     from train.task import make_task
 
     ctx = ray.train.get_context()
@@ -91,12 +91,9 @@ def _ray_train_loop(config):
         if sched is not None:
             sched.load_state_dict(sd["sched"])
         start = int(sd["step"])
-    scale = data_lib.loss_scale(GBS, world, rank)
     log = config["log"]
-    for step in range(start, STEPS):
-        batch = data_lib.local_batch(task, 0, step, GBS, world, rank)
-        train_step(model, opt, sched, task.loss, batch, scale)
-        done = step + 1
+
+    def after_step(done, weighted_loss, t, duration):
         with open(log, "a") as f:
             f.write(json.dumps({"rank": rank, "step": done, "t": time.time(),
                                 "start": start, "pid": os.getpid()}) + "\n")
@@ -113,6 +110,12 @@ def _ray_train_loop(config):
             with open(config["marker"], "w") as f:
                 f.write(str(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
+        return False
+
+    # Our rank loop, with Ray Train's model preparation, checkpoints and reports in its hook.
+    state = TrainState(task, model, opt, sched, step=start)
+    run_steps(state, seed=0, global_batch_size=GBS, world_size=world, rank=rank,
+              device=torch.device("cpu"), until_step=STEPS, after_step=after_step)
 
 
 def ray_train(tmp: str) -> dict:

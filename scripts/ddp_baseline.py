@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node 4 scripts/ddp_baseline.py --steps 300 --out result.json
 
-Same task, data slicing, loss weighting and train step as the coordinator's workers; rank 0 writes
-the steady-state steps/s (after the same warm-up) and the final weights digest.
+The coordinator's workers' rank loop (train.loop.run_steps: same task, data slicing, loss weighting
+and train step) without their per-step hook; rank 0 writes the steady-state steps/s (after the same
+warm-up) and the final weights digest.
 """
 
 import argparse
@@ -15,8 +16,8 @@ import torch.distributed as dist
 
 from train import data as data_lib
 from train import parallel
+from train.loop import run_steps
 from train.state import build_state, full_model_state, weights_digest
-from train.step import train_step
 from train.task import make_task
 
 
@@ -40,13 +41,11 @@ def main() -> None:
     parallel.prime(st.model, task.loss,
                    data_lib.local_batch(task, a.seed, 0, a.global_batch_size, world, rank))
     warm = max(1, min(a.steps // 10, 50))  # the coordinator's warm-up (controller.py)
-    scale = data_lib.loss_scale(a.global_batch_size, world, rank)
-    t_warm = None
-    for step in range(a.steps):
-        batch = data_lib.local_batch(task, a.seed, step, a.global_batch_size, world, rank)
-        train_step(st.model, st.optimizer, st.scheduler, task.loss, batch, scale)
-        if step + 1 == warm:
-            t_warm = time.time()
+    loop = dict(seed=a.seed, global_batch_size=a.global_batch_size, world_size=world, rank=rank,
+                device=torch.device("cpu"))
+    run_steps(st, until_step=warm, **loop)
+    t_warm = time.time()
+    run_steps(st, until_step=a.steps, **loop)
     t_end = time.time()
     digest = weights_digest(full_model_state(st)) if rank == 0 else None
     if rank == 0:

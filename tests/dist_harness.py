@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 
 from train import data as data_lib
 from train import parallel
+from train.loop import run_steps
 from train.state import build_state, full_model_state
-from train.step import train_step
 from train.task import make_task
 
 
@@ -27,13 +27,15 @@ def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, se
     st = build_state(t, parallelism, torch.device("cpu"), seed, steps)
     parallel.prime(st.model, t.loss, data_lib.local_batch(t, seed, 0, gbs, world, rank))
     losses = []
-    for step in range(steps):
-        batch = data_lib.local_batch(t, seed, step, gbs, world, rank)
-        loss = train_step(st.model, st.optimizer, st.scheduler, t.loss, batch,
-                          data_lib.loss_scale(gbs, world, rank))
-        part = torch.tensor([loss * data_lib.share(gbs, world, rank)])
+
+    def global_loss(step, weighted_loss, t, duration):
+        part = torch.tensor([weighted_loss])
         dist.all_reduce(part)
         losses.append(float(part))
+        return False
+
+    run_steps(st, seed=seed, global_batch_size=gbs, world_size=world, rank=rank,
+              device=torch.device("cpu"), until_step=steps, after_step=global_loss)
     sd = full_model_state(st)
     if rank == 0:
         torch.save({"state": sd, "losses": losses}, out)
@@ -81,11 +83,8 @@ def _reshard_worker(rank, world, port, out, phase, ckpt, parallelism, steps):
     gbs = 12
     if phase == "save":
         st = build_state(t, parallelism, torch.device("cpu"), 0, 50)
-        for step in range(steps):
-            batch = data_lib.local_batch(t, 0, step, gbs, world, rank)
-            train_step(st.model, st.optimizer, st.scheduler, t.loss, batch,
-                       data_lib.loss_scale(gbs, world, rank))
-            st.step += 1
+        run_steps(st, seed=0, global_batch_size=gbs, world_size=world, rank=rank,
+                  device=torch.device("cpu"), until_step=steps)
         saver = CheckpointSaver(ckpt, {}, True, rank, group,
                                 split_replicated=parallelism == "ddp")
         saver.save(st.step, checkpoint_state(st, rank))

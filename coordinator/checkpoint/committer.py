@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from coordinator.checkpoint import manifest as mf
 from coordinator.events import Event
@@ -22,12 +22,16 @@ def absolute_uri(uri: str) -> str:
 
 class Committer:
     def __init__(self, uri: str, storage_options: Dict, keep: int, verify_on_load: bool,
-                 config_hash: str, events):
+                 config_hash: str, events, fault: Optional[Callable[[], None]] = None):
+        """`events`: the job's Bus (or an EventLog): commits are announced there. `fault`: a
+        fault point for the manifest writes (chaos only: a `checkpoint.faults.StorageOutage`'s
+        `check`)."""
         self.uri = absolute_uri(uri)
         self.options = dict(storage_options)
         self.keep, self.verify_on_load = keep, verify_on_load
         self.config_hash = config_hash
-        self.events = events  # the job's Bus (or an EventLog): commits are announced there
+        self.events = events
+        self.fault = fault
         self.protected: set = set()  # steps that must not be deleted (the one restored from)
         # (generation, step) -> rank -> report: a save commits once every rank of the generation
         # that wrote it reported; a generation that ends first leaves its save uncommitted.
@@ -85,7 +89,7 @@ class Committer:
             files.update(r.files)
         try:
             manifest = mf.write_manifest(self.uri, self.options, rep.step, files, world_size,
-                                         generation, self.config_hash)
+                                         generation, self.config_hash, before_write=self.fault)
         except Exception as e:  # the storage failed at the last moment: not committed
             return self._failed(rep.step, f"manifest write failed: {type(e).__name__}: {e}")
         stall = max(r.stall_s for r in reports.values())

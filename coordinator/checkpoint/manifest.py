@@ -11,11 +11,10 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from coordinator.checkpoint.storage import (
     basename,
-    check_outage,
     filesystem,
     join,
     list_files,
@@ -50,9 +49,13 @@ class CheckpointInfo:
 
 def write_manifest(uri: str, storage_options: Dict[str, Any], step: int,
                    files: Dict[str, Dict[str, Any]], world_size: int, generation: int,
-                   config_hash: str) -> Dict[str, Any]:
-    """Commit step `step`: call only once every rank reported its files durable."""
-    check_outage()
+                   config_hash: str,
+                   before_write: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
+    """Commit step `step`: call only once every rank reported its files durable. `before_write`:
+    a fault point called first (chaos only: `StorageOutage.check` raises OSError during an
+    outage; see checkpoint.faults)."""
+    if before_write is not None:
+        before_write()
     fs, root = filesystem(uri, storage_options)
     manifest = {
         "format": FORMAT, "step": step, "world_size": world_size, "generation": generation,

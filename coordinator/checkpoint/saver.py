@@ -21,7 +21,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,16 +33,19 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from coordinator.checkpoint.manifest import MANIFEST, step_name
 from coordinator.checkpoint.storage import HashingStream, basename, join, options_for
 from coordinator.protocol import SaveReport
+from train.errors import short_error
 
 logger = logging.getLogger(__name__)
 
 
 class _HashingFileSystem(FileSystem):
-    """DCP's fsspec filesystem, recording the size and sha256 of every file it writes."""
+    """DCP's fsspec filesystem, recording the size and sha256 of every file it writes.
+    `before_write`: a fault point for every write (chaos only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, before_write: Optional[Callable[[], None]] = None) -> None:
         super().__init__()
         self.records: Dict[str, Dict[str, Any]] = {}
+        self.before_write = before_write
 
     @contextmanager
     def create_stream(self, path, mode):
@@ -51,7 +54,7 @@ class _HashingFileSystem(FileSystem):
                 yield stream
             return
         with super().create_stream(path, mode) as stream:
-            hashing = HashingStream(stream)
+            hashing = HashingStream(stream, self.before_write)
             yield hashing
         size, digest = hashing.digest()  # recorded once the file is closed
         self.records[basename(str(path))] = {"size": size, "sha256": digest}
@@ -64,11 +67,12 @@ class _HashingFileSystem(FileSystem):
 
 
 class _Writer(FsspecWriter):
-    def __init__(self, path: str, options: Dict[str, Any], thread_count: int):
+    def __init__(self, path: str, options: Dict[str, Any], thread_count: int,
+                 before_write: Optional[Callable[[], None]] = None):
         # overwrite: a step re-saved after a resume replaces its old files (uncommitted first).
         super().__init__(path, sync_files=True, thread_count=thread_count, overwrite=True,
                          **options)
-        self.fs = _HashingFileSystem()
+        self.fs = _HashingFileSystem(before_write)
         self.path = self.fs.init_path(path, **options)
 
     def prepare_global_plan(self, plans):
@@ -109,12 +113,16 @@ class CheckpointSaver:
     def __init__(self, uri: str, storage_options: Dict[str, Any], async_: bool, rank: int,
                  group, retries: int = 3, backoff_s: float = 1.0, thread_count: int = 2,
                  split_replicated: bool = False, generation: int = 0,
-                 reports: Optional["collections.deque[SaveReport]"] = None):
+                 reports: Optional["collections.deque[SaveReport]"] = None,
+                 fault: Optional[Callable[[], None]] = None):
+        """`fault`: a fault point called before every write of every save (chaos only: a
+        `checkpoint.faults.StorageOutage`'s `check`); None, the default, checks nothing."""
         self.uri, self.rank, self.group, self.async_ = uri, rank, group, async_
         self.generation = generation
         self.world_size = group.size() if group is not None else 1
         self.options = options_for(uri, storage_options)
         self.retries, self.backoff_s, self.thread_count = retries, backoff_s, thread_count
+        self.fault = fault
         # Finished saves, drained by the worker's heartbeat. The worker may pass its own deque so
         # reports outlive this saver (a group re-forms while a save is being reported).
         self.reports: "collections.deque[SaveReport]" = (
@@ -165,6 +173,14 @@ class CheckpointSaver:
         self._abandoned = True
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def set_fault(self, fault: Optional[Callable[[], None]]) -> None:
+        """Install a fault point from another thread (chaos): the save in flight meets it from its
+        next file on, later saves from their start."""
+        self.fault = fault
+        writer = self._writer
+        if writer is not None:
+            writer.fs.before_write = fault
+
     @property
     def files_written(self) -> int:
         """Files the save in flight has finished writing (for fault injection in tests)."""
@@ -183,7 +199,8 @@ class CheckpointSaver:
                             self.rank, step)
                 return
             try:
-                writer = self._writer = _Writer(path, self.options, self.thread_count)
+                writer = self._writer = _Writer(path, self.options, self.thread_count,
+                                                self.fault)
                 dcp.save(staged, storage_writer=writer, process_group=self.group)
                 self.reports.append(SaveReport(step, self.rank, True, dict(writer.fs.records),
                                                stall, waited, time.time() - t0, attempt,
@@ -212,7 +229,7 @@ def _error_text(e: BaseException) -> str:
         e, prefix = exc, f"rank {rank}: "
     else:
         prefix = ""
-    return f"{prefix}{type(e).__name__}: {' '.join(str(e).split())}"[:400]
+    return short_error(f"{prefix}{type(e).__name__}: {e}", limit=400)
 
 
 def load_checkpoint(path: str, storage_options: Dict[str, Any], template_fn, group):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import time
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import fsspec
 from fsspec.core import url_to_fs
+
 
 # Bounded S3 behaviour (seconds): connect, read, and botocore's own retry attempts.
 S3_DEFAULT_CONFIG = {"connect_timeout": 5, "read_timeout": 20,
@@ -49,33 +49,19 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 8 << 20) 
     return h.hexdigest()
 
 
-# Fault injection (the `storage_outage` chaos action): until this unix time, every checkpoint
-# write in this process fails as an unreachable store would. Never set outside chaos runs.
-_outage_until = 0.0
-
-
-def inject_outage(seconds: float) -> None:
-    global _outage_until
-    _outage_until = time.time() + seconds
-
-
-def check_outage() -> None:
-    if time.time() < _outage_until:
-        raise OSError(f"storage unavailable (injected outage, {_outage_until - time.time():.1f}s "
-                      "left)")
-
-
 class HashingStream:
     """A write stream that hashes and counts what passes through it, so the manifest's checksums
     cost no second read of the data."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, before_write: Optional[Callable[[], None]] = None):
         self._stream = stream
+        self._before_write = before_write  # a fault point (chaos only; see checkpoint.faults)
         self._hash = hashlib.sha256()
         self._size = 0
 
     def write(self, data) -> int:
-        check_outage()
+        if self._before_write is not None:
+            self._before_write()
         view = memoryview(data).cast("B")
         self._hash.update(view)
         self._size += view.nbytes

@@ -20,19 +20,22 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import ray
 import torch
 import torch.distributed as dist
 
-from coordinator.checkpoint import storage
+from coordinator.checkpoint.faults import StorageOutage
 from coordinator.checkpoint.restore import broadcast_full_state
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
-from coordinator.protocol import Heartbeat, SaveReport, Source, SourceKind, StepReport, StopMode, TrainResult
+from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
 from train import data as data_lib
 from train import parallel
+from train.errors import short_error
+from train.loop import StepError, run_steps
 from train.state import (
+    FullState,
     TrainState,
     apply_full_state,
     apply_loaded,
@@ -43,7 +46,6 @@ from train.state import (
     load_template,
     weights_digest,
 )
-from train.step import train_step
 from train.task import make_task
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,34 @@ class WorkerError(RuntimeError):
     """A failure inside a worker that is not a lost process (bad user task, collective error)."""
 
 
+class _StopVote:
+    """The stop vote, agreed by all ranks after every step (see the top of this module). The vote
+    of step k runs asynchronously during step k+1 and is read after it, so its latency hides
+    behind compute; every rank reads the same result after the same step."""
+
+    def __init__(self, group):
+        self._group = group  # None: the default (training) group, gloo
+        self._buf = torch.zeros(2, dtype=torch.int64)
+        self._work = None
+
+    def cast(self, stop: int, save: int, again: bool) -> Tuple[int, int]:
+        """Read the previous step's agreed (stop, save): (NONE, 0) after the first step of a
+        call; then cast this step's vote, unless no step follows (`again` false)."""
+        decided, agreed = StopMode.NONE, 0
+        if self._work is not None:
+            self._work.wait()
+            decided, agreed = int(self._buf[0]), int(self._buf[1])
+        self._buf[0], self._buf[1] = stop, save
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self._group,
+                                     async_op=True) if again else None
+        return decided, agreed
+
+    def finish(self) -> None:
+        """Wait for a vote still in flight (the loop stopped before reading it)."""
+        if self._work is not None:
+            self._work.wait()
+
+
 @ray.remote(concurrency_groups=CONCURRENCY_GROUPS, max_restarts=0, max_task_retries=0)
 class TrainWorker:
     def __init__(self, spec: WorkerSpec):
@@ -101,6 +131,7 @@ class TrainWorker:
         self._saved_request = 0  # the highest request acted on in this generation
         self._broken = False  # the current group failed: nothing more may run on it
         self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
+        self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
 
     def _pick_device(self) -> torch.device:
         if not self.spec.use_gpu:
@@ -147,7 +178,14 @@ class TrainWorker:
         elif action == "kill_during_checkpoint":
             self._kill_in_checkpoint = True
         elif action == "storage_outage":
-            storage.inject_outage(float(arg or 10.0))
+            # The fault point reaches the saves from here on: the current saver's next file and
+            # every later saver's (see _wrap). Runs without chaos never get one.
+            if self._outage is None:
+                self._outage = StorageOutage()
+            self._outage.start(float(arg or 10.0))
+            saver = self.saver
+            if saver is not None:
+                saver.set_fault(self._outage.check)
         else:
             raise ValueError(f"unknown chaos action {action!r}")
 
@@ -161,24 +199,35 @@ class TrainWorker:
         the seconds spent taking the state from `source` (the rest of the join is re-forming)."""
         source = source or Source()
         try:
-            step, restore_s = self._join(generation, rank, world_size, store_host, store_port,
-                                         source)
-            return {"step": step, "restore_s": restore_s}
+            held = self._leave(source)
+            ckpt_group = self._rendezvous(generation, rank, world_size, store_host, store_port)
+            restore_s = self._restore(source, held, ckpt_group)
+            del held
+            self._wrap(source, ckpt_group)
+            return {"step": self.state.step, "restore_s": restore_s}
         except RuntimeError as e:  # a peer was lost while forming: gloo/store errors
             self._broken = True
             error = str(e) if isinstance(e, WorkerError) else (
-                f"rank {rank} joining generation {generation}: {' '.join(str(e).split())[:300]}")
+                f"rank {rank} joining generation {generation}: {short_error(e)}")
         self._teardown()
         raise WorkerError(error)
 
-    def _join(self, generation: int, rank: int, world_size: int, store_host: str,
-              store_port: int, source: Source) -> Tuple[int, float]:
+    def _leave(self, source: Source) -> Optional[FullState]:
+        """Leave the current group. Under FSDP2 a survivor first gathers the full state over it
+        (all its members are alive) when `source` asks for it: the new group is restored from
+        that. Returns the gathered state (None otherwise)."""
         held = None
         if source.gather and self.state is not None and not self._broken:
-            held = full_state(self.state, sharded=True)  # FSDP2: over the old group, all alive
+            held = full_state(self.state, sharded=True)
         self._teardown()
         self._stop = StopMode.NONE
         self._saved_request = 0
+        return held
+
+    def _rendezvous(self, generation: int, rank: int, world_size: int, store_host: str,
+                    store_port: int):
+        """Form generation `generation`'s process group through the driver's store, with its side
+        groups. Returns the checkpoint group."""
         timeout = timedelta(seconds=self.spec.collective_timeout_s)
         store = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
         prefix = f"gen{generation}/"
@@ -193,7 +242,13 @@ class TrainWorker:
             if backend != "gloo" else None
         self._broken = False
         self.generation, self.rank, self.world_size = generation, rank, world_size
-        ddp = self.spec.parallelism == "ddp"
+        return ckpt_group
+
+    def _restore(self, source: Source, held: Optional[FullState], ckpt_group) -> float:
+        """Build the state if this worker has none, then take it from `source`: as built (init),
+        from a checkpoint, or broadcast by a peer. Returns the seconds the taking took (0 for
+        init)."""
+        rank, ddp = self.rank, self.spec.parallelism == "ddp"
         fresh = self.state is None
         if fresh:
             # DDP stays unwrapped until its state is final: wrapping broadcasts rank 0's weights.
@@ -217,20 +272,26 @@ class TrainWorker:
             # Per-rank RNG (dropout and the like): a newcomer seeds from (seed, rank, step); a
             # survivor keeps its stream; a checkpoint restores the saved one.
             torch.manual_seed(self.spec.seed * 100_003 + 1 + rank + 7_919 * st.step)
+        return restore_s
+
+    def _wrap(self, source: Source, ckpt_group) -> None:
+        """Wrap the restored model for training (DDP), prime it, and open this generation's
+        saver."""
+        st, rank, ddp = self.state, self.rank, self.spec.parallelism == "ddp"
         if ddp:
             st.model = parallel.wrap(st.model, "ddp", self.device, self.task)
         # Same DDP bucket layout for every wrap, resumed or not (see train.parallel.prime).
         batch = data_lib.local_batch(self.task, self.spec.seed, st.step,
-                                     self.spec.global_batch_size, world_size, rank)
+                                     self.spec.global_batch_size, self.world_size, rank)
         parallel.prime(st.model, self.task.loss, {k: v.to(self.device) for k, v in batch.items()})
         if self.spec.checkpoint_uri:
-            self.saver = CheckpointSaver(self.spec.checkpoint_uri, self.spec.checkpoint_options,
-                                         self.spec.checkpoint_async, rank, ckpt_group,
-                                         split_replicated=ddp, generation=generation,
-                                         reports=self._save_reports)
+            self.saver = CheckpointSaver(
+                self.spec.checkpoint_uri, self.spec.checkpoint_options,
+                self.spec.checkpoint_async, rank, ckpt_group, split_replicated=ddp,
+                generation=self.generation, reports=self._save_reports,
+                fault=self._outage.check if self._outage is not None else None)
             # A restored step is on storage already: the final save does not repeat it.
             self.saver.last_step = st.step if source.kind == "checkpoint" else None
-        return st.step, restore_s
 
     def _arrive(self, store, prefix: str, world_size: int) -> None:
         """Wait until every member of the generation has arrived, or the controller aborts the
@@ -274,59 +335,37 @@ class TrainWorker:
         """Run steps until `until_step`, or until a stop request all ranks agree on."""
         assert self.state is not None and self.rank is not None, "join_group first"
         st, spec = self.state, self.spec
-        scale = data_lib.loss_scale(spec.global_batch_size, self.world_size, self.rank)
-        share = data_lib.share(spec.global_batch_size, self.world_size, self.rank)
-        # The stop vote of step k runs asynchronously during step k+1 and is read after it, so
-        # its latency hides behind compute; every rank reads the same result after the same step.
-        vote, work = torch.zeros(2, dtype=torch.int64), None
-        error = None
-        while st.step < until_step:
-            t0 = time.time()
-            batch = data_lib.local_batch(self.task, spec.seed, st.step, spec.global_batch_size,
-                                         self.world_size, self.rank)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            try:
-                loss = train_step(st.model, st.optimizer, st.scheduler, self.task.loss, batch,
-                                  scale)
-            except RuntimeError as e:  # a peer died or hung: gloo/nccl raise here
-                error = f"rank {self.rank} step {st.step + 1}: {' '.join(str(e).split())[:300]}"
-                break
+        vote = _StopVote(self._ctl_group)
+        error: Optional[str] = None
+
+        def after_step(step: int, weighted_loss: float, t: float, duration: float) -> bool:
+            nonlocal error
             # The optimizer has stepped: the step is done, whatever happens to the stop vote.
-            st.step += 1
-            now = time.time()
-            self._reports.append(StepReport(st.step, loss * share, now, now - t0))
+            self._reports.append(StepReport(step, weighted_loss, t, duration))
             try:
-                decided, save = StopMode.NONE, 0
-                if work is not None:
-                    work.wait()
-                    decided, save = int(vote[0]), int(vote[1])
-                vote[0], vote[1] = self._stop, self._save_request
-                work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._ctl_group,
-                                       async_op=True) if st.step < until_step else None
+                decided, save = vote.cast(self._stop, self._save_request,
+                                          again=step < until_step)
             except RuntimeError as e:
-                error = f"rank {self.rank} after step {st.step}: {' '.join(str(e).split())[:300]}"
-                break
-            if decided >= StopMode.CHECKPOINT:
-                if self.saver is not None and self.saver.last_step != st.step:
-                    self._checkpoint()
-                break
-            if decided >= StopMode.PAUSE:
-                break
-            interval = spec.checkpoint_interval
-            requested = save > self._saved_request
-            self._saved_request = max(self._saved_request, save)
-            if self.saver is not None and st.step < spec.total_steps and (
-                    requested or (interval and st.step % interval == 0)):
-                self._checkpoint()
-        if error is None and work is not None:
+                error = f"rank {self.rank} after step {step}: {short_error(e)}"
+                return True
+            return self._after_vote(step, decided, save)
+
+        try:
+            run_steps(st, seed=spec.seed, global_batch_size=spec.global_batch_size,
+                      world_size=self.world_size, rank=self.rank, device=self.device,
+                      until_step=until_step, after_step=after_step)
+        except StepError as e:  # a peer died or hung: gloo/nccl raise inside the step
+            error = f"rank {self.rank} step {e.step}: {short_error(e.cause)}"
+        if error is None:
             try:  # a vote still in flight when the loop stopped: finish it on every rank
-                work.wait()
+                vote.finish()
             except RuntimeError as e:
-                error = f"rank {self.rank} after step {st.step}: {' '.join(str(e).split())[:300]}"
+                error = f"rank {self.rank} after step {st.step}: {short_error(e)}"
         if error is not None:
-            # Outside the except block, so the traceback (and the group it references) is gone;
-            # drop this frame's references too (FSDP2's shards hold the group through its mesh).
-            st = batch = work = None
+            # Outside the except blocks, so the tracebacks (and the group they reference) are
+            # gone; drop this frame's references too (FSDP2's shards hold the group through its
+            # mesh; the vote's work, the control group).
+            st = vote = after_step = None
             self._broken = True
             self._teardown()
             raise WorkerError(error)
@@ -336,6 +375,24 @@ class TrainWorker:
                 self._checkpoint()
             self.saver.wait()  # every save of this call is reported before it returns
         return TrainResult(st.step, st.step < until_step)
+
+    def _after_vote(self, step: int, decided: int, save: int) -> bool:
+        """Act on the vote agreed after the previous step, now that step `step` is done: stop
+        (with a checkpoint if asked), or save if a request or the interval says so. Returns
+        whether to stop."""
+        if decided >= StopMode.CHECKPOINT:
+            if self.saver is not None and self.saver.last_step != step:
+                self._checkpoint()
+            return True
+        if decided >= StopMode.PAUSE:
+            return True
+        interval = self.spec.checkpoint_interval
+        requested = save > self._saved_request
+        self._saved_request = max(self._saved_request, save)
+        if self.saver is not None and step < self.spec.total_steps and (
+                requested or (interval and step % interval == 0)):
+            self._checkpoint()
+        return False
 
     def _checkpoint(self) -> None:
         t0 = time.time()  # the stall includes gathering the state dict, not only staging it

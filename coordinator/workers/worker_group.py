@@ -34,14 +34,9 @@ from coordinator.protocol import (
     WorkerInfo,
 )
 from coordinator.workers.worker import TrainWorker, WorkerError, WorkerSpec
+from train.errors import first_sentence, last_line
 
 logger = logging.getLogger(__name__)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    # RayTaskError's text starts with a header line; the user-facing reason is the last line.
-    return text[-1] if text else type(err).__name__
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -78,12 +73,6 @@ def _node_reachable(node_id: str, timeout_s: float = 1.0) -> bool:
         except (OSError, KeyError, ValueError):
             return False
     return False
-
-
-def _first_sentence(err: BaseException) -> str:
-    """Ray's actor-death text runs to a paragraph of troubleshooting advice: keep its opening."""
-    text = " ".join(str(err).split())
-    return text.split(". ")[0].rstrip(".") if text else type(err).__name__
 
 
 @dataclass
@@ -175,7 +164,7 @@ class RayWorkerGroup:
             try:
                 info = ray.get(nc.info_ref, timeout=0)
             except (RayActorError, RayTaskError) as e:
-                logger.warning("a new worker failed to start: %s", _first_sentence(e))
+                logger.warning("a new worker failed to start: %s", first_sentence(e))
                 continue
             nc.info = WorkerInfo(-1, info["pid"], info["node_id"], info["host"])
             self._ready.append(nc)
@@ -389,7 +378,7 @@ class RayWorkerGroup:
         try:
             digests = ray.get(refs, timeout=self.rpc_timeout_s)
         except (RayActorError, RayTaskError) as e:
-            raise GroupError(f"the weights digest failed: {_first_sentence(e)}") from None
+            raise GroupError(f"the weights digest failed: {first_sentence(e)}") from None
         return digests[0]  # rank 0's: the others return None
 
     def shutdown(self) -> None:
@@ -430,14 +419,14 @@ class RayWorkerGroup:
                 # raised by the user's task code.
                 kind = (FailureKind.COLLECTIVE_ERROR if isinstance(e.cause, WorkerError)
                         else FailureKind.TASK_ERROR)
-                failures.append(WorkerFailure(rank, kind, self.pid(rank), _first_line(e)))
+                failures.append(WorkerFailure(rank, kind, self.pid(rank), last_line(e)))
         return values, failures
 
     def _lost(self, rank: int, err: RayActorError) -> WorkerFailure:
         info = self.infos.get(rank)
         lost_node = info is not None and not _node_reachable(info.node_id)
         kind = FailureKind.NODE_LOST if lost_node else FailureKind.PROCESS_EXIT
-        return WorkerFailure(rank, kind, self.pid(rank), _first_sentence(err))
+        return WorkerFailure(rank, kind, self.pid(rank), first_sentence(err))
 
     def pid(self, rank: int) -> Optional[int]:
         info = self.infos.get(rank)

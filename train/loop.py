@@ -1,0 +1,64 @@
+"""The rank loop: what every rank runs, under the coordinator, under torchrun or in a test.
+
+Each step takes this rank's slice of the global batch of `state.step` (the data cursor), runs the
+pure `train_step` on it with this rank's loss weighting, and counts the step. Whatever else a caller
+does per step (the coordinator's stop vote, checkpoints and step reports; a test's loss all-reduce;
+a benchmark's log) is an `after_step` hook, so the benchmarks' baselines run the product's loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+from train import data as data_lib
+from train.state import TrainState
+from train.step import train_step
+
+# after_step(step, weighted_loss, t, duration_s) -> stop: called once per completed step.
+AfterStep = Callable[[int, float, float, float], bool]
+
+
+class StepError(RuntimeError):
+    """A RuntimeError raised inside step `step` (1-based: the step being taken), such as a
+    collective failing because a peer died or hung. The state's step is still `step - 1`, but the
+    model and optimizer may be partly updated: the caller must not train on."""
+
+    def __init__(self, step: int, cause: BaseException):
+        super().__init__(step, cause)  # args as given, so it pickles
+        self.step, self.cause = step, cause
+
+    def __str__(self) -> str:
+        return f"step {self.step}: {self.cause}"
+
+
+def run_steps(state: TrainState, *, seed: int, global_batch_size: int, world_size: int,
+              rank: int, device: torch.device, until_step: int,
+              after_step: Optional[AfterStep] = None) -> None:
+    """Train `state` as `rank` of `world_size` until `state.step == until_step`, or until
+    `after_step` returns True.
+
+    `after_step(step, weighted_loss, t, duration_s)` runs after every completed step (the
+    optimizer has stepped and `state.step == step`): `weighted_loss` is this rank's mean loss times
+    its share of the global batch (summed over the ranks: the global-batch mean loss), `t` the unix
+    time the step ended, `duration_s` the seconds since it began (batch building included). It
+    returns whether to stop after this step; what it raises propagates unchanged. A RuntimeError
+    inside the step itself is raised as `StepError`."""
+    task = state.task
+    scale = data_lib.loss_scale(global_batch_size, world_size, rank)
+    share = data_lib.share(global_batch_size, world_size, rank)
+    while state.step < until_step:
+        t0 = time.time()
+        batch = data_lib.local_batch(task, seed, state.step, global_batch_size, world_size, rank)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        try:
+            loss = train_step(state.model, state.optimizer, state.scheduler, task.loss, batch,
+                              scale)
+        except RuntimeError as e:
+            raise StepError(state.step + 1, e) from e
+        state.step += 1
+        now = time.time()
+        if after_step is not None and after_step(state.step, loss * share, now, now - t0):
+            return

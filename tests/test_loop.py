@@ -11,6 +11,8 @@ from train.state import build_state, full_model_state, weights_digest
 from train.step import train_step
 from train.task import make_task
 
+pytestmark = pytest.mark.unit
+
 CPU = torch.device("cpu")
 
 

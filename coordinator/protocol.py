@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Protocol, Set, runtime_checkable
+from typing import (Any, Dict, Iterable, List, Optional, Protocol, Set, Tuple,
+                    runtime_checkable)
 
 
 class FailureKind(str, enum.Enum):
@@ -184,7 +185,7 @@ class WorkerGroup(Protocol):
         """One round of heartbeats (about a second at most; `fresh`: current answers from
         every member, bounded by the RPC timeout)."""
     def busy(self) -> Set[int]:
-        """Ranks whose train call has not returned."""
+        """Ranks whose train (or final digest) call has not returned."""
     def wait(self, timeout_s: float) -> None:
         """Sleep up to `timeout_s`, waking at once when a train call returns."""
     def request_stop(self, mode: StopMode) -> None: ...
@@ -193,6 +194,7 @@ class WorkerGroup(Protocol):
     def kill(self, rank: int) -> None: ...
     def begin_digest(self) -> None:
         """Start taking the weights digest (a collective under FSDP2)."""
-    def poll_digest(self) -> Optional[str]:
-        """None until the digest is known; raises GroupError past its bound."""
+    def poll_digest(self) -> Tuple[Optional[str], List[WorkerFailure]]:
+        """(the digest or None while it is taken, workers lost meanwhile); raises GroupError
+        past its bound. A member still taking it counts as busy."""
     def shutdown(self) -> None: ...

@@ -38,6 +38,7 @@ class FakeGroup:
         self.form_polls = 0  # polls a formation takes before it answers
         self.aborted = []  # generations whose formation was aborted
         self.digest_asked = False
+        self.digest_failures = []  # failures to return from the next digest polls, in order
         self._forming = 0
         self._finished = {}
         self._late = []
@@ -194,7 +195,12 @@ class FakeGroup:
         self.digest_asked = True
 
     def poll_digest(self):
-        return "abc123" if self.digest_asked else None
+        if self.digest_failures:  # a worker lost while the digest is taken
+            lost = self.digest_failures.pop(0)
+            for f in lost:
+                self.members[f.rank]["alive"] = False
+            return None, lost
+        return ("abc123" if self.digest_asked else None), []
 
     def wait(self, timeout_s):
         pass

@@ -412,3 +412,16 @@ def test_the_controller_imports_neither_ray_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_lost_during_the_final_digest_is_replaced_and_the_digest_retaken(tmp_path):
+    group = FakeGroup()
+    group.digest_failures = [[WorkerFailure(1, "process_exit", 1001, "killed")]]
+    c, events = _controller(tmp_path, group)
+    _run(c)
+    assert c.phase == Phase.DONE and c.summary()["weights_digest"] == "abc123"
+    (f,) = _events(events, "failure_detected")
+    assert f["ranks"] == [1] and f["step"] == 20
+    (rec,) = _events(events, "recovered")
+    assert rec["resumed_step"] == 20 and rec["lost_steps"] == 0 and rec["source"] == "peer"
+    assert c.summary()["world_sizes"] == [4, 4] and c.summary()["steps"] == 20

@@ -56,12 +56,22 @@ def full_model_state(state: TrainState) -> Dict[str, torch.Tensor]:
 FullState = Dict[str, Any]
 
 
+def _keep_unstepped(state: TrainState) -> None:
+    """A state at step 0 has an optimizer that never stepped. DCP's state-dict calls initialise
+    an empty optimizer state with a zero-lr step (Adam's step count then reads 1, and the first
+    real step would be corrected as its second): give such an optimizer its empty state back, on
+    the rank that sends it and on those that load it."""
+    if state.step == 0:
+        state.optimizer.state.clear()
+
+
 def full_state(state: TrainState, sharded: bool) -> FullState:
     """The full training state. DDP (`sharded=False`): this rank's own replica, wrapped or not
     (no collective). FSDP2: a collective that gathers every shard; only rank 0 receives the
     tensors (offloaded to CPU)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
     model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=opts)
+    _keep_unstepped(state)
     return {"model": model_sd, "optim": optim_sd, "step": state.step,
             "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None}
 
@@ -80,6 +90,7 @@ def apply_full_state(state: TrainState, full: FullState) -> None:
                    optim_state_dict=full["optim"],
                    options=StateDictOptions(full_state_dict=True))
     state.step = int(full["step"])
+    _keep_unstepped(state)
     if state.scheduler is not None and full.get("scheduler") is not None:
         state.scheduler.load_state_dict(full["scheduler"])
 

@@ -213,11 +213,14 @@ class Controller:
         logger.info("generation %d formed: %d workers, state from %s at step %d",
                     job.generation, plan.world_size, plan.source, plan.resumed_step)
         if rec is not None:
-            self.steps.expect_recovery({
-                "generation": job.generation, "world_size": plan.world_size,
-                "source": plan.source, "resumed_step": plan.resumed_step,
-                "lost_steps": max(0, rec.step_before - plan.resumed_step),
-                "last_step_t": rec.progress_t}, t0=rec.t0)
+            recovered = {"generation": job.generation, "world_size": plan.world_size,
+                         "source": plan.source, "resumed_step": plan.resumed_step,
+                         "lost_steps": max(0, rec.step_before - plan.resumed_step),
+                         "last_step_t": rec.progress_t}
+            if plan.resumed_step >= self.cfg.train.steps:  # lost at the end: no step follows
+                self._recovered(dict(recovered, recovery_s=round(max(0.0, now - rec.t0), 3)))
+            else:
+                self.steps.expect_recovery(recovered, t0=rec.t0)
         self.group.launch(self.cfg.train.steps)
         self.state = Running()
         return f"generation {job.generation} formed", None
@@ -436,9 +439,11 @@ class Controller:
             st.began = True
             self.group.begin_digest()
         try:
-            digest = self.group.poll_digest()
+            digest, failures = self.group.poll_digest()
         except GroupError as e:
             return self._end(Phase.FAILED, str(e)), None
+        if failures:  # a worker lost at the very end: recover, then take the digest again
+            return self._failure(failures, now, during="the final digest"), None
         if digest is None:
             return "taking the weights digest", None
         self.job.digest = digest

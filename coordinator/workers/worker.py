@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Dict, Optional, Tuple
@@ -209,7 +210,18 @@ class TrainWorker:
             self._broken = True
             error = str(e) if isinstance(e, WorkerError) else (
                 f"rank {rank} joining generation {generation}: {short_error(e)}")
+            fatal = None
+        except Exception as e:  # the task's own code (build_model, its loss in the priming)
+            # The job fails with it, but the group is left first, so peers blocked in a
+            # collective with this rank are released now, not after the collective timeout.
+            # The traceback's frames let go of their locals (the groups among them); its text
+            # stays for the error message.
+            self._broken = True
+            traceback.clear_frames(e.__traceback__)
+            fatal = e
         self._teardown()
+        if fatal is not None:
+            raise fatal
         raise WorkerError(error)
 
     def _leave(self, source: Source) -> Optional[FullState]:
@@ -413,5 +425,12 @@ class TrainWorker:
         """sha256 of the full model state. A collective under FSDP2: call on every rank; rank 0
         returns the digest, the others None."""
         assert self.state is not None
-        sd = full_model_state(self.state)
-        return weights_digest(sd) if self.rank == 0 else None
+        try:
+            sd = full_model_state(self.state)
+        except RuntimeError as e:  # a peer was lost during the gather (FSDP2)
+            error = f"rank {self.rank} taking the final digest: {short_error(e)}"
+        else:
+            return weights_digest(sd) if self.rank == 0 else None
+        self._broken = True
+        self._teardown()
+        raise WorkerError(error)

@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Set
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -108,7 +108,8 @@ class RayWorkerGroup:
         self._form_refs: Dict[int, ray.ObjectRef] = {}  # joins in flight (begin_form)
         self._form_generation = 0
         self._form_aborted = False
-        self._digest_refs: List[ray.ObjectRef] = []
+        self._digest_refs: Dict[int, ray.ObjectRef] = {}  # final digests in flight
+        self._digest: Optional[str] = None
         self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
         self.last_restore_s = 0.0  # see WorkerGroup
 
@@ -198,6 +199,7 @@ class RayWorkerGroup:
         self.infos = {r: infos[r] for r in sorted(infos)}
         self.dead = set()
         self._train_refs, self._hb_refs, self._last_heard = {}, {}, {}
+        self._digest_refs = {}
         return added
 
     def ranks(self) -> List[int]:
@@ -270,8 +272,8 @@ class RayWorkerGroup:
         self._last_heard = {r: now for r in self.actors}
 
     def busy(self) -> Set[int]:
-        """Ranks whose train call has not returned yet."""
-        return set(self._train_refs)
+        """Ranks whose train (or final digest) call has not returned yet."""
+        return set(self._train_refs) | set(self._digest_refs)
 
     def wait(self, timeout_s: float) -> None:
         """Sleep between polls, but wake at once when a train call ends (a worker died, its
@@ -304,6 +306,8 @@ class RayWorkerGroup:
             result.finished = values
             seen = {f.rank for f in result.failures}
             result.failures.extend(f for f in failures if f.rank not in seen)
+        seen = {f.rank for f in result.failures}
+        result.failures.extend(f for f in self._reap_digests(wait_s=0) if f.rank not in seen)
         for f in result.failures:
             if f.kind in (FailureKind.PROCESS_EXIT, FailureKind.NODE_LOST):
                 self.dead.add(f.rank)
@@ -362,24 +366,40 @@ class RayWorkerGroup:
                 info.node_id, soft=False)).remote(info.pid)
 
     def begin_digest(self) -> None:
-        ranks = sorted(self.actors)
-        self._digest_refs = [self.actors[r].final_digest.remote() for r in ranks]
+        self._digest_refs = {r: a.final_digest.remote() for r, a in self.actors.items()}
+        self._digest = None
         self._digest_deadline = (time.monotonic() + self.spec.collective_timeout_s
                                  + self.rpc_timeout_s)
 
-    def poll_digest(self) -> Optional[str]:
-        refs = self._digest_refs
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.05)
-        if len(done) < len(refs):
+    def poll_digest(self) -> Tuple[Optional[str], List[WorkerFailure]]:
+        """Members that fail while taking the digest are reported (survivors blocked in its
+        gather stay busy until they leave it); rank 0's answer is the digest."""
+        failures = self._reap_digests(wait_s=0.05)
+        if failures:
+            return None, failures
+        if self._digest_refs:
             if time.monotonic() > self._digest_deadline:
                 raise GroupError(f"the weights digest took longer than "
                                  f"train.collective_timeout_s={self.spec.collective_timeout_s:g}s")
-            return None
-        try:
-            digests = ray.get(refs, timeout=self.rpc_timeout_s)
-        except (RayActorError, RayTaskError) as e:
-            raise GroupError(f"the weights digest failed: {first_sentence(e)}") from None
-        return digests[0]  # rank 0's: the others return None
+            return None, []
+        return self._digest, []
+
+    def _reap_digests(self, wait_s: float) -> List[WorkerFailure]:
+        refs = self._digest_refs
+        if not refs:
+            return []
+        done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=wait_s)
+        done_set = set(done)
+        finished = {r: ref for r, ref in refs.items() if ref in done_set}
+        for r in finished:
+            del refs[r]
+        values, failures = self._collect(finished, timeout=0)
+        if 0 in values:
+            self._digest = values[0]
+        for f in failures:
+            if f.kind in (FailureKind.PROCESS_EXIT, FailureKind.NODE_LOST):
+                self.dead.add(f.rank)
+        return failures
 
     def shutdown(self) -> None:
         for actor in list(self.actors.values()) + [nc.actor for nc in

@@ -1,0 +1,95 @@
+"""A worker lost at any moment of a generation's life is survived, bit-identical.
+
+The fault is injected from the test side, by the task itself (no production code path knows of
+it): rank 1's process SIGKILLs itself once per job at the named moment, while the generation
+forms (building its model), while DDP's buckets are primed, inside its first step, inside the
+last step, or while the final digest is taken. A replacement takes rank 1 and the final weights
+equal plain torch DDP's on 4 processes.
+"""
+
+import os
+
+import pytest
+
+from conftest import NO_CHAOS, ROOT, run_cli
+from conftest import run_events as _events, run_summary as _summary
+from dist_harness import run_world
+from train.state import weights_digest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
+STEPS = 30
+
+KILLER_TASK = """
+import os
+import signal
+
+import torch.distributed as dist
+
+from train.tasks.gpt import TinyGPT
+
+
+class Killer(TinyGPT):
+    \"\"\"TinyGPT whose rank `rank` SIGKILLs its own process once per job (`marker` says it
+    happened), at the moment `at` names.\"\"\"
+
+    def __init__(self, at, rank, marker, last_call, **kw):
+        super().__init__(**kw)
+        self.at, self.rank, self.marker, self.last_call = at, rank, marker, last_call
+        self.calls = 0
+
+    def _die(self):
+        if not dist.is_initialized() or dist.get_rank() != self.rank:
+            return
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return  # once per job: the replacement trains on
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def build_model(self):
+        model = super().build_model()
+        if self.at == "forming":
+            self._die()
+        elif self.at == "digest":  # the final digest is the first full state dict taken
+            model.register_state_dict_pre_hook(lambda *args, **kwargs: self._die())
+        return model
+
+    def loss(self, model, batch):
+        self.calls += 1  # call 1: the bucket priming of the first join; call k+1: step k
+        if (self.at, self.calls) in (("priming", 1), ("first_step", 2),
+                                     ("last_step", self.last_call)):
+            self._die()
+        return super().loss(model, batch)
+"""
+
+
+@pytest.fixture(scope="module")
+def reference():
+    state, _ = run_world(4, "ddp", steps=STEPS, gbs=16)
+    return weights_digest(state)
+
+
+@pytest.mark.parametrize("at", ["forming", "priming", "first_step", "last_step", "digest"])
+def test_a_worker_killed_at_any_moment_is_replaced_bit_identical(tmp_path, reference, at):
+    (tmp_path / "killer.py").write_text(KILLER_TASK)
+    marker = tmp_path / "killed"
+    args = {"at": at, "rank": 1, "marker": str(marker), "last_call": STEPS + 1}
+    task_args = "{" + ", ".join(f"{k}: {v!r}" if isinstance(v, int) else f"{k}: '{v}'"
+                                for k, v in args.items()) + "}"
+    run_dir = tmp_path / "run"
+    proc = run_cli(["run", CONFIG, NO_CHAOS, "train.task=killer:Killer",
+                    f"train.task_args={task_args}", f"train.steps={STEPS}",
+                    "train.global_batch_size=16", "checkpoint.interval_steps=0",
+                    f"run.dir={run_dir}"], cwd=str(tmp_path), timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert marker.exists(), "the fault fired"
+    failures = [e for e in _events(run_dir) if e["event"] == "failure_detected"]
+    assert [(f["kind"], f["ranks"]) for f in failures] == [("process_exit", [1])], failures
+    (rec,) = [e for e in _events(run_dir) if e["event"] == "recovered"]
+    assert rec["lost_steps"] == 0 and rec["world_size"] == 4
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["steps"] == STEPS and s["recoveries"] == 1
+    assert s["weights_digest"] == reference, "bit-identical to the failure-free run"
+    assert "Traceback" not in proc.stdout, "a recovery prints our lines, not tracebacks"

@@ -1,8 +1,8 @@
 """Fault injection, in one place: the `chaos` section of the config as a schedule, and the
 injector that fires each fault when the job reaches its step.
 
-`ChaosInjector` is an observer (control/observers.py): the controller's state machine knows
-nothing of it. It carries each fault out through the worker group and the cluster hooks:
+`ChaosInjector` is an observer (control/observers.py has the protocol and adds it to the job's
+bus): the controller's state machine knows nothing of it. It carries each fault out through the worker group and the cluster hooks:
 kill_worker (SIGKILL), hang_worker (SIGSTOP), kill_during_checkpoint (the
 worker SIGKILLs itself while its next checkpoint is being written), kill_node (remove the simulated
 Ray node hosting a rank), add_node, preempt (SIGUSR1 to the driver) and storage_outage (checkpoint
@@ -18,7 +18,6 @@ from typing import Callable, List, Optional
 
 from coordinator.events import Event
 from coordinator.config import ChaosConfig, ChaosEvent
-from coordinator.control.observers import Observer, Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +63,21 @@ class ClusterHooks:
     storage_outage: Callable[[float], None] = lambda seconds: None  # the driver's own writes
 
 
-class ChaosInjector(Observer):
+class ChaosInjector:
     def __init__(self, plan: ChaosPlan, group, bus, hooks: Optional[ClusterHooks] = None):
         self.plan, self.group, self.bus = plan, group, bus
         self.hooks = hooks or ClusterHooks()
 
-    def on_tick(self, snap: Snapshot) -> None:
+    def on_event(self, record) -> None:
+        pass
+
+    def on_tick(self, snap) -> None:
+        """`snap`: control.observers.Snapshot; faults fire once their step is reached."""
         for ev in self.plan.due(snap.step):
             self.inject(ev, snap.step)
+
+    def summary(self):
+        return {}
 
     def inject(self, ev: ChaosEvent, step: int) -> None:
         ranks = self.group.ranks()

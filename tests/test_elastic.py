@@ -174,7 +174,7 @@ def test_fsdp_rank_lost_is_restored_from_the_checkpoint_resharded(tmp_path, refe
     """(g) FSDP2: a lost rank takes its shards, so the job restores the step-20 checkpoint
     written by 4 workers onto a group of another size (resharded); the loss stays within 1%.
     (FSDP2 survivors may stay blocked in the failed collective and are then killed after
-    failure.hang_timeout_s: their shards are discarded anyway; see the README's known gaps.)"""
+    failure.hang_timeout_s: their shards are discarded anyway; see docs/fault-tolerance.md's known gaps.)"""
     proc, run_dir = _run(tmp_path, "train.parallelism=fsdp", "checkpoint.interval_steps=20",
                          "failure.replace=false", "scaling.grow=false", "scaling.min_workers=1",
                          chaos="[{at_step: 30, action: kill_worker, target: 3}]")

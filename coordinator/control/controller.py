@@ -6,22 +6,20 @@ saying what happened. It never sleeps and never waits on the workers for long: e
 by the next), so a preemption notice is acted on at the next step. The caller paces the polls,
 and tests drive it one iteration at a time with a fake group (tests/fakes.py).
 
-The controller gathers facts and carries out decisions; *what* to decide comes from the policies
-(`failure_policy`, `scaling_policy`); step and loss bookkeeping is `accounting`; side concerns
+It carries out decisions; *what* to decide comes from the policies (`failure_policy`,
+`scaling_policy`); failures are recorded by `incidents`, steps by `accounting`; side concerns
 (progress events, metrics, the auto interval, chaos) are observers on the `Bus`.
 
-A failure (a lost process or node, a hang, a collective error) moves RUNNING to RECOVERING: the
-survivors' train calls return (their broken group is torn down), replacements are placed where
-capacity allows, the failure policy plans the next generation, and FORMING re-forms it in place:
-survivors are not restarted. The `recovered` event is written when the new generation completes
-its first step.
+A failure moves RUNNING to RECOVERING: the survivors leave their broken group, replacements are
+placed where capacity allows, the failure policy plans the next generation, and FORMING re-forms
+it in place (survivors are not restarted). `recovered` is written at the new generation's first
+completed step.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from coordinator.events import Event
@@ -34,7 +32,7 @@ from coordinator.control.observers import Bus, Snapshot
 from coordinator.control.summary import job_summary
 from coordinator.control.state import (
     TERMINAL, Ended, Finalizing, Forming, JobRecord, Pausing, Phase, Recovering, Running,
-    Starting,
+    Starting, Transition,
 )
 from coordinator.protocol import (
     FailureKind, GroupError, PlanAction, PollResult, Source, SourceKind, StopMode, WorkerFailure,
@@ -44,14 +42,6 @@ from coordinator.protocol import (
 logger = logging.getLogger(__name__)
 
 Step = Tuple[str, Optional[Progress]]  # what a phase handler returns: (note, progress)
-
-
-@dataclass
-class Transition:
-    before: Phase
-    after: Phase
-    note: str = ""
-    progress: Optional[Progress] = None
 
 
 class Controller:
@@ -169,7 +159,7 @@ class Controller:
                            self.cfg.train.steps)
 
     def _enter_forming(self, plan: fp.Plan, cause: str, rec: Optional[Recovering] = None,
-                 checkpoint=None) -> None:
+                       checkpoint=None) -> None:
         """Enter FORMING with `plan`; `checkpoint` is what a recovery restores."""
         source = Source(plan.source, src=plan.src, gather=(
             plan.source == SourceKind.PEER and self.cfg.train.parallelism == "fsdp"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
 from coordinator.events import Event
+from coordinator.chaos import ChaosInjector, ChaosPlan
 from coordinator.checkpoint.interval import AutoInterval, AutoSchedule
 from coordinator.config import Config
 
@@ -151,8 +152,6 @@ def standard_observers(cfg: Config, bus: Bus, group, warmup_steps: int, hooks=No
                        metrics=None) -> List[Observer]:
     """The observers a job runs with: progress events, the chaos schedule, the auto interval
     (when configured) and metrics (when given). Appended to `bus` and returned."""
-    from coordinator.chaos import ChaosInjector, ChaosPlan
-
     found: List[Observer] = [
         ChaosInjector(ChaosPlan(cfg.chaos, cfg.train.steps, cfg.scaling.max_workers), group,
                       bus, hooks),

@@ -35,6 +35,15 @@ TERMINAL = (Phase.DONE, Phase.FAILED, Phase.INTERRUPTED)
 
 
 @dataclass
+class Transition:
+    """What one `Controller.step()` did."""
+    before: Phase
+    after: Phase
+    note: str = ""
+    progress: Optional[Any] = None  # control.accounting.Progress while training
+
+
+@dataclass
 class Starting:
     phase = Phase.STARTING
     waiting_since: Optional[float] = None  # capacity short since then

@@ -87,3 +87,15 @@ def test_random_chaos_schedule_is_seeded_and_brings_nodes_back():
     plan = ChaosPlan(cfg, 1000, 4)
     first = plan.due(steps[0])
     assert first and plan.due(steps[0]) == []
+
+
+def test_a_replacement_waits_briefly_for_the_slot_of_a_worker_lost_on_a_live_node():
+    from coordinator.control.scaling_policy import SLOT_RELEASE_S, await_freed_slot
+
+    assert await_freed_slot(True, 1, on_live_node=True, spawned=False, since_loss_s=0.1)
+    assert not await_freed_slot(True, 1, on_live_node=True, spawned=False,
+                                since_loss_s=SLOT_RELEASE_S)
+    assert not await_freed_slot(True, 1, on_live_node=False, spawned=False, since_loss_s=0.1)
+    assert not await_freed_slot(True, 1, on_live_node=True, spawned=True, since_loss_s=0.1)
+    assert not await_freed_slot(False, 1, on_live_node=True, spawned=False, since_loss_s=0.1)
+    assert not await_freed_slot(True, 0, on_live_node=True, spawned=False, since_loss_s=0.1)

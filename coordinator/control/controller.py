@@ -350,6 +350,9 @@ class Controller:
         if need.needed and (rec.spawned_at is None or now - rec.spawned_at >= 1.0) \
                 and self._spawn_up_to(need.want):
             rec.spawned_at = now
+        if sp.await_freed_slot(need.needed, need.want, rec.lost_on_live_node,
+                               rec.spawned_at is not None, now - rec.t0):
+            return "waiting for the lost workers' slots to be freed", None
         ready = self.group.collect_ready()
         starting = self.group.pending() - ready
         if starting and rec.spawned_at is None:

@@ -64,6 +64,7 @@ class Incidents:
                 rec.t0, rec.step_before = carry.t0, max(rec.step_before, carry.step_before)
         lost = [f for f in failures if f.kind.lost and f.rank not in rec.lost]
         rec.lost.update(f.rank for f in lost)
+        rec.lost_on_live_node |= any(f.kind != FailureKind.NODE_LOST for f in lost)
         # A survivor's collective error is a consequence: its cause (a lost worker) usually shows
         # in the same poll or the next. Collective errors are reported only if, once the
         # survivors settle, no worker turned out lost.

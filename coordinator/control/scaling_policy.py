@@ -42,6 +42,20 @@ def replacements(world_size: int, survivors: int, pending: int, min_workers: int
     return Replacements(target - survivors - pending, replace or survivors < min_workers)
 
 
+# A worker whose process died on a live node frees its slot at once, but Ray's view of the free
+# resources can take a moment to show it: a recovery that wants a replacement waits this long for
+# the slot before it settles for fewer workers.
+SLOT_RELEASE_S = 2.0
+
+
+def await_freed_slot(needed: bool, want: int, on_live_node: bool, spawned: bool,
+                     since_loss_s: float) -> bool:
+    """Wait for the slots of workers lost on live nodes before shrinking (see SLOT_RELEASE_S);
+    a lost node's slots are not coming back."""
+    return needed and want > 0 and on_live_node and not spawned \
+        and since_loss_s < SLOT_RELEASE_S
+
+
 @dataclass(frozen=True)
 class Growth:
     pause: bool = False  # pause at the next step boundary and re-form with the ready newcomers

@@ -60,6 +60,7 @@ class Recovering:
     world_size: int  # the size of the generation that failed
     step_before: int = 0  # the highest step any rank completed before the failure
     lost: Set[int] = field(default_factory=set)
+    lost_on_live_node: bool = False  # some lost worker's node is up: its slot will be freed
     nodes_hit: Set[str] = field(default_factory=set)  # nodes counted toward isolation
     unexplained: List[WorkerFailure] = field(default_factory=list)  # errors without a lost worker
     settled: bool = False  # every survivor left the failed group and reported its step

@@ -406,11 +406,16 @@ def test_the_controller_imports_neither_ray_nor_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import coordinator.control.controller, coordinator.control.observers, "
-            "coordinator.chaos, coordinator.protocol, coordinator.checkpoint.committer; "
+    import os
+
+    # the controller, its parts, the shared fakes and this very test module
+    code = ("import sys; sys.path.insert(0, 'tests'); import coordinator.control.controller, "
+            "coordinator.control.observers, coordinator.chaos, coordinator.protocol, "
+            "coordinator.checkpoint.committer, fakes, test_controller; "
             "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True)
+                         timeout=60, check=True, cwd=root)
     assert out.stdout.strip() == "[]"
 
 

@@ -93,3 +93,56 @@ def test_a_worker_killed_at_any_moment_is_replaced_bit_identical(tmp_path, refer
     assert s["status"] == "finished" and s["steps"] == STEPS and s["recoveries"] == 1
     assert s["weights_digest"] == reference, "bit-identical to the failure-free run"
     assert "Traceback" not in proc.stdout, "a recovery prints our lines, not tracebacks"
+
+
+SLOW_TASK = """
+import time
+
+from train.tasks.gpt import TinyGPT
+
+
+class Slow(TinyGPT):
+    def build_model(self):  # a model that takes long to build: the generation forms slowly
+        time.sleep(120)
+        return super().build_model()
+"""
+
+
+def test_a_preemption_notice_during_a_slow_formation_stops_the_job_at_once(tmp_path):
+    """The controller never waits on the workers: SIGUSR1 while the first generation forms (its
+    models take two minutes to build) stops the job within seconds, exit 130, nothing left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "slow.py").write_text(SLOW_TASK)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + str(tmp_path))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "run", CONFIG, NO_CHAOS, "train.task=slow:Slow",
+         "ray.simulated_nodes=0", "scaling.max_workers=2", f"run.dir={run_dir}"],
+        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                e["event"] == "group_forming" for e in _events(run_dir)):
+            time.sleep(0.2)
+        assert any(e["event"] == "group_forming" for e in _events(run_dir)), "never formed"
+        time.sleep(2.0)  # the members are building their models now
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert took < 20, f"the notice waited {took:.1f}s behind the formation"  # a bound, not a goal
+    s = _summary(run_dir)
+    assert s["status"] == "interrupted" and "SIGUSR1" in s["error"]
+    assert "while forming a generation" in s["error"]
+    ends = [e for e in _events(run_dir) if e["event"] == "job_end"]
+    assert ends[-1]["status"] == "interrupted"

@@ -20,6 +20,15 @@ def absolute_uri(uri: str) -> str:
     return os.path.abspath(uri)
 
 
+def log_resume(info: mf.CheckpointInfo, total_steps: int) -> None:
+    logger.info("resuming from checkpoint step %d (%s, saved by %s workers)", info.step,
+                info.path, info.world_size)
+    if info.step >= total_steps:
+        logger.warning("nothing left to train: the checkpoint is at step %d and train.steps=%d; "
+                       "raise train.steps to continue, or use another run.dir / checkpoint.uri "
+                       "to start afresh", info.step, total_steps)
+
+
 class Committer:
     def __init__(self, uri: str, storage_options: Dict, keep: int, verify_on_load: bool,
                  config_hash: str, events, fault: Optional[Callable[[], None]] = None):

@@ -1,19 +1,15 @@
 """The job controller: a state machine you can step (phases and their data: control/state.py).
 
-Each `step()` performs one transition, or one poll of the workers, and returns a `Transition`
-saying what happened. It never sleeps and never waits on the workers for long: every
-`WorkerGroup` call returns within about a second (long waits are begun by one call and polled
-by the next), so a preemption notice is acted on at the next step. The caller paces the polls,
-and tests drive it one iteration at a time with a fake group (tests/fakes.py).
+Each `step()` performs one transition, or one poll of the workers, and returns a `Transition`.
+It never sleeps or waits: every `WorkerGroup` call returns within about a second (long waits are
+begun by one call and polled by the next), so a preemption notice is acted on at the next step.
+The caller paces the polls; tests drive it one step at a time with a fake group (tests/fakes.py).
 
-It carries out decisions; *what* to decide comes from the policies (`failure_policy`,
-`scaling_policy`); failures are recorded by `incidents`, steps by `accounting`; side concerns
-(progress events, metrics, the auto interval, chaos) are observers on the `Bus`.
-
-A failure moves RUNNING to RECOVERING: the survivors leave their broken group, replacements are
-placed where capacity allows, the failure policy plans the next generation, and FORMING re-forms
-it in place (survivors are not restarted). `recovered` is written at the new generation's first
-completed step.
+It carries decisions out: *what* to decide comes from `failure_policy` and `scaling_policy`;
+failures are recorded by `incidents`, steps by `accounting`; side concerns (progress events,
+metrics, the auto interval, chaos) are observers on the `Bus`. A failure moves RUNNING to
+RECOVERING: survivors leave their broken group, replacements are placed where capacity allows,
+and FORMING re-forms the planned generation in place (survivors are not restarted).
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from coordinator.events import Event
+from coordinator.checkpoint.committer import log_resume
 from coordinator.config import Config
 from coordinator.control import failure_policy as fp
 from coordinator.control import scaling_policy as sp
@@ -146,17 +143,10 @@ class Controller:
         if self.committer is None:
             return
         self.job.resume = info = self.committer.resolve_resume()
-        if info is None:
-            return
-        self.steps.resume_at(info.step)
-        plan.source, plan.resumed_step = SourceKind.CHECKPOINT, info.step
-        logger.info("resuming from checkpoint step %d (%s, saved by %s workers)", info.step,
-                    info.path, info.world_size)
-        if info.step >= self.cfg.train.steps:
-            logger.warning("nothing left to train: the checkpoint is at step %d and "
-                           "train.steps=%d; raise train.steps to continue, or use another "
-                           "run.dir / checkpoint.uri to start afresh", info.step,
-                           self.cfg.train.steps)
+        if info is not None:
+            self.steps.resume_at(info.step)
+            plan.source, plan.resumed_step = SourceKind.CHECKPOINT, info.step
+            log_resume(info, self.cfg.train.steps)
 
     def _enter_forming(self, plan: fp.Plan, cause: str, rec: Optional[Recovering] = None,
                        checkpoint=None) -> None:

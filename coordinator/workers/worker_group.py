@@ -14,7 +14,6 @@ away from nodes the failure policy has isolated.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -34,45 +33,10 @@ from coordinator.protocol import (
     WorkerInfo,
 )
 from coordinator.workers.worker import TrainWorker, WorkerError, WorkerSpec
+from coordinator.workers.nodes import node_reachable, reap
 from train.errors import first_sentence, last_line
 
 logger = logging.getLogger(__name__)
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def _reap(pid: int) -> bool:
-    """SIGKILL a worker process from its own node (the node's raylet runs this task)."""
-    import os
-    import signal
-
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"ray" not in f.read():
-                return False  # the pid was reused by another program: leave it alone
-    except OSError:
-        pass  # no /proc (not Linux): trust the pid
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _node_reachable(node_id: str, timeout_s: float = 1.0) -> bool:
-    """Is the node alive? The GCS may take seconds to mark a dead node, so besides its view we
-    try the node's raylet port: a machine that is gone refuses or does not answer."""
-    for node in ray.nodes():
-        if node["NodeID"] != node_id:
-            continue
-        if not node.get("Alive"):
-            return False
-        try:
-            with socket.create_connection((node["NodeManagerAddress"],
-                                           int(node["NodeManagerPort"])), timeout=timeout_s):
-                return True
-        except (OSError, KeyError, ValueError):
-            return False
-    return False
 
 
 @dataclass
@@ -362,7 +326,7 @@ class RayWorkerGroup:
         self._kill(self.actors[rank])
         info = self.infos.get(rank)
         if info is not None:
-            _reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                 info.node_id, soft=False)).remote(info.pid)
 
     def begin_digest(self) -> None:
@@ -444,7 +408,7 @@ class RayWorkerGroup:
 
     def _lost(self, rank: int, err: RayActorError) -> WorkerFailure:
         info = self.infos.get(rank)
-        lost_node = info is not None and not _node_reachable(info.node_id)
+        lost_node = info is not None and not node_reachable(info.node_id)
         kind = FailureKind.NODE_LOST if lost_node else FailureKind.PROCESS_EXIT
         return WorkerFailure(rank, kind, self.pid(rank), first_sentence(err))
 

@@ -99,3 +99,53 @@ def test_a_replacement_waits_briefly_for_the_slot_of_a_worker_lost_on_a_live_nod
     assert not await_freed_slot(True, 1, on_live_node=True, spawned=True, since_loss_s=0.1)
     assert not await_freed_slot(False, 1, on_live_node=True, spawned=False, since_loss_s=0.1)
     assert not await_freed_slot(True, 0, on_live_node=True, spawned=False, since_loss_s=0.1)
+
+
+def test_hang_rule_needs_a_peer_that_answers():
+    from coordinator.control.failure_policy import hung
+
+    assert hung({0: 1.0, 1: 12.0, 2: 0.5}, limit_s=10) == [1]
+    assert hung({0: 11.0, 1: 12.0}, limit_s=10) == []  # nobody answers: the view is in doubt
+    assert hung({0: 10.0, 1: 0.0}, limit_s=10) == []  # at the limit is not past it
+    assert hung({}, limit_s=10) == []
+
+
+def test_settle_grace_is_short_only_for_fsdp():
+    from coordinator.control.failure_policy import FSDP_SETTLE_S, settle_grace_s
+
+    assert settle_grace_s("ddp", 10.0) == 10.0
+    assert settle_grace_s("fsdp", 10.0) == FSDP_SETTLE_S
+    assert settle_grace_s("fsdp", 1.0) == 1.0
+
+
+def test_replacements_restore_the_size_before_the_failure():
+    from coordinator.control.scaling_policy import replacements
+
+    r = replacements(world_size=4, survivors=3, pending=0, min_workers=2, max_workers=4,
+                     replace=True)
+    assert (r.want, r.needed) == (1, True)
+    r = replacements(4, 3, pending=1, min_workers=2, max_workers=4, replace=True)
+    assert r.want == 0  # one already starting
+    r = replacements(4, 3, 0, min_workers=2, max_workers=4, replace=False)
+    assert (r.want, r.needed) == (1, False)  # start it, but do not wait for it
+    r = replacements(4, 1, 0, min_workers=2, max_workers=4, replace=False)
+    assert r.needed  # below min_workers: wait whatever failure.replace says
+    r = replacements(2, 1, 0, min_workers=3, max_workers=4, replace=True)
+    assert r.want == 2  # back to at least min_workers
+
+
+def test_growth_pauses_once_every_newcomer_is_ready_and_keeps_spares_at_max():
+    from coordinator.control.scaling_policy import growth
+
+    g = growth(2, 4, grow=True, spare_workers=0, ready=1, starting=1, pending=2, check_due=True)
+    assert not g.pause and g.spawn == 0  # one still starting: wait for it, start no more
+    g = growth(2, 4, grow=True, spare_workers=0, ready=2, starting=0, pending=2, check_due=False)
+    assert g.pause
+    g = growth(2, 4, grow=True, spare_workers=0, ready=0, starting=0, pending=0, check_due=True)
+    assert g.spawn == 2 and not g.spares
+    g = growth(2, 4, grow=True, spare_workers=0, ready=0, starting=0, pending=0, check_due=False)
+    assert g.spawn == 0  # only every scaling.grow_check_s
+    g = growth(4, 4, grow=True, spare_workers=1, ready=0, starting=0, pending=0, check_due=True)
+    assert g.spawn == 1 and g.spares and not g.pause
+    g = growth(3, 4, grow=False, spare_workers=1, ready=1, starting=0, pending=1, check_due=True)
+    assert not g.pause and g.spawn == 0  # growth off: the ready one is the spare

@@ -430,3 +430,29 @@ def test_a_worker_lost_during_the_final_digest_is_replaced_and_the_digest_retake
     (rec,) = _events(events, "recovered")
     assert rec["resumed_step"] == 20 and rec["lost_steps"] == 0 and rec["source"] == "peer"
     assert c.summary()["world_sizes"] == [4, 4] and c.summary()["steps"] == 20
+
+
+def test_every_worker_silent_with_no_step_for_the_timeout_is_hung(tmp_path):
+    """No peer to compare with: when nobody answers AND no step completes for
+    failure.hang_timeout_s, every worker is frozen; they are killed and replaced."""
+    group = FakeGroup()
+    c, events = _controller(tmp_path, group, overrides=["failure.hang_timeout_s=5"])
+    c.step(), c.step(), c.step()
+    assert c.steps.last_step == 5
+    group.steps_per_poll = 0  # frozen: no step completes, and no heartbeat is answered
+    group.silent = {r: 60.0 for r in range(4)}
+    notes = []
+    for _ in range(10):
+        notes.append(c.step().note)
+        if c.phase != Phase.RUNNING:
+            break
+    assert c.phase == Phase.RECOVERING, notes
+    assert len(notes) > 2  # not at the first silent poll: the steps stopped only now
+    assert sorted(group.killed) == [0, 1, 2, 3]
+    (f,) = _events(events, "failure_detected")
+    assert f["kind"] == "hang" and f["ranks"] == [0, 1, 2, 3]
+    group.steps_per_poll, group.silent = 5, {}
+    _run(c)
+    assert c.phase == Phase.DONE and c.summary()["world_sizes"] == [4, 4]
+    (rec,) = _events(events, "recovered")
+    assert rec["source"] == "init"  # no survivor and no checkpoint: from the start, said so

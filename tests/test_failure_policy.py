@@ -149,3 +149,13 @@ def test_growth_pauses_once_every_newcomer_is_ready_and_keeps_spares_at_max():
     assert g.spawn == 1 and g.spares and not g.pause
     g = growth(3, 4, grow=False, spare_workers=1, ready=1, starting=0, pending=1, check_due=True)
     assert not g.pause and g.spawn == 0  # growth off: the ready one is the spare
+
+
+def test_all_frozen_needs_silence_and_no_progress():
+    from coordinator.control.failure_policy import all_frozen
+
+    assert all_frozen({0: 12.0}, stalled_s=12.0, limit_s=10) == [0]  # a one-worker job
+    assert all_frozen({0: 12.0, 1: 11.0}, stalled_s=11.0, limit_s=10) == [0, 1]
+    assert all_frozen({0: 12.0, 1: 11.0}, stalled_s=3.0, limit_s=10) == []  # steps complete
+    assert all_frozen({0: 12.0, 1: 1.0}, stalled_s=30.0, limit_s=10) == []  # a slow step
+    assert all_frozen({}, stalled_s=30.0, limit_s=10) == []

@@ -146,3 +146,48 @@ def test_a_preemption_notice_during_a_slow_formation_stops_the_job_at_once(tmp_p
     assert "while forming a generation" in s["error"]
     ends = [e for e in _events(run_dir) if e["event"] == "job_end"]
     assert ends[-1]["status"] == "interrupted"
+
+
+def test_a_one_worker_job_frozen_is_found_without_a_peer_and_resumes_bit_identical(tmp_path):
+    """No peer to compare with: the only worker is SIGSTOPped. Its silence and the steps that
+    stopped completing name it hung within failure.hang_timeout_s plus a poll; it is killed,
+    replaced, and the job resumes from the last committed checkpoint to the weights of an
+    uninterrupted one-worker run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps, run_dir = 400, tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "run", CONFIG, NO_CHAOS, "ray.simulated_nodes=0",
+         "scaling.min_workers=1", "scaling.max_workers=1", f"train.steps={steps}",
+         "train.global_batch_size=16", "checkpoint.interval_steps=50",
+         "failure.hang_timeout_s=5", f"run.dir={run_dir}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                e["event"] == "checkpoint_committed" for e in _events(run_dir)):
+            time.sleep(0.1)
+        (worker,) = [e for e in _events(run_dir) if e["event"] == "worker_start"]
+        t_fault = time.time()
+        os.kill(worker["pid"], signal.SIGSTOP)
+        out, _ = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    (f,) = [e for e in _events(run_dir) if e["event"] == "failure_detected"]
+    assert f["kind"] == "hang" and f["ranks"] == [0] and f["pids"] == [worker["pid"]]
+    assert f["t"] - t_fault < 5 + 3, "detected within failure.hang_timeout_s and a poll"
+    (rec,) = [e for e in _events(run_dir) if e["event"] == "recovered"]
+    assert rec["source"] == "checkpoint" and rec["world_size"] == 1
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["steps"] == steps and s["recoveries"] == 1
+    state, _ = run_world(1, "ddp", steps=steps, gbs=16)
+    assert s["weights_digest"] == weights_digest(state), "bit-identical to the uninterrupted run"
+    assert "nor did any peer" in out

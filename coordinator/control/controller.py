@@ -60,6 +60,7 @@ class Controller:
         self.preempt_signal: Optional[str] = None  # set by the runner's signal handler
         self.started_at = clock()
         self._capacity_checked = -1e18  # when a running job last looked for capacity
+        self._progress_t = self.started_at  # when a step last completed (or training began)
 
     # ---- the state machine ----------------------------------------------------------------
     @property
@@ -201,9 +202,12 @@ class Controller:
                 self._recovered(dict(recovered, recovery_s=round(max(0.0, now - rec.t0), 3)))
             else:
                 self.steps.expect_recovery(recovered, t0=rec.t0)
-        self.group.launch(self.cfg.train.steps)
-        self.state = Running()
+        self._launch(now)
         return f"generation {job.generation} formed", None
+
+    def _launch(self, now: float) -> None:
+        self.group.launch(self.cfg.train.steps)
+        self.state, self._progress_t = Running(), now
 
     def _running(self, st: Running, now: float) -> Step:
         poll, failed = self._poll_training(now)
@@ -225,9 +229,11 @@ class Controller:
     def _poll_training(self, now: float) -> Tuple[PollResult, Optional[str]]:
         """One poll of a training group: absorb what it reports; lost, hung or failed workers
         start a recovery. Returns (poll, the failure's note or None)."""
-        poll = self.group.poll()
+        poll, step = self.group.poll(), self.steps.last_step
         self._absorb(poll)
-        failures = poll.failures or self.incidents.kill_hung(poll)
+        if self.steps.last_step != step:
+            self._progress_t = now
+        failures = poll.failures or self.incidents.kill_hung(poll, now - self._progress_t)
         return poll, (self._failure(failures, now) if failures else None)
 
     def _begin_pause(self, reason: str) -> str:
@@ -267,8 +273,7 @@ class Controller:
         plan = fp.grow_plan(self.job.world_size, ready, self.cfg.scaling.max_workers,
                             self.steps.last_step)
         if plan.world_size <= self.job.world_size:  # the newcomers vanished: carry on
-            self.group.launch(self.cfg.train.steps)
-            self.state = Running()
+            self._launch(now)
             return "no newcomer ready: resuming", self.progress()
         for info in self.group.assign(plan.ranks, plan.newcomers):
             self._worker_started(info)

@@ -14,8 +14,9 @@ The rules, in order:
    step is lost. Under FSDP2 a lost rank takes its shards with it: restore the latest committed
    checkpoint, resharded (or start over when there is none). A group that grows without a loss
    gathers the FSDP2 shards first and sends them like a replica.
-5. Hang: a worker silent past `failure.hang_timeout_s` while some peer still answers is hung;
-   when nobody answers, the driver's view is in doubt and nothing is decided (`hung`).
+5. Hang: a worker silent past `failure.hang_timeout_s` while some peer still answers is hung
+   (`hung`); when nobody answers, all are hung only if no step completed for as long either
+   (`all_frozen`).
 6. Settling: survivors leave the failed collective within moments; one still in it after the
    grace (`settle_grace_s`) is stuck and killed.
 7. Backoff: the first failure after progress re-forms at once; each further failure without a
@@ -154,6 +155,16 @@ def hung(silent_s: Dict[int, float], limit_s: float) -> List[int]:
     if not quiet or len(quiet) == len(silent_s):
         return []
     return sorted(quiet)
+
+
+def all_frozen(silent_s: Dict[int, float], stalled_s: float, limit_s: float) -> List[int]:
+    """No peer to compare with (a one-worker job, or every worker frozen at once): every rank
+    silent past `limit_s` AND no step completed for as long. A slow step is not silent (its
+    control thread answers), and a driver that stalled itself hears the answers at its next poll,
+    so together the two signals mean the workers are frozen."""
+    if silent_s and stalled_s > limit_s and all(s > limit_s for s in silent_s.values()):
+        return sorted(silent_s)
+    return []
 
 
 def settle_grace_s(parallelism: str, hang_timeout_s: float) -> float:

@@ -28,16 +28,20 @@ class Incidents:
         self.cfg, self.group, self.bus, self.job, self.steps = cfg, group, bus, job, steps
         self.isolation = fp.NodeIsolation(cfg.failure.node_failure_limit)
 
-    def kill_hung(self, poll: PollResult) -> List[WorkerFailure]:
-        """Workers silent past failure.hang_timeout_s while their peers answer: killed."""
+    def kill_hung(self, poll: PollResult, stalled_s: float) -> List[WorkerFailure]:
+        """Workers silent past failure.hang_timeout_s while their peers answer, or all of them
+        when none answers and no step completed for as long (`stalled_s`): killed."""
         limit = self.cfg.failure.hang_timeout_s
+        ranks, why = fp.hung(poll.silent_s, limit), "while its peers did"
+        if not ranks:
+            ranks = fp.all_frozen(poll.silent_s, stalled_s, limit)
+            why = f"nor did any peer, and no step completed for {stalled_s:.0f}s"
         hung = [WorkerFailure(r, FailureKind.HANG, self.group.pid(r),
-                              f"no heartbeat for {poll.silent_s[r]:.0f}s")
-                for r in fp.hung(poll.silent_s, limit)]
+                              f"no heartbeat for {poll.silent_s[r]:.0f}s") for r in ranks]
         for f in hung:
-            logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs while "
-                           "its peers did (failure.hang_timeout_s=%g): killing it", f.rank,
-                           f.pid, poll.silent_s[f.rank], limit)
+            logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs %s "
+                           "(failure.hang_timeout_s=%g): killing it", f.rank, f.pid,
+                           poll.silent_s[f.rank], why, limit)
             self.group.kill(f.rank)
         return hung
 

@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -86,9 +87,17 @@ def _drop_gradients(state: TrainState) -> None:
 def apply_full_state(state: TrainState, full: FullState) -> None:
     """Load a full state into this rank's model and optimizer (FSDP2 keeps its own shard)."""
     _drop_gradients(state)
-    set_state_dict(state.model, state.optimizer, model_state_dict=full["model"],
-                   optim_state_dict=full["optim"],
-                   options=StateDictOptions(full_state_dict=True))
+    opts = StateDictOptions(full_state_dict=True)
+    if full["optim"].get("state"):
+        set_state_dict(state.model, state.optimizer, model_state_dict=full["model"],
+                       optim_state_dict=full["optim"], options=opts)
+    else:
+        # A stateless optimizer (plain SGD) has no per-parameter tensors, and DCP's full-state
+        # load of one fails ("Expected device to be set"): take the hyperparameters alone.
+        set_model_state_dict(state.model, full["model"], options=opts)
+        for group, sent in zip(state.optimizer.param_groups, full["optim"]["param_groups"]):
+            group.update({k: v for k, v in sent.items() if k != "params"})
+        state.optimizer.state.clear()
     state.step = int(full["step"])
     _keep_unstepped(state)
     if state.scheduler is not None and full.get("scheduler") is not None:

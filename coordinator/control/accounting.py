@@ -39,6 +39,22 @@ class Progress:
         return (self.total - self.step) / self.steps_per_s
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The job as one RUNNING poll leaves it."""
+    now: float
+    step: int
+    step_t: Optional[float]  # unix time the newest step completed
+    loss: Optional[float]
+    world_size: int
+    steps_per_s: Optional[float]  # recent rate
+    step_s: Optional[float]  # mean recent step time
+    step_time_s: float  # time in steps so far (the slowest rank's, summed)
+    wall_s: float  # since the controller started
+    incidents: int  # failures counted so far
+    exposure_worker_s: float
+
+
 @dataclass
 class Completed:
     """What one newly completed step tells the controller."""
@@ -133,6 +149,13 @@ class StepAccounting:
     def steady_steps_per_s(self) -> Optional[float]:
         """Steps/s after the warm-up, start-up excluded."""
         return self._rate(self._warm)
+
+    def snapshot(self, now: float, world_size: int, incidents: int, wall_s: float) -> Snapshot:
+        return Snapshot(now=now, step=self.last_step, step_t=self.last_step_t,
+                        loss=self.last_loss, world_size=world_size,
+                        steps_per_s=self.steps_per_s(), step_s=self.mean_step_s(),
+                        step_time_s=self.step_time_s, wall_s=wall_s, incidents=incidents,
+                        exposure_worker_s=self.exposure_worker_s)
 
     def progress(self, world_size: int) -> Progress:
         return Progress(self.last_step, self.total_steps, self.last_loss, world_size,

@@ -25,7 +25,7 @@ from coordinator.control import failure_policy as fp
 from coordinator.control import scaling_policy as sp
 from coordinator.control.accounting import Progress, StepAccounting
 from coordinator.control.incidents import Incidents
-from coordinator.control.observers import Bus, Snapshot
+from coordinator.control.observers import Bus
 from coordinator.control.summary import job_summary
 from coordinator.control.state import (
     TERMINAL, Ended, Finalizing, Forming, JobRecord, Pausing, Phase, Recovering, Running,
@@ -223,7 +223,8 @@ class Controller:
             return f"all workers reached step {last}", self.progress()
         if self.preempt_signal is not None:
             return self._begin_pause("preempt"), self.progress()
-        self.bus.tick(self._snapshot(now))
+        self.bus.tick(self.steps.snapshot(now, self.job.world_size, self.job.incidents,
+                                         now - self.started_at))
         return self._grow(now), self.progress()
 
     def _poll_training(self, now: float) -> Tuple[PollResult, Optional[str]]:
@@ -409,14 +410,6 @@ class Controller:
                        "%d steps lost, %.2fs from detection to this step", rec["generation"],
                        rec["world_size"], rec["source"], rec["resumed_step"], rec["lost_steps"],
                        rec["recovery_s"])
-
-    def _snapshot(self, now: float) -> Snapshot:
-        s = self.steps
-        return Snapshot(now=now, step=s.last_step, step_t=s.last_step_t, loss=s.last_loss,
-                        world_size=self.job.world_size, steps_per_s=s.steps_per_s(),
-                        step_s=s.mean_step_s(), step_time_s=s.step_time_s,
-                        wall_s=now - self.started_at, incidents=self.job.incidents,
-                        exposure_worker_s=s.exposure_worker_s)
 
     def progress(self) -> Progress:
         return self.steps.progress(self.job.world_size)

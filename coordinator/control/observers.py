@@ -9,31 +9,15 @@ the automatic checkpoint interval and the chaos schedule (coordinator/chaos.py).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
 from coordinator.events import Event
 from coordinator.chaos import ChaosInjector, ChaosPlan
 from coordinator.checkpoint.interval import AutoInterval, AutoSchedule
+from coordinator.control.accounting import Snapshot
 from coordinator.config import Config
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The job as one RUNNING poll leaves it."""
-    now: float
-    step: int
-    step_t: Optional[float]  # unix time the newest step completed
-    loss: Optional[float]
-    world_size: int
-    steps_per_s: Optional[float]  # recent rate
-    step_s: Optional[float]  # mean recent step time
-    step_time_s: float  # time in steps so far (the slowest rank's, summed)
-    wall_s: float  # since the controller started
-    incidents: int  # failures counted so far
-    exposure_worker_s: float
 
 
 class Observer:

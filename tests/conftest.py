@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import socket
@@ -57,3 +58,20 @@ def pytest_collection_modifyitems(config, items):
         if len(tiers) != 1:
             raise pytest.UsageError(f"{item.nodeid}: mark it with exactly one tier of {TIERS} "
                                     f"(found {tiers or 'none'})")
+
+
+@contextlib.contextmanager
+def cli_process(args, cwd=ROOT, pythonpath=()):
+    """`python -m coordinator ...` started in the background (output in `.stdout`, merged), for
+    tests that act on the job while it runs; killed on the way out if it is still running."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # embedded Ray unless the test names a cluster
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *map(str, pythonpath), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator", *args], cwd=str(cwd), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -7,13 +7,11 @@ on 4 processes bit for bit; when the world size changes, the final loss is withi
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_process, run_cli
 from conftest import run_events as _events, run_summary as _summary
 from coordinator.checkpoint import manifest as mf
 from dist_harness import run_world
@@ -62,13 +60,8 @@ def test_a_worker_killed_or_frozen_from_outside_is_replaced_bit_identical(
     replacement takes the vacant rank, the state comes from a survivor's memory, and the final
     weights equal an uninterrupted run's."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "run", CONFIG, "chaos.events=[]",
-         f"train.steps={STEPS}", "failure.hang_timeout_s=5", f"run.dir={run_dir}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with cli_process(["run", CONFIG, "chaos.events=[]", f"train.steps={STEPS}",
+                      "failure.hang_timeout_s=5", f"run.dir={run_dir}"]) as proc:
         deadline = time.monotonic() + 120
         while not _of(run_dir, "group_formed") and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -78,10 +71,6 @@ def test_a_worker_killed_or_frozen_from_outside_is_replaced_bit_identical(
         t_fault = time.time()
         os.kill(victim["pid"], sig)
         out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, out
     (f,) = _of(run_dir, "failure_detected")
     assert f["kind"] == kind and f["ranks"] == [rank] and f["pids"] == [victim["pid"]]

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import NO_CHAOS, ROOT, run_cli
+from conftest import NO_CHAOS, ROOT, cli_process, run_cli
 from conftest import run_events as _events, run_summary as _summary
 from dist_harness import run_world
 from train.state import weights_digest
@@ -112,19 +112,13 @@ def test_a_preemption_notice_during_a_slow_formation_stops_the_job_at_once(tmp_p
     """The controller never waits on the workers: SIGUSR1 while the first generation forms (its
     models take two minutes to build) stops the job within seconds, exit 130, nothing left."""
     import signal
-    import subprocess
-    import sys
     import time
 
     (tmp_path / "slow.py").write_text(SLOW_TASK)
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + str(tmp_path))
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "run", CONFIG, NO_CHAOS, "train.task=slow:Slow",
-         "ray.simulated_nodes=0", "scaling.max_workers=2", f"run.dir={run_dir}"],
-        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with cli_process(["run", CONFIG, NO_CHAOS, "train.task=slow:Slow", "ray.simulated_nodes=0",
+                      "scaling.max_workers=2", f"run.dir={run_dir}"], cwd=tmp_path,
+                     pythonpath=[tmp_path]) as proc:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(
                 e["event"] == "group_forming" for e in _events(run_dir)):
@@ -135,10 +129,6 @@ def test_a_preemption_notice_during_a_slow_formation_stops_the_job_at_once(tmp_p
         proc.send_signal(signal.SIGUSR1)
         out, _ = proc.communicate(timeout=60)
         took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, out
     assert took < 20, f"the notice waited {took:.1f}s behind the formation"  # a bound, not a goal
     s = _summary(run_dir)
@@ -154,20 +144,13 @@ def test_a_one_worker_job_frozen_is_found_without_a_peer_and_resumes_bit_identic
     replaced, and the job resumes from the last committed checkpoint to the weights of an
     uninterrupted one-worker run."""
     import signal
-    import subprocess
-    import sys
     import time
 
     steps, run_dir = 400, tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "run", CONFIG, NO_CHAOS, "ray.simulated_nodes=0",
-         "scaling.min_workers=1", "scaling.max_workers=1", f"train.steps={steps}",
-         "train.global_batch_size=16", "checkpoint.interval_steps=50",
-         "failure.hang_timeout_s=5", f"run.dir={run_dir}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with cli_process(["run", CONFIG, NO_CHAOS, "ray.simulated_nodes=0", "scaling.min_workers=1",
+                      "scaling.max_workers=1", f"train.steps={steps}",
+                      "train.global_batch_size=16", "checkpoint.interval_steps=50",
+                      "failure.hang_timeout_s=5", f"run.dir={run_dir}"]) as proc:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(
                 e["event"] == "checkpoint_committed" for e in _events(run_dir)):
@@ -176,10 +159,6 @@ def test_a_one_worker_job_frozen_is_found_without_a_peer_and_resumes_bit_identic
         t_fault = time.time()
         os.kill(worker["pid"], signal.SIGSTOP)
         out, _ = proc.communicate(timeout=200)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, out
     (f,) = [e for e in _events(run_dir) if e["event"] == "failure_detected"]
     assert f["kind"] == "hang" and f["ranks"] == [0] and f["pids"] == [worker["pid"]]

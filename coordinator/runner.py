@@ -13,6 +13,7 @@ from coordinator.config import Config
 from coordinator.control.controller import Controller
 from coordinator.control.observers import Bus, standard_observers
 from coordinator.control.state import Phase
+from coordinator.control.summary import STATUS
 from coordinator.events import Event, EventLog, write_json_atomic
 from coordinator.goodput import accounting
 from coordinator.goodput.report import model_check
@@ -94,8 +95,7 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
                 else:
                     # capacity is asked of Ray's state API: once a second is enough
                     time.sleep(1.0 if tr.note == "waiting for capacity" else 0.05)
-        status = {Phase.DONE: "finished", Phase.INTERRUPTED: "interrupted"}.get(controller.phase,
-                                                                               "failed")
+        status = STATUS.get(controller.phase, "failed")
     except KeyboardInterrupt:
         status = "interrupted"
         reporter.message("interrupted: stopping workers")

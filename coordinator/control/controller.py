@@ -55,7 +55,6 @@ class Controller:
         self.job = JobRecord()
         self.steps = StepAccounting(cfg.train.steps)
         self.incidents = Incidents(cfg, group, bus, self.job, self.steps)
-        self.isolation = self.incidents.isolation
         self.state: Any = Starting()
         self.preempt_signal: Optional[str] = None  # set by the runner's signal handler
         self.started_at = clock()
@@ -109,7 +108,7 @@ class Controller:
     def _place_initial(self, st: Starting, now: float) -> str:
         """Size the first generation from capacity and place its workers (and spares, where
         capacity is left, so they are ready early). Returns a note while it cannot."""
-        exclude = self.isolation.isolated
+        exclude = self.incidents.isolation.isolated
         cap = self.capacity(exclude=exclude)
         decision = self.scaling.initial(cap)
         if decision.world_size is None:
@@ -308,8 +307,8 @@ class Controller:
         """Start up to `want` newcomers, as many as capacity allows now."""
         if want <= 0:
             return 0
-        cap = self.capacity(exclude=self.isolation.isolated)
-        return self.group.spawn(min(want, cap), exclude=self.isolation.isolated) if cap else 0
+        cap = self.capacity(exclude=self.incidents.isolation.isolated)
+        return self.group.spawn(min(want, cap), exclude=self.incidents.isolation.isolated) if cap else 0
 
     # ---- failures and recovery ------------------------------------------------------------
     def _failure(self, failures: List[WorkerFailure], now: float, during: str = "training",
@@ -443,5 +442,5 @@ class Controller:
     def summary(self) -> Dict[str, Any]:
         """summary.json's fields (the runner adds goodput)."""
         return job_summary(self.cfg, self.job, self.steps, self.committer,
-                           self.isolation.isolated, self.phase, self.error,
+                           self.incidents.isolation.isolated, self.phase, self.error,
                            self.clock() - self.started_at, self.bus.summary())

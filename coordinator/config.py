@@ -153,8 +153,10 @@ class CheckpointConfig:
 class FailureConfig:
     max_failures: int = 10  # failures the job may survive before it fails (exit 3)
     # seconds without a heartbeat answer while peers answer: the worker is hung, so it is killed
-    # and reported (kind: hang)
-    hang_timeout_s: float = 10.0
+    # and reported (kind: hang). Heartbeats are answered by a thread that training never blocks,
+    # so a slow step (a big model, a slow collective) keeps answering and is never a hang; when
+    # no worker answers, no step must have completed for as long either.
+    hang_timeout_s: float = 3.0
     # seconds to wait for min_workers worth of capacity (at start and after a loss), then exit 3
     wait_for_workers_s: float = 60.0
     # true: a recovery starts replacements where capacity allows and waits for them (up to

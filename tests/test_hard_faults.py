@@ -14,6 +14,7 @@ import pytest
 from conftest import NO_CHAOS, ROOT, cli_process, run_cli
 from conftest import run_events as _events, run_summary as _summary
 from dist_harness import run_world
+from coordinator.config import FailureConfig
 from train.state import weights_digest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -150,7 +151,7 @@ def test_a_one_worker_job_frozen_is_found_without_a_peer_and_resumes_bit_identic
     with cli_process(["run", CONFIG, NO_CHAOS, "ray.simulated_nodes=0", "scaling.min_workers=1",
                       "scaling.max_workers=1", f"train.steps={steps}",
                       "train.global_batch_size=16", "checkpoint.interval_steps=50",
-                      "failure.hang_timeout_s=5", f"run.dir={run_dir}"]) as proc:
+                      f"run.dir={run_dir}"]) as proc:  # failure.hang_timeout_s: the default
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(
                 e["event"] == "checkpoint_committed" for e in _events(run_dir)):
@@ -162,7 +163,8 @@ def test_a_one_worker_job_frozen_is_found_without_a_peer_and_resumes_bit_identic
     assert proc.returncode == 0, out
     (f,) = [e for e in _events(run_dir) if e["event"] == "failure_detected"]
     assert f["kind"] == "hang" and f["ranks"] == [0] and f["pids"] == [worker["pid"]]
-    assert f["t"] - t_fault < 5 + 3, "detected within failure.hang_timeout_s and a poll"
+    limit = FailureConfig().hang_timeout_s
+    assert f["t"] - t_fault < limit + 3, "detected within failure.hang_timeout_s and a poll"
     (rec,) = [e for e in _events(run_dir) if e["event"] == "recovered"]
     assert rec["source"] == "checkpoint" and rec["world_size"] == 1
     s = _summary(run_dir)
@@ -170,3 +172,52 @@ def test_a_one_worker_job_frozen_is_found_without_a_peer_and_resumes_bit_identic
     state, _ = run_world(1, "ddp", steps=steps, gbs=16)
     assert s["weights_digest"] == weights_digest(state), "bit-identical to the uninterrupted run"
     assert "nor did any peer" in out
+
+
+LONG_STEP_TASK = """
+import time
+
+import torch.distributed as dist
+
+from train.tasks.gpt import TinyGPT
+
+
+class LongStep(TinyGPT):
+    \"\"\"TinyGPT whose rank 0 spends `seconds` in a GIL-bound Python loop inside step `step`
+    (a slow data pipeline or a big model's step); the other ranks wait for it in the gradient
+    all-reduce (a slow collective).\"\"\"
+
+    def __init__(self, step, seconds, **kw):
+        super().__init__(**kw)
+        self.step, self.seconds, self.calls = step, seconds, 0
+
+    def loss(self, model, batch):
+        self.calls += 1  # call 1: the bucket priming; call k+1: step k
+        if self.calls == self.step + 1 and dist.get_rank() == 0:
+            end = time.time() + self.seconds
+            while time.time() < end:
+                pass
+        return super().loss(model, batch)
+"""
+
+
+def test_a_30s_step_is_never_called_a_hang_with_the_default_timeout(tmp_path):
+    """With the default failure.hang_timeout_s (a frozen worker is found in seconds), a step
+    that legitimately takes 30 s is not a hang: rank 0 holds the GIL in a Python loop for 30 s
+    inside step 3 while rank 1 waits in the all-reduce, and both keep answering heartbeats from
+    their control threads. No failure is detected and the job finishes."""
+    (tmp_path / "long_step.py").write_text(LONG_STEP_TASK)
+    run_dir = tmp_path / "run"
+    proc = run_cli(["run", CONFIG, NO_CHAOS, "train.task=long_step:LongStep",
+                    "train.task_args={step: 3, seconds: 30}", "ray.simulated_nodes=0",
+                    "scaling.min_workers=2", "scaling.max_workers=2", "train.steps=8",
+                    "train.global_batch_size=16", "checkpoint.interval_steps=0",
+                    f"run.dir={run_dir}"], cwd=str(tmp_path), timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = _events(run_dir)
+    assert not [e for e in events if e["event"] == "failure_detected"], proc.stdout
+    start = next(e["t"] for e in events if e["event"] == "group_formed")
+    end = next(e["t"] for e in events if e["event"] == "job_end")
+    assert end - start >= 30, "the long step happened"
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["steps"] == 8 and s["failures"] == 0

@@ -51,7 +51,7 @@ class _Newcomer:
 class RayWorkerGroup:
     def __init__(self, spec: WorkerSpec, cpus_per_worker: float, store, store_host: str,
                  free_slots: Callable[[Iterable[str]], Dict[str, int]], start_timeout_s: float,
-                 hang_timeout_s: float = 10.0, rpc_timeout_s: float = 10.0):
+                 hang_timeout_s: float = 3.0, rpc_timeout_s: float = 10.0):
         self.spec = spec
         self.cpus_per_worker = cpus_per_worker
         self.store = store  # the driver's TCPStore (master): rendezvous and abort keys

@@ -18,7 +18,7 @@ from train.state import build_state, full_model_state
 from train.task import make_task
 
 
-def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, seed):
+def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, seed, skip):
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
@@ -34,11 +34,13 @@ def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, se
         losses.append(float(part))
         return False
 
+    skipped = set(skip)
     run_steps(st, seed=seed, global_batch_size=gbs, world_size=world, rank=rank,
-              device=torch.device("cpu"), until_step=steps, after_step=global_loss)
+              device=torch.device("cpu"), until_step=steps, after_step=global_loss,
+              skip=skipped)
     sd = full_model_state(st)
     if rank == 0:
-        torch.save({"state": sd, "losses": losses}, out)
+        torch.save({"state": sd, "losses": losses, "skipped": sorted(skipped)}, out)
     dist.barrier()  # nobody leaves while a peer may still talk to it: gloo aborts on a closed peer
     dist.destroy_process_group()
     _leave()
@@ -54,12 +56,16 @@ def _leave():
 
 
 def run_world(world, parallelism="ddp", steps=3, task="train.tasks.gpt:TinyGPT", task_args=None,
-              gbs=12, seed=0):
-    """Train `steps` steps on `world` processes; returns (full model state, global losses)."""
+              gbs=12, seed=0, skip=(), skipped=None):
+    """Train `steps` steps on `world` processes; returns (full model state, global losses).
+    `skip`: steps to skip (see run_steps); `skipped`: a list that receives every step skipped."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "state.pt")
-        _spawn(_worker, world, (out, parallelism, steps, task, task_args or {}, gbs, seed))
+        _spawn(_worker, world, (out, parallelism, steps, task, task_args or {}, gbs, seed,
+                                tuple(skip)))
         result = torch.load(out, weights_only=True)
+    if skipped is not None:
+        skipped.extend(result["skipped"])
     return result["state"], result["losses"]
 
 

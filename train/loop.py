@@ -9,7 +9,7 @@ a benchmark's log) is an `after_step` hook, so the benchmarks' baselines run the
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Set
 
 import torch
 
@@ -36,7 +36,7 @@ class StepError(RuntimeError):
 
 def run_steps(state: TrainState, *, seed: int, global_batch_size: int, world_size: int,
               rank: int, device: torch.device, until_step: int,
-              after_step: Optional[AfterStep] = None) -> None:
+              after_step: Optional[AfterStep] = None, skip: Optional[Set[int]] = None) -> None:
     """Train `state` as `rank` of `world_size` until `state.step == until_step`, or until
     `after_step` returns True.
 
@@ -45,7 +45,11 @@ def run_steps(state: TrainState, *, seed: int, global_batch_size: int, world_siz
     its share of the global batch (summed over the ranks: the global-batch mean loss), `t` the unix
     time the step ended, `duration_s` the seconds since it began (batch building included). It
     returns whether to stop after this step; what it raises propagates unchanged. A RuntimeError
-    inside the step itself is raised as `StepError`."""
+    inside the step itself is raised as `StepError`.
+
+    `skip`: steps (1-based) to skip, such as those found non-finite before a rollback (see
+    `train_step`). A step found non-finite now is skipped too and added to `skip`, so the caller
+    tells the two apart by what it passed in; a skipped step reports a NaN loss."""
     task = state.task
     scale = data_lib.loss_scale(global_batch_size, world_size, rank)
     share = data_lib.share(global_batch_size, world_size, rank)
@@ -53,12 +57,17 @@ def run_steps(state: TrainState, *, seed: int, global_batch_size: int, world_siz
         t0 = time.time()
         batch = data_lib.local_batch(task, seed, state.step, global_batch_size, world_size, rank)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        replay = skip is not None and state.step + 1 in skip
         try:
-            loss = train_step(state.model, state.optimizer, state.scheduler, task.loss, batch,
-                              scale)
+            loss, applied = train_step(state.model, state.optimizer, state.scheduler, task.loss,
+                                       batch, scale, skip=replay)
         except RuntimeError as e:
             raise StepError(state.step + 1, e) from e
         state.step += 1
+        if not applied:
+            loss = float("nan")
+            if skip is not None:
+                skip.add(state.step)
         now = time.time()
         if after_step is not None and after_step(state.step, loss * share, now, now - t0):
             return

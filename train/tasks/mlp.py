@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,13 @@ from train.task import Task
 
 
 class MLPRegression(Task):
+    """`nan_samples`: global sample indices whose inputs are NaN, a bad batch on purpose (to try
+    `failure.nonfinite`: the steps that draw them are non-finite)."""
+
     def __init__(self, in_dim: int = 16, hidden: int = 64, out_dim: int = 4, lr: float = 1e-2,
-                 teacher_seed: int = 99):
+                 teacher_seed: int = 99, nan_samples: Iterable[int] = ()):
         self.in_dim, self.hidden, self.out_dim, self.lr = in_dim, hidden, out_dim, lr
+        self.nan_samples = frozenset(int(i) for i in nan_samples)
         g = torch.Generator().manual_seed(teacher_seed)
         self.teacher_w = torch.randn(in_dim, out_dim, generator=g) / in_dim ** 0.5
 
@@ -29,6 +33,8 @@ class MLPRegression(Task):
 
     def sample(self, index: int, seed: int) -> Dict[str, torch.Tensor]:
         x = torch.randn(self.in_dim, generator=sample_generator(seed, index))
+        if index in self.nan_samples:
+            x = torch.full_like(x, float("nan"))
         return {"x": x, "y": torch.sin(x @ self.teacher_w)}
 
     def loss(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -89,7 +89,7 @@ class ChaosInjector:
                        f" rank {rank} (pid {pid})" if rank is not None else "")
         self.bus.emit(Event.CHAOS, action=ev.action, rank=rank, pid=pid, step=step,
                       at_step=ev.at_step)
-        if ev.action in ("kill_worker", "hang_worker", "kill_during_checkpoint"):
+        if ev.action in ("kill_worker", "hang_worker", "kill_during_checkpoint", "nonfinite"):
             self.group.chaos(rank, ev.action)
         elif ev.action == "kill_node":
             node = self.group.node_of(rank)

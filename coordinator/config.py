@@ -39,9 +39,10 @@ _TASK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 PARALLELISMS = ("ddp", "fsdp")
 CHAOS_ACTIONS = (
     "kill_worker", "hang_worker", "kill_node", "add_node",
-    "kill_during_checkpoint", "preempt", "storage_outage",
+    "kill_during_checkpoint", "preempt", "storage_outage", "nonfinite",
 )
-RANK_ACTIONS = ("kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint")
+RANK_ACTIONS = ("kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint", "nonfinite")
+NONFINITE_MODES = ("skip", "rollback", "stop")
 
 
 @dataclass
@@ -173,8 +174,19 @@ class FailureConfig:
     # assumes until the run has seen a failure of its own (then the observed rate is used).
     # The job's MTBF is this divided by the world size. Default: one week per worker.
     expected_mtbf_s: float = 604_800.0
+    # A step whose loss or gradient norm is non-finite on any rank (a bad batch, a hardware
+    # fault) is never applied: every rank skips its optimizer step. Then skip: train on;
+    # rollback: train on, and after nonfinite_limit such steps in a row restore the last
+    # committed checkpoint and skip those steps' samples when replaying (a rollback counts
+    # against max_failures); stop: end the job (exit 3) at the first one (docs/fault-tolerance.md)
+    nonfinite: str = "rollback"
+    nonfinite_limit: int = 3  # non-finite steps in a row before failure.nonfinite=rollback acts
 
     def __post_init__(self) -> None:
+        _check(self.nonfinite in NONFINITE_MODES, "failure.nonfinite", self.nonfinite,
+               f"must be one of {', '.join(NONFINITE_MODES)}")
+        _check(isinstance(self.nonfinite_limit, int) and self.nonfinite_limit >= 1,
+               "failure.nonfinite_limit", self.nonfinite_limit, "must be an integer >= 1")
         _check(self.expected_mtbf_s > 0, "failure.expected_mtbf_s", self.expected_mtbf_s,
                "must be > 0 (seconds between failures of one worker)")
         _check(self.replace_timeout_s >= 0, "failure.replace_timeout_s", self.replace_timeout_s,
@@ -195,8 +207,8 @@ class FailureConfig:
 class ChaosEvent:
     at_step: int = 0  # inject when the job reaches this step
     action: str = "kill_worker"  # one of CHAOS_ACTIONS
-    # kill_worker, hang_worker, kill_during_checkpoint: the rank; kill_node: the rank whose node
-    # is removed; add_node: how many nodes (default 1); storage_outage: seconds (default 10);
+    # kill_worker, hang_worker, kill_during_checkpoint: the rank; nonfinite: the rank whose loss
+    # (and so gradient) is made NaN in its next step; kill_node: the rank whose node is removed; add_node: how many nodes (default 1); storage_outage: seconds (default 10);
     # preempt: unused
     target: Any = None
 

@@ -47,6 +47,7 @@ class Event(str, Enum):
     CHECKPOINT_COMMITTED = "checkpoint_committed"
     CHECKPOINT_FAILED = "checkpoint_failed"
     CHECKPOINT_SKIPPED = "checkpoint_skipped"
+    NONFINITE_STEP = "nonfinite_step"
     JOB_END = "job_end"
 
     def __str__(self) -> str:  # f"{kind}" writes the name on the log, not "Event.X"
@@ -80,7 +81,7 @@ SCHEMA: Dict[Event, Spec] = {
         "fewer than min_workers fit: waiting, at most failure.wait_for_workers_s",
         ("reason", "step")),
     Event.GROUP_FORMING: Spec(
-        "a generation starts forming (cause: start, recovery or grow)",
+        "a generation starts forming (cause: start, recovery, grow or rollback)",
         ("generation", "world_size", "source", "cause")),
     Event.GROUP_FORMED: Spec(
         "a generation formed and took its state (source: init, peer or checkpoint) at `step`; "
@@ -123,6 +124,10 @@ SCHEMA: Dict[Event, Spec] = {
     Event.CHECKPOINT_SKIPPED: Spec(
         "a newer checkpoint passed over at resume (status: incomplete or corrupt)",
         ("step", "status", "reason")),
+    Event.NONFINITE_STEP: Spec(
+        "a step's loss or gradient norm was non-finite on some rank: no rank applied it; "
+        "streak: such steps in a row; action: what the job does (skip, rollback or stop)",
+        ("step", "generation", "streak", "action")),
     Event.JOB_END: Spec(
         "the command ends (status: finished, failed or interrupted)",
         ("status", "step", "last_step_t")),

@@ -25,6 +25,7 @@ class FailureKind(str, enum.Enum):
     PREEMPT = "preempt"  # the scheduler's notice (SIGTERM, SIGUSR1) to the driver
     COLLECTIVE_ERROR = "collective_error"  # a collective failed: usually a peer was lost
     TASK_ERROR = "task_error"  # the user's code raised: not retried
+    NONFINITE = "nonfinite"  # failure.nonfinite_limit non-finite steps in a row: a rollback
 
     @property
     def lost(self) -> bool:
@@ -90,6 +91,8 @@ class StepReport:
     weighted_loss: float  # this rank's mean loss times its share of the global batch
     t: float  # unix time the step completed
     duration_s: float  # wall time of the step on this rank
+    skipped: bool = False  # not applied: non-finite now, or a replay of a step skipped before
+    nonfinite: bool = False  # found non-finite in this run of it (not a replay)
 
 
 @dataclass
@@ -121,6 +124,8 @@ class Heartbeat:
 class TrainResult:
     step: int  # completed steps
     stopped: bool  # True: stopped early on a stop request (a pause or an emergency checkpoint)
+    # stopped early by non-finite steps (failure.nonfinite: stop, or rollback's limit reached)
+    nonfinite: bool = False
 
 
 @dataclass
@@ -179,8 +184,9 @@ class WorkerGroup(Protocol):
         """None while the generation forms; then the failures (empty: formed)."""
     def abort_form(self) -> None:
         """Release members waiting in the rendezvous of the generation being formed."""
-    def launch(self, until_step: int) -> None:
-        """Every member trains until `until_step` or an agreed stop."""
+    def launch(self, until_step: int, skip: Iterable[int] = ()) -> None:
+        """Every member trains until `until_step` or an agreed stop, skipping the steps in
+        `skip` (non-finite before)."""
     def poll(self, fresh: bool = False) -> PollResult:
         """One round of heartbeats (about a second at most; `fresh`: current answers from
         every member, bounded by the RPC timeout)."""

@@ -67,7 +67,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
             # auto: the controller asks for each checkpoint (checkpoint/interval.py)
             checkpoint_interval=0 if auto else int(cfg.checkpoint.interval_steps or 0),
             checkpoint_async=cfg.checkpoint.async_,
-            checkpoint_final=bool(cfg.checkpoint.interval_steps))
+            checkpoint_final=bool(cfg.checkpoint.interval_steps),
+            nonfinite=cfg.failure.nonfinite, nonfinite_limit=cfg.failure.nonfinite_limit)
         bus = Bus(events)
         # chaos only: the driver's manifest writes fail during an injected storage outage
         outage = StorageOutage() if "storage_outage" in cfg.chaos.actions() else None

@@ -42,6 +42,13 @@ class FakeGroup:
         self._forming = 0
         self._finished = {}
         self._late = []
+        # steps whose loss is non-finite when trained (not when `launch` says skip them), and
+        # the run of them in a row at which the members stop (failure.nonfinite: None = skip)
+        self.poisoned = set()
+        self.nonfinite_stop_at = None
+        self.skip = set()
+        self.launched_skips = []  # the skip list of every launch
+        self._streak = 0
 
     def free(self):
         alive = sum(1 for m in self.members.values() if m["alive"])
@@ -116,8 +123,11 @@ class FakeGroup:
             m["step"] = step
         return []
 
-    def launch(self, until_step):
+    def launch(self, until_step, skip=()):
         self.until = until_step
+        self.skip = set(skip)
+        self.launched_skips.append(sorted(skip))
+        self._streak = 0
         self.stop_mode = 0
         self._finished = {}
         for m in self.members.values():
@@ -158,12 +168,18 @@ class FakeGroup:
                         res.failures.append(WorkerFailure(r, "collective_error", m["pid"],
                                                           "peer closed"))
             else:
+                nonfinite = False
+                for s in range(step + 1, target + 1):  # the members stop on a run of them
+                    self._streak = self._streak + 1 if self._live_nonfinite(s) else 0
+                    if self.nonfinite_stop_at and self._streak >= self.nonfinite_stop_at:
+                        target, nonfinite = s, True
+                        break
                 for m in running.values():
                     m["step"] = target
-                if target >= self.until or self.stop_mode:
+                if target >= self.until or self.stop_mode or nonfinite:
                     for r, m in running.items():
                         m["busy"] = False
-                        res.finished[r] = TrainResult(target, target < self.until)
+                        res.finished[r] = TrainResult(target, target < self.until, nonfinite)
         world = len(self.members)
         # A checkpoint asked for is taken at the step the group reached (every member writes).
         due = [n for n, _ in self.save_requests if n > self.saved_number]
@@ -173,13 +189,18 @@ class FakeGroup:
             saves = [SaveReport(target, r, True, stall_s=0.05, persist_s=0.2,
                                 generation=self.generation, world_size=world) for r in running]
         for r, m in alive.items():  # a rank lost in this poll reported its steps before dying
-            reps = [StepReport(s, (10.0 - s / 10) / world, 100.0 + s, 1.0)  # a step a second
+            reps = [StepReport(s, (10.0 - s / 10) / world, 100.0 + s, 1.0,  # a step a second
+                               skipped=s in self.skip or self._live_nonfinite(s),
+                               nonfinite=self._live_nonfinite(s))
                     for s in range(old[r] + 1, m["step"] + 1)]
             res.heartbeats[r] = Heartbeat(r, self.generation, m["step"], reps,
                                           [x for x in saves if x.rank == r])
             if not m["alive"]:
                 res.silent_s.pop(r, None)
         return res
+
+    def _live_nonfinite(self, step):
+        return step in self.poisoned and step not in self.skip
 
     def request_stop(self, mode):
         self.stop_mode = max(self.stop_mode, mode)

@@ -456,3 +456,87 @@ def test_every_worker_silent_with_no_step_for_the_timeout_is_hung(tmp_path):
     assert c.phase == Phase.DONE and c.summary()["world_sizes"] == [4, 4]
     (rec,) = _events(events, "recovered")
     assert rec["source"] == "init"  # no survivor and no checkpoint: from the start, said so
+
+
+# ---- non-finite steps (failure.nonfinite) ------------------------------------------------------
+
+def _run_to_end(c, limit=200):
+    for _ in range(limit):
+        if c.done:
+            break
+        c.step()
+    assert c.done
+
+
+def _nonfinite_events(events):
+    return [(e["step"], e["streak"], e["action"]) for e in read_events(events.path)
+            if e["event"] == "nonfinite_step"]
+
+
+def test_skip_mode_trains_on_and_every_later_launch_skips_them(tmp_path):
+    group = FakeGroup(steps_per_poll=5)
+    group.poisoned = {7, 8, 9, 10, 12}
+    group.faults.append([15, [1], "process_exit"])  # a later loss: the next launch replays none
+    c, events = _controller(tmp_path, group, overrides=["failure.nonfinite=skip"])
+    _run_to_end(c)
+    s = c.summary()
+    assert s["status"] == "finished" and s["nonfinite_steps"] == [7, 8, 9, 10, 12]
+    assert s["rollbacks"] == 0 and s["recoveries"] == 1
+    assert _nonfinite_events(events) == [(7, 1, "skip"), (8, 2, "skip"), (9, 3, "skip"),
+                                         (10, 4, "skip"), (12, 1, "skip")]
+    assert group.launched_skips[0] == [] and group.launched_skips[-1] == [7, 8, 9, 10, 12]
+    assert c.steps.last_loss == pytest.approx(10.0 - 20 / 10)  # the last step's own loss
+
+
+def test_rollback_restores_the_checkpoint_and_skips_the_run_when_replaying(tmp_path):
+    group = FakeGroup(steps_per_poll=5)
+    group.poisoned, group.nonfinite_stop_at = {7, 8, 9}, 3
+    c, events = _controller(tmp_path, group, committer=lambda bus: FakeCommitter(5, bus, False),
+                            overrides=["failure.nonfinite_limit=3"])
+    _run_to_end(c)
+    s = c.summary()
+    assert s["status"] == "finished" and s["steps"] == 20
+    assert s["nonfinite_steps"] == [7, 8, 9] and s["rollbacks"] == 1
+    assert _nonfinite_events(events) == [(7, 1, "skip"), (8, 2, "skip"), (9, 3, "rollback")]
+    # the same members re-form from checkpoint 5 and replay with the three steps skipped
+    gen, source = group.sources[-1]
+    assert gen == 2 and source.kind == "checkpoint" and source.path.endswith("00000005")
+    assert group.killed == [] and group.launched_skips[-1] == [7, 8, 9]
+    evs = list(read_events(events.path))
+    forming = [e for e in evs if e["event"] == "group_forming"]
+    assert forming[-1]["cause"] == "rollback"
+    detected = [e for e in evs if e["event"] == "failure_detected"]
+    assert [d["kind"] for d in detected] == ["nonfinite"] and detected[0]["ranks"] == [0, 1, 2, 3]
+    rec = [e for e in evs if e["event"] == "recovered"]
+    assert len(rec) == 1 and rec[0]["source"] == "checkpoint" and rec[0]["lost_steps"] == 4
+
+
+def test_rollback_without_a_checkpoint_starts_over_and_counts_against_the_budget(tmp_path):
+    group = FakeGroup(steps_per_poll=5)
+    group.poisoned, group.nonfinite_stop_at = {3}, 1
+    c, _ = _controller(tmp_path, group, overrides=["failure.nonfinite_limit=1",
+                                                   "failure.max_failures=0"])
+    _run_to_end(c)
+    assert c.phase == Phase.FAILED and "failure.max_failures=0" in c.error
+    assert "step 3 non-finite" in c.error
+
+    group = FakeGroup(steps_per_poll=5)
+    group.poisoned, group.nonfinite_stop_at = {3}, 1
+    c, _ = _controller(tmp_path / "again", group, overrides=["failure.nonfinite_limit=1"])
+    _run_to_end(c)
+    assert c.phase == Phase.DONE and group.sources[-1][1].kind == "init"
+    assert c.summary()["rollbacks"] == 1 and group.launched_skips[-1] == [3]
+
+
+def test_stop_mode_ends_the_job_with_the_reason(tmp_path):
+    group = FakeGroup(steps_per_poll=5)
+    group.poisoned, group.nonfinite_stop_at = {6}, 1
+    c, events = _controller(tmp_path, group, committer=lambda bus: FakeCommitter(5, bus, False),
+                            overrides=["failure.nonfinite=stop"])
+    _run_to_end(c)
+    assert c.phase == Phase.FAILED
+    assert c.error == ("step 6: non-finite loss or gradient norm (failure.nonfinite=stop): the "
+                       "step was not applied and the last committed checkpoint is step 5; set "
+                       "failure.nonfinite=skip or rollback to train past it")
+    assert _nonfinite_events(events) == [(6, 1, "stop")]
+    assert c.summary()["nonfinite_steps"] == [6]

@@ -22,6 +22,8 @@ class StepTally:
     ranks: int = 0  # ranks that reported it
     t: float = 0.0  # unix time the last rank completed it
     duration_s: float = 0.0  # the slowest rank's step time
+    skipped: bool = False  # not applied (all ranks skip together)
+    nonfinite: bool = False  # found non-finite in this run of it
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Completed:
     """What one newly completed step tells the controller."""
     step: int
     recovered: Optional[Dict[str, Any]] = None  # the `recovered` event's fields, if it ends one
+    nonfinite: bool = False  # the step was found non-finite and skipped
 
 
 class StepAccounting:
@@ -102,12 +105,16 @@ class StepAccounting:
         tally.ranks += 1
         tally.t = max(tally.t, rep.t)
         tally.duration_s = max(tally.duration_s, rep.duration_s)
+        tally.skipped |= rep.skipped
+        tally.nonfinite |= rep.nonfinite
         if tally.ranks < world_size:
             return None
         del self.pending[rep.step]
         if rep.step <= self.last_step:
             return None
-        self.last_step, self.last_loss = rep.step, tally.loss
+        self.last_step = rep.step
+        if not tally.skipped:  # a skipped step's loss is NaN: the curve keeps the last real one
+            self.last_loss = tally.loss
         self.saw(rep.step)
         self.step_time_s += tally.duration_s
         self.durations.append(tally.duration_s)
@@ -116,7 +123,7 @@ class StepAccounting:
         self.recent.append((rep.step, tally.t))
         if self._warm is None and rep.step >= self.warmup_steps:
             self._warm = (rep.step, tally.t)
-        done = Completed(rep.step)
+        done = Completed(rep.step, nonfinite=tally.nonfinite)
         if self._awaiting is not None:
             rec, self._awaiting = self._awaiting, None
             rec["recovery_s"] = round(max(0.0, tally.t - rec.pop("t0")), 3)

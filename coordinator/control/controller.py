@@ -205,7 +205,7 @@ class Controller:
         return f"generation {job.generation} formed", None
 
     def _launch(self, now: float) -> None:
-        self.group.launch(self.cfg.train.steps)
+        self.group.launch(self.cfg.train.steps, skip=self.job.skipped)
         self.state, self._progress_t = Running(), now
 
     def _running(self, st: Running, now: float) -> Step:
@@ -213,6 +213,9 @@ class Controller:
         if failed is not None:
             return failed, self.progress()
         finished = poll.finished
+        if any(r.nonfinite for r in finished.values()) and not self.group.busy():
+            self._absorb(self.group.poll())  # the last steps' reports
+            return self._nonfinite_stop(now), self.progress()
         last = max((r.step for r in finished.values()), default=0)
         if finished and not self.group.busy() and not any(r.stopped for r in finished.values()) \
                 and last >= self.cfg.train.steps:
@@ -252,9 +255,10 @@ class Controller:
         return f"pausing ({reason})"
 
     def _pausing(self, st: Pausing, now: float) -> Step:
-        _, failed = self._poll_training(now)
+        poll, failed = self._poll_training(now)
         if failed is not None:
             return failed, self.progress()
+        st.nonfinite |= any(r.nonfinite for r in poll.finished.values())
         if self.preempt_signal is not None and st.reason != "preempt":
             st.reason = "preempt"  # a notice during a grow pause: checkpoint first
             self.group.request_stop(StopMode.CHECKPOINT)
@@ -266,6 +270,8 @@ class Controller:
         if st.reason == "preempt":
             return self._end(Phase.INTERRUPTED, f"stopped at step {self.steps.last_step} on "
                                                 f"{self.preempt_signal}"), self.progress()
+        if st.nonfinite:  # the group stopped on non-finite steps before the pause took effect
+            return self._nonfinite_stop(now), self.progress()
         if self.steps.last_step >= self.cfg.train.steps:
             self.state = Finalizing()
             return "finished while pausing", self.progress()
@@ -309,6 +315,70 @@ class Controller:
             return 0
         cap = self.capacity(exclude=self.incidents.isolation.isolated)
         return self.group.spawn(min(want, cap), exclude=self.incidents.isolation.isolated) if cap else 0
+
+    # ---- non-finite steps (failure.nonfinite) ---------------------------------------------
+    def _nonfinite_seen(self, step: int) -> None:
+        """Step `step` was found non-finite and skipped on every rank."""
+        job, fc = self.job, self.cfg.failure
+        job.skipped.add(step)
+        if job.nonfinite_run and job.nonfinite_run[-1] != step - 1:
+            job.nonfinite_run = []
+        job.nonfinite_run.append(step)
+        streak = len(job.nonfinite_run)
+        action = {"skip": "skip", "stop": "stop"}.get(fc.nonfinite) or (
+            "rollback" if streak >= fc.nonfinite_limit else "skip")
+        self.bus.emit(Event.NONFINITE_STEP, step=step, generation=job.generation,
+                      streak=streak, action=action)
+        if action == "skip":
+            logger.warning("step %d: non-finite loss or gradient norm: no rank applied it "
+                           "(%d in a row; failure.nonfinite=%s%s)", step, streak, fc.nonfinite,
+                           f", rolls back at {fc.nonfinite_limit}" if fc.nonfinite == "rollback"
+                           else "")
+
+    def _nonfinite_stop(self, now: float) -> str:
+        """The workers stopped on non-finite steps (failure.nonfinite: stop, or rollback with
+        failure.nonfinite_limit reached): end the job, or restore the last committed checkpoint
+        (init without one) with the same members and replay, skipping every non-finite step."""
+        job, fc = self.job, self.cfg.failure
+        run = list(job.nonfinite_run) or [self.steps.last_step]
+        span = f"step {run[0]}" if len(run) == 1 else f"steps {run[0]}-{run[-1]}"
+        latest = self.committer.latest_step() if self.committer is not None else None
+        if fc.nonfinite == "stop":
+            kept = (f"the last committed checkpoint is step {latest}" if latest is not None
+                    else "no checkpoint was committed")
+            return self._end(Phase.FAILED, (
+                f"{span}: non-finite loss or gradient norm (failure.nonfinite=stop): the step "
+                f"was not applied and {kept}; set failure.nonfinite=skip or rollback to train "
+                "past it"))
+        job.nonfinite_run = []
+        ranks = self.group.ranks()
+        failures = [WorkerFailure(r, FailureKind.NONFINITE, self.group.pid(r),
+                                  f"{len(run)} non-finite steps in a row ({span})")
+                    for r in ranks]
+        job.incidents += 1
+        self.incidents.report(failures)
+        if job.incidents > fc.max_failures:
+            return self._end(Phase.FAILED, (
+                f"cannot recover: failure budget spent: {job.incidents} failures > "
+                f"failure.max_failures={fc.max_failures} ({span} non-finite)"))
+        job.rollbacks += 1
+        checkpoint = self.committer.resolve_resume() if self.committer is not None else None
+        plan = fp.Plan(PlanAction.REFORM, "", world_size=job.world_size,
+                       ranks={r: r for r in ranks})
+        if checkpoint is not None:
+            plan.source, plan.resumed_step = SourceKind.CHECKPOINT, checkpoint.step
+            plan.reason = f"rolling back to checkpoint step {checkpoint.step}"
+        else:
+            plan.reason = "rolling back to step 0 (no committed checkpoint)"
+        plan.reason += f"; {span} will be skipped when replayed"
+        logger.warning("%s: non-finite loss or gradient norm %d times in a row "
+                       "(failure.nonfinite_limit=%d): %s (failure %d of failure.max_failures=%d)",
+                       span, len(run), fc.nonfinite_limit, plan.reason, job.incidents,
+                       fc.max_failures)
+        rec = Recovering(now, job.world_size, step_before=self.steps.last_step)
+        self.group.assign(plan.ranks, [])
+        self._enter_forming(plan, "rollback", rec, checkpoint)
+        return plan.reason
 
     # ---- failures and recovery ------------------------------------------------------------
     def _failure(self, failures: List[WorkerFailure], now: float, during: str = "training",
@@ -395,6 +465,10 @@ class Controller:
                 if done is None:
                     continue
                 self.job.streak = 0
+                if done.nonfinite:
+                    self._nonfinite_seen(done.step)
+                elif not rep.skipped:
+                    self.job.nonfinite_run = []
                 if done.recovered is not None:
                     self._recovered(done.recovered)
             for save in hb.saves:

@@ -90,6 +90,7 @@ class Running:
 class Pausing:
     phase = Phase.PAUSING
     reason: str  # grow | preempt
+    nonfinite: bool = False  # a member's train call stopped on non-finite steps meanwhile
 
 
 @dataclass
@@ -116,3 +117,6 @@ class JobRecord:
     recoveries: List[Dict[str, Any]] = field(default_factory=list)
     resume: Optional[Any] = None  # the checkpoint this run started from (CheckpointInfo)
     digest: Optional[str] = None
+    skipped: Set[int] = field(default_factory=set)  # steps found non-finite: never applied
+    nonfinite_run: List[int] = field(default_factory=list)  # the latest ones in a row
+    rollbacks: int = 0  # failure.nonfinite=rollback restores so far

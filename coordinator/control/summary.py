@@ -31,6 +31,8 @@ def job_summary(cfg: Config, job: JobRecord, steps: StepAccounting, committer,
         "checkpoints_committed": len(committer.committed) if committer else 0,
         "checkpoints_failed": len(committer.failed) if committer else 0,
         "isolated_nodes": list(isolated),
+        "nonfinite_steps": sorted(job.skipped),  # skipped on every rank (failure.nonfinite)
+        "rollbacks": job.rollbacks,
         "steps_per_s": steps.steady_steps_per_s(),
         "wall_s": round(wall_s, 3),
         "step_s": round(steps.step_time_s, 3),  # time in steps (the slowest rank's, summed)

@@ -78,6 +78,8 @@ class WorkerSpec:
     checkpoint_interval: int = 0  # 0 = no periodic saves
     checkpoint_async: bool = True
     checkpoint_final: bool = False  # save at the last step (so a longer rerun can continue)
+    nonfinite: str = "rollback"  # failure.nonfinite: skip | rollback | stop
+    nonfinite_limit: int = 3  # failure.nonfinite_limit
 
 
 class WorkerError(RuntimeError):
@@ -112,6 +114,17 @@ class _StopVote:
             self._work.wait()
 
 
+class _ChaosTask:
+    """The user's task with its loss routed through the worker (the `nonfinite` chaos action);
+    everything else is the task's own."""
+
+    def __init__(self, task, loss):
+        self._task, self.loss = task, loss
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+
 @ray.remote(concurrency_groups=CONCURRENCY_GROUPS, max_restarts=0, max_task_retries=0)
 class TrainWorker:
     def __init__(self, spec: WorkerSpec):
@@ -133,6 +146,7 @@ class TrainWorker:
         self._broken = False  # the current group failed: nothing more may run on it
         self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
         self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
+        self._poison = False  # chaos: this rank's next loss is made NaN
 
     def _pick_device(self) -> torch.device:
         if not self.spec.use_gpu:
@@ -178,6 +192,8 @@ class TrainWorker:
             os.kill(os.getpid(), signal.SIGSTOP)
         elif action == "kill_during_checkpoint":
             self._kill_in_checkpoint = True
+        elif action == "nonfinite":
+            self._poison = True  # read by the loss of the next step (see _poisoned_loss)
         elif action == "storage_outage":
             # The fault point reaches the saves from here on: the current saver's next file and
             # every later saver's (see _wrap). Runs without chaos never get one.
@@ -342,18 +358,41 @@ class TrainWorker:
             dist.destroy_process_group()
         gc.collect()
 
+    def _poisoned_loss(self, model, batch):
+        """The task's loss, made NaN once after a `nonfinite` chaos action: a real NaN that goes
+        through the real backward and gradient all-reduce, as a bad batch's would."""
+        loss = self.task.loss(model, batch)
+        if self._poison:
+            self._poison = False
+            loss = loss * float("nan")
+        return loss
+
     @ray.method(concurrency_group="train")
-    def train(self, until_step: int) -> TrainResult:
-        """Run steps until `until_step`, or until a stop request all ranks agree on."""
+    def train(self, until_step: int, skip: Tuple[int, ...] = ()) -> TrainResult:
+        """Run steps until `until_step`, or until a stop request all ranks agree on. `skip`:
+        steps skipped before (non-finite), skipped again. A step found non-finite now is skipped
+        on every rank alike (see train.step); failure.nonfinite says when that stops the call:
+        stop at the first, rollback after failure.nonfinite_limit in a row, skip never. Every
+        rank sees the same verdict at the same step, so they all stop at the same one."""
         assert self.state is not None and self.rank is not None, "join_group first"
         st, spec = self.state, self.spec
+        st.task = _ChaosTask(self.task, self._poisoned_loss)
         vote = _StopVote(self._ctl_group)
         error: Optional[str] = None
+        known, skipped = frozenset(skip), set(skip)
+        limit = {"stop": 1, "rollback": spec.nonfinite_limit}.get(spec.nonfinite)
+        streak, poisoned = 0, False
 
         def after_step(step: int, weighted_loss: float, t: float, duration: float) -> bool:
-            nonlocal error
-            # The optimizer has stepped: the step is done, whatever happens to the stop vote.
-            self._reports.append(StepReport(step, weighted_loss, t, duration))
+            nonlocal error, streak, poisoned
+            live = step in skipped and step not in known
+            # The optimizer has stepped (or skipped): the step is done, whatever the vote does.
+            self._reports.append(StepReport(step, weighted_loss, t, duration,
+                                            skipped=step in skipped, nonfinite=live))
+            streak = streak + 1 if live else 0
+            if limit is not None and streak >= limit:
+                poisoned = True
+                return True  # the vote in flight is finished below, on every rank alike
             try:
                 decided, save = vote.cast(self._stop, self._save_request,
                                           again=step < until_step)
@@ -365,7 +404,7 @@ class TrainWorker:
         try:
             run_steps(st, seed=spec.seed, global_batch_size=spec.global_batch_size,
                       world_size=self.world_size, rank=self.rank, device=self.device,
-                      until_step=until_step, after_step=after_step)
+                      until_step=until_step, after_step=after_step, skip=skipped)
         except StepError as e:  # a peer died or hung: gloo/nccl raise inside the step
             error = f"rank {self.rank} step {e.step}: {short_error(e.cause)}"
         if error is None:
@@ -383,10 +422,10 @@ class TrainWorker:
             raise WorkerError(error)
         if self.saver is not None:
             if spec.checkpoint_final and st.step == spec.total_steps \
-                    and self.saver.last_step != st.step:
+                    and self.saver.last_step != st.step and not poisoned:
                 self._checkpoint()
             self.saver.wait()  # every save of this call is reported before it returns
-        return TrainResult(st.step, st.step < until_step)
+        return TrainResult(st.step, st.step < until_step, nonfinite=poisoned)
 
     def _after_vote(self, step: int, decided: int, save: int) -> bool:
         """Act on the vote agreed after the previous step, now that step `step` is done: stop

@@ -230,8 +230,9 @@ class RayWorkerGroup:
             self.store.set(f"gen{self._form_generation}/abort", "1")
             self._form_aborted = True
 
-    def launch(self, until_step: int) -> None:
-        self._train_refs = {r: a.train.remote(until_step) for r, a in self.actors.items()}
+    def launch(self, until_step: int, skip: Iterable[int] = ()) -> None:
+        skip = tuple(sorted(skip))
+        self._train_refs = {r: a.train.remote(until_step, skip) for r, a in self.actors.items()}
         now = time.monotonic()
         self._last_heard = {r: now for r in self.actors}
 

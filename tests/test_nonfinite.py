@@ -4,16 +4,26 @@ NaN is real: a sample whose inputs are NaN (MLPRegression's `nan_samples`) or a 
 NaN inside the real backward, through the real gloo all-reduce."""
 
 import math
+import os
 
 import pytest
 import torch
 
+from conftest import NO_CHAOS, ROOT, run_cli
+from coordinator.checkpoint import manifest as mf
+from coordinator.checkpoint.committer import Committer
+from coordinator.checkpoint.saver import CheckpointSaver
+from coordinator.events import EventLog, read_events
+from test_checkpoint import world1  # noqa: F401 (a fixture: one gloo rank)
+from conftest import run_events, run_summary
 from dist_harness import run_world
 from train import data as data_lib
 from train.loop import run_steps
-from train.state import build_state, full_model_state, weights_digest
+from train.state import build_state, checkpoint_state, full_model_state, weights_digest
 from train.step import train_step
 from train.task import make_task
+
+CONFIG = os.path.join(ROOT, "configs", "local_cpu.yaml")
 
 CPU = torch.device("cpu")
 MLP = "train.tasks.mlp:MLPRegression"
@@ -90,6 +100,38 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped():
     assert out.applied and _digest(st) != before
 
 
+@pytest.mark.unit
+def test_a_state_with_a_non_finite_value_is_never_committed(world1, tmp_path):  # noqa: F811
+    """An update can be finite and still overflow the weights: a loss of ~1e14 (finite, as are
+    its gradients and their norm) with lr 1e25 moves the weights by ~1e39, beyond float32, in one real step.
+    That state is written, reported failed by the rank that holds it, and not committed; a
+    later finite state commits."""
+    uri = str(tmp_path / "ckpt")
+    log = EventLog(str(tmp_path / "events.jsonl"))
+    committer = Committer(uri, {}, 3, True, "hash0", log)
+    good = _state()
+    _run(good, 1)
+    bad = _state(lr=1e25)
+    plain = bad.task.loss
+    bad.task.loss = lambda model, batch: plain(model, batch) * 1e15
+    losses = _run(bad, 1)
+    assert math.isfinite(losses[0]) and not all(torch.isfinite(p).all()
+                                                for p in bad.model.parameters())
+    for st in (bad, good):
+        saver = CheckpointSaver(uri, {}, True, 0, world1)
+        st.step = 1 if st is bad else 2
+        saver.save(st.step, checkpoint_state(st, 0))
+        saver.close()
+        for rep in saver.reports:
+            committer.on_save(rep)
+    assert committer.failed == [1] and committer.committed == [2]
+    (failed,) = [e for e in read_events(log.path) if e["event"] == "checkpoint_failed"]
+    assert failed["step"] == 1 and "non-finite values (model." in failed["reason"]
+    # retention removed the uncommitted step 1 once step 2 committed
+    assert [(c.step, c.status) for c in mf.list_checkpoints(uri, {}, verify=True)] == [
+        (2, "committed")]
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
@@ -107,3 +149,70 @@ def test_one_ranks_nan_batch_makes_every_rank_skip(parallelism):
         assert torch.equal(ref[k], state[k]), k
     for k, v in state.items():
         assert torch.isfinite(v).all(), k
+
+
+def _cli(run_dir, *overrides):
+    return run_cli(["run", CONFIG, NO_CHAOS, "ray.simulated_nodes=0", "scaling.min_workers=2",
+                    "scaling.max_workers=2", "train.global_batch_size=12",
+                    f"run.dir={run_dir}", *overrides])
+
+
+def _verify_clean(run_dir):
+    proc = run_cli(["inspect", str(run_dir / "checkpoints"), "--verify"])
+    assert proc.returncode == 0 and " 0 corrupt" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(400)
+def test_a_poisoned_gradient_rolls_back_and_replays_bit_identically(tmp_path):
+    """Chaos makes rank 1's loss NaN inside a step (so its gradient, and through the all-reduce
+    everyone's); with failure.nonfinite_limit=1 the job rolls back to the last committed
+    checkpoint and replays skipping that step. The final weights equal plain DDP told to skip it,
+    and every committed checkpoint verifies clean."""
+    run_dir = tmp_path / "run"
+    proc = _cli(run_dir, "train.steps=24", "checkpoint.interval_steps=5",
+                "failure.nonfinite_limit=1",
+                "chaos.events=[{at_step: 8, action: nonfinite, target: 1}]")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = run_summary(run_dir)
+    assert s["status"] == "finished" and s["steps"] == 24 and s["rollbacks"] == 1
+    (k,) = s["nonfinite_steps"]
+    assert k > 8 and s["recoveries"] == 1 and s["world_sizes"] == [2, 2]
+    events = run_events(run_dir)
+    (nf,) = [e for e in events if e["event"] == "nonfinite_step"]
+    assert nf["step"] == k and nf["action"] == "rollback"
+    formed = [e for e in events if e["event"] == "group_formed"][-1]
+    assert formed["source"] == "checkpoint" and formed["step"] < k
+    assert "non-finite loss or gradient norm" in proc.stdout and "Traceback" not in proc.stdout
+    state, _ = run_world(2, "ddp", steps=24, gbs=12, skip=[k])
+    assert weights_digest(state) == s["weights_digest"]
+    _verify_clean(run_dir)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(400)
+def test_fsdp_skips_a_nan_batch_and_stop_mode_ends_the_job(tmp_path):
+    """FSDP2, 2 workers: sample 19 (step 2, rank 1's slice) is NaN. failure.nonfinite=skip trains
+    on and ends equal to plain FSDP2 told to skip step 2; failure.nonfinite=stop ends the job at
+    step 2 with exit 3 and the reason, committing nothing poisoned."""
+    task = ["train.task=train.tasks.mlp:MLPRegression", "train.task_args={nan_samples: [19]}",
+            "train.parallelism=fsdp", "train.steps=8", "checkpoint.interval_steps=4"]
+    run_dir = tmp_path / "skip"
+    proc = _cli(run_dir, *task, "failure.nonfinite=skip")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = run_summary(run_dir)
+    assert s["status"] == "finished" and s["nonfinite_steps"] == [2] and s["rollbacks"] == 0
+    assert math.isfinite(s["final_loss"])
+    state, _ = run_world(2, "fsdp", steps=8, gbs=12, task=MLP, skip=[2])
+    assert weights_digest(state) == s["weights_digest"]
+    _verify_clean(run_dir)
+
+    run_dir = tmp_path / "stop"
+    proc = _cli(run_dir, *task, "failure.nonfinite=stop")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    s = run_summary(run_dir)
+    assert s["status"] == "failed" and s["steps"] == 2
+    assert s["error"].startswith("step 2: non-finite loss or gradient norm "
+                                 "(failure.nonfinite=stop)")
+    assert s["error"] in proc.stdout and "Traceback" not in proc.stdout
+    assert s["checkpoints_committed"] == 0

@@ -171,3 +171,23 @@ def apply_loaded(state: TrainState, sd: Dict[str, object], rank: int) -> None:
         state.scheduler.load_state_dict(_tensor_json(sd["extra"]["scheduler"]))
     if _rng_key(rank) in sd:
         torch.set_rng_state(sd[_rng_key(rank)])
+
+
+def first_nonfinite(sd: Any, prefix: str = "") -> Optional[str]:
+    """The key path of the first floating-point tensor in the (nested) state dict `sd` holding a
+    NaN or an infinity, or None. A DTensor is checked on this rank's shard only."""
+    if isinstance(sd, dict):
+        items = sd.items()
+    elif isinstance(sd, (list, tuple)):
+        items = enumerate(sd)
+    else:
+        if isinstance(sd, torch.Tensor) and sd.is_floating_point():
+            local = sd.to_local() if hasattr(sd, "to_local") else sd
+            if not bool(torch.isfinite(local).all()):
+                return prefix or "<tensor>"
+        return None
+    for key, value in items:
+        found = first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None

@@ -34,6 +34,7 @@ from coordinator.checkpoint.manifest import MANIFEST, step_name
 from coordinator.checkpoint.storage import HashingStream, basename, join, options_for
 from coordinator.protocol import SaveReport
 from train.errors import short_error
+from train.state import first_nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +191,9 @@ class CheckpointSaver:
         path = join(self.uri, step_name(step))
         t0 = time.time()
         error = ""
+        # A state holding a NaN or an infinity is written (DCP's collectives need every rank)
+        # but reported failed, so the checkpoint is never committed and never restored.
+        poisoned = first_nonfinite(staged)
         for attempt in range(1, self.retries + 1):
             if self._abandoned or (self.group is not None and not dist.is_initialized()):
                 # The group failed while this save waited to retry. Never retry then: without a
@@ -202,6 +206,9 @@ class CheckpointSaver:
                 writer = self._writer = _Writer(path, self.options, self.thread_count,
                                                 self.fault)
                 dcp.save(staged, storage_writer=writer, process_group=self.group)
+                if poisoned is not None:
+                    error = f"rank {self.rank}'s state holds non-finite values ({poisoned})"
+                    break
                 self.reports.append(SaveReport(step, self.rank, True, dict(writer.fs.records),
                                                stall, waited, time.time() - t0, attempt,
                                                generation=self.generation,
@@ -218,7 +225,7 @@ class CheckpointSaver:
                 if attempt < self.retries:
                     time.sleep(self.backoff_s * 2 ** (attempt - 1))
         self.reports.append(SaveReport(step, self.rank, False, {}, stall, waited,
-                                       time.time() - t0, self.retries, error,
+                                       time.time() - t0, attempt, error,
                                        generation=self.generation, world_size=self.world_size))
 
 

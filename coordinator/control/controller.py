@@ -352,11 +352,13 @@ class Controller:
                 "past it"))
         job.nonfinite_run = []
         ranks = self.group.ranks()
-        failures = [WorkerFailure(r, FailureKind.NONFINITE, self.group.pid(r),
-                                  f"{len(run)} non-finite steps in a row ({span})")
-                    for r in ranks]
+        # One failure of the job, not of a worker: every rank saw the same non-finite steps.
+        why = f"{len(run)} non-finite step{'s' if len(run) > 1 else ''} in a row ({span})"
+        job.failures.append(WorkerFailure(-1, FailureKind.NONFINITE, None, why))
         job.incidents += 1
-        self.incidents.report(failures)
+        self.bus.emit(Event.FAILURE_DETECTED, kind=FailureKind.NONFINITE, ranks=ranks,
+                      pids=[self.group.pid(r) for r in ranks], generation=job.generation,
+                      step=self.steps.last_step, error=why, last_step_t=self.steps.last_step_t)
         if job.incidents > fc.max_failures:
             return self._end(Phase.FAILED, (
                 f"cannot recover: failure budget spent: {job.incidents} failures > "
@@ -371,10 +373,9 @@ class Controller:
         else:
             plan.reason = "rolling back to step 0 (no committed checkpoint)"
         plan.reason += f"; {span} will be skipped when replayed"
-        logger.warning("%s: non-finite loss or gradient norm %d times in a row "
-                       "(failure.nonfinite_limit=%d): %s (failure %d of failure.max_failures=%d)",
-                       span, len(run), fc.nonfinite_limit, plan.reason, job.incidents,
-                       fc.max_failures)
+        logger.warning("%s: non-finite loss or gradient norm, %s (failure.nonfinite_limit=%d): "
+                       "%s (failure %d of failure.max_failures=%d)", span, why.split(" (")[0],
+                       fc.nonfinite_limit, plan.reason, job.incidents, fc.max_failures)
         rec = Recovering(now, job.world_size, step_before=self.steps.last_step)
         self.group.assign(plan.ranks, [])
         self._enter_forming(plan, "rollback", rec, checkpoint)

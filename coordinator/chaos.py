@@ -61,6 +61,7 @@ class ClusterHooks:
     add_node: Callable[[], None] = lambda: None
     preempt: Callable[[], None] = lambda: None  # signal the driver as a scheduler would
     storage_outage: Callable[[float], None] = lambda seconds: None  # the driver's own writes
+    freeze_node: Callable[[str, float], bool] = lambda node_id, seconds: False  # a simulated node
 
 
 class ChaosInjector:
@@ -95,6 +96,11 @@ class ChaosInjector:
             node = self.group.node_of(rank)
             if not self.hooks.remove_node(node):
                 logger.warning("chaos: node %s is not a simulated node of this run: not removed",
+                               node)
+        elif ev.action == "freeze_node":
+            node = self.group.node_of(rank)
+            if not self.hooks.freeze_node(node, float(ev.seconds or 15.0)):
+                logger.warning("chaos: node %s is not a simulated node of this run: not frozen",
                                node)
         elif ev.action == "add_node":
             for _ in range(int(ev.target or 1)):

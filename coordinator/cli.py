@@ -65,11 +65,11 @@ def check_runnable(cfg: Config) -> None:
     if why:
         source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
         raise ConfigError(f"{source}={address!r}: {why}; start the cluster or fix the address")
-    node_actions = {"kill_node", "add_node"}
+    node_actions = {"kill_node", "add_node", "freeze_node"}
     wanted = cfg.chaos.actions()
     if wanted & node_actions and (address or not cfg.ray.simulated_nodes):
-        raise ConfigError(f"chaos {'/'.join(sorted(wanted & node_actions))} removes or adds "
-                          "simulated nodes: it needs an embedded cluster with "
+        raise ConfigError(f"chaos {'/'.join(sorted(wanted & node_actions))} removes, freezes or "
+                          "adds simulated nodes: it needs an embedded cluster with "
                           "ray.simulated_nodes > 0 (and no ray.address / RAY_ADDRESS)")
     for i, ev in enumerate(cfg.chaos.events):
         if isinstance(ev.target, int) and ev.action in RANK_ACTIONS \

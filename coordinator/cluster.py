@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 from typing import Dict, Iterable, List, Optional
 
 import ray
@@ -50,6 +52,7 @@ class Cluster:
         self.embedded = self.address is None
         self._sim = None  # ray.cluster_utils.Cluster when simulating nodes
         self.sim_nodes: List = []
+        self._frozen: Dict[str, List[int]] = {}  # node id -> pids stopped by freeze_node_of
 
     def cpus_per_node(self) -> float:
         """Logical CPUs per simulated node: as configured, or enough for max_workers spread over
@@ -151,8 +154,66 @@ class Cluster:
                 return True
         return False
 
+    def freeze_node_of(self, node_id: str, seconds: float) -> bool:
+        """Freeze the simulated node with this Ray node id for `seconds`: SIGSTOP its raylet and
+        every process under it (its workers among them), as a kernel stall or a network cut
+        looks from outside: nothing answers, nothing dies. Then SIGCONT them. Returns False when
+        it is not a simulated node of this process."""
+        node = next((n for n in self.sim_nodes if n.node_id == node_id), None)
+        if node is None:
+            return False
+        roots = [info.process.pid for infos in node.all_processes.values() for info in infos
+                 if info.process is not None]
+        pids = _with_descendants(roots)
+        _signal_all(pids, signal.SIGSTOP)
+        self._frozen[node_id] = pids
+        timer = threading.Timer(seconds, self._thaw, args=(node_id,))
+        timer.daemon = True
+        timer.start()
+        logger.info("simulated node %s frozen for %gs (%d processes stopped)", node_id[:8],
+                    seconds, len(pids))
+        return True
+
+    def _thaw(self, node_id: str) -> None:
+        pids = self._frozen.pop(node_id, None)
+        if pids:
+            _signal_all(pids, signal.SIGCONT)
+            logger.info("simulated node %s thawed", node_id[:8])
+
     def shutdown(self) -> None:
+        for node_id in list(self._frozen):  # never leave a stopped process behind
+            self._thaw(node_id)
         ray.shutdown()
         if self._sim is not None:
             self._sim.shutdown()
             self._sim = None
+
+
+def _with_descendants(roots: List[int]) -> List[int]:
+    """`roots` and every process below them (from /proc: Linux)."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ')'
+        children.setdefault(ppid, []).append(int(entry))
+    seen, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.append(pid)
+            todo.extend(children.get(pid, []))
+    return seen
+
+
+def _signal_all(pids: List[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

@@ -39,9 +39,10 @@ _TASK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 PARALLELISMS = ("ddp", "fsdp")
 CHAOS_ACTIONS = (
     "kill_worker", "hang_worker", "kill_node", "add_node",
-    "kill_during_checkpoint", "preempt", "storage_outage", "nonfinite",
+    "kill_during_checkpoint", "preempt", "storage_outage", "nonfinite", "freeze_node",
 )
-RANK_ACTIONS = ("kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint", "nonfinite")
+RANK_ACTIONS = ("kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint", "nonfinite",
+                "freeze_node")
 NONFINITE_MODES = ("skip", "rollback", "stop")
 
 
@@ -208,9 +209,11 @@ class ChaosEvent:
     at_step: int = 0  # inject when the job reaches this step
     action: str = "kill_worker"  # one of CHAOS_ACTIONS
     # kill_worker, hang_worker, kill_during_checkpoint: the rank; nonfinite: the rank whose loss
-    # (and so gradient) is made NaN in its next step; kill_node: the rank whose node is removed; add_node: how many nodes (default 1); storage_outage: seconds (default 10);
-    # preempt: unused
+    # (and so gradient) is made NaN in its next step; kill_node: the rank whose node is removed;
+    # freeze_node: the rank whose node is frozen (every process SIGSTOPped); add_node: how many
+    # nodes (default 1); storage_outage: seconds (default 10); preempt: unused
     target: Any = None
+    seconds: Optional[float] = None  # freeze_node: how long the node stays frozen (default 15)
 
 
 @dataclass
@@ -236,6 +239,11 @@ class ChaosConfig:
             _check(ev.action in CHAOS_ACTIONS, f"chaos.events[{i}].action", ev.action,
                    f"must be one of {', '.join(CHAOS_ACTIONS)}")
             _check(ev.at_step >= 0, f"chaos.events[{i}].at_step", ev.at_step, "must be >= 0")
+            if ev.seconds is not None:
+                _check(ev.action == "freeze_node" and isinstance(ev.seconds, (int, float))
+                       and not isinstance(ev.seconds, bool) and ev.seconds > 0,
+                       f"chaos.events[{i}].seconds", ev.seconds,
+                       "is for freeze_node only, and must be a number > 0")
             if ev.action in RANK_ACTIONS:
                 _check(isinstance(ev.target, int) and not isinstance(ev.target, bool)
                        and ev.target >= 0, f"chaos.events[{i}].target", ev.target,

@@ -81,7 +81,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
         hooks = ClusterHooks(remove_node=cluster.remove_node_of,
                              add_node=cluster.add_node_if_simulated,
                              preempt=lambda: os.kill(os.getpid(), signal.SIGUSR1),
-                             storage_outage=outage.start if outage else lambda s: None)
+                             storage_outage=outage.start if outage else lambda s: None,
+                             freeze_node=cluster.freeze_node_of)
         controller = Controller(cfg, group, bus, cluster.capacity, committer)
         standard_observers(cfg, bus, group, controller.steps.warmup_steps, hooks,
                            JobMetrics(cfg.job.name))

@@ -104,7 +104,7 @@ def test_file_errors(tmp_path):
     (["run", "configs/local_cpu.yaml", "ray.address=127.0.0.1:1"],
      "ray.address='127.0.0.1:1': nothing answers at 127.0.0.1:1"),
     (["run", "configs/local_cpu.yaml", "ray.simulated_nodes=0"],
-     "chaos add_node/kill_node removes or adds simulated nodes"),
+     "chaos add_node/kill_node removes, freezes or adds simulated nodes"),
     (["run", "configs/local_cpu.yaml", "chaos.events=[{at_step: 1, action: kill_worker, "
       "target: 7}]"], "chaos.events[0].target=7: no such rank with scaling.max_workers=4"),
     (["run"], "error: the following arguments are required: config"),

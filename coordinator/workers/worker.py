@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from coordinator.checkpoint.faults import StorageOutage
+from coordinator.checkpoint.fence import GenerationFence
 from coordinator.checkpoint.restore import broadcast_full_state
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
@@ -147,6 +148,7 @@ class TrainWorker:
         self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
         self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
         self._poison = False  # chaos: this rank's next loss is made NaN
+        self._fence: Optional[GenerationFence] = None  # this generation's (see checkpoint/fence)
 
     def _pick_device(self) -> torch.device:
         if not self.spec.use_gpu:
@@ -202,7 +204,7 @@ class TrainWorker:
             self._outage.start(float(arg or 10.0))
             saver = self.saver
             if saver is not None:
-                saver.set_fault(self._outage.check)
+                saver.set_fault(self._fault_point())
         else:
             raise ValueError(f"unknown chaos action {action!r}")
 
@@ -270,6 +272,7 @@ class TrainWorker:
             if backend != "gloo" else None
         self._broken = False
         self.generation, self.rank, self.world_size = generation, rank, world_size
+        self._fence = GenerationFence(store_host, store_port, generation)
         return ckpt_group
 
     def _restore(self, source: Source, held: Optional[FullState], ckpt_group) -> float:
@@ -317,9 +320,21 @@ class TrainWorker:
                 self.spec.checkpoint_uri, self.spec.checkpoint_options,
                 self.spec.checkpoint_async, rank, ckpt_group, split_replicated=ddp,
                 generation=self.generation, reports=self._save_reports,
-                fault=self._outage.check if self._outage is not None else None)
+                fault=self._fault_point())
             # A restored step is on storage already: the final save does not repeat it.
             self.saver.last_step = st.step if source.kind == "checkpoint" else None
+
+    def _fault_point(self):
+        """What every checkpoint write checks first: the generation fence, then (chaos only) an
+        injected storage outage."""
+        fence, outage = self._fence, self._outage
+
+        def check() -> None:
+            if fence is not None:
+                fence.check()
+            if outage is not None:
+                outage.check()
+        return check
 
     def _arrive(self, store, prefix: str, world_size: int) -> None:
         """Wait until every member of the generation has arrived, or the controller aborts the

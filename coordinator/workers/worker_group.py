@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from coordinator.checkpoint.fence import KEY as FENCE_KEY
 from coordinator.protocol import (
     FailureKind,
     GroupError,
@@ -46,6 +47,9 @@ class _Newcomer:
     node_id: str
     since: float
     info: Optional[WorkerInfo] = None
+
+
+UNRESPONSIVE_S = 5.0  # a node that has not run a task sent to it for this long is shunned
 
 
 class RayWorkerGroup:
@@ -74,6 +78,10 @@ class RayWorkerGroup:
         self._form_aborted = False
         self._digest_refs: Dict[int, ray.ObjectRef] = {}  # final digests in flight
         self._digest: Optional[str] = None
+        # node id -> (the reap task sent there, when): a node that has not run it within
+        # UNRESPONSIVE_S is frozen or cut off, and gets no new workers until it does
+        self._reaps: Dict[str, Tuple[ray.ObjectRef, float]] = {}
+        self._shunned: Set[str] = set()
         self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
         self.last_restore_s = 0.0  # see WorkerGroup
 
@@ -90,7 +98,7 @@ class RayWorkerGroup:
     def spawn(self, n: int, exclude: Iterable[str] = ()) -> int:
         """Start up to `n` new workers on nodes with room (spread: the node with the fewest of our
         workers first), without waiting for them. Returns how many were placed."""
-        slots = self.free_slots(exclude)
+        slots = self.free_slots(list(exclude) + self.unresponsive_nodes())
         ours: Dict[str, int] = {}
         for info in self.infos.values():
             ours[info.node_id] = ours.get(info.node_id, 0) + 1
@@ -174,6 +182,8 @@ class RayWorkerGroup:
         """Every member starts joining generation `generation`, taking its state from `source`;
         `poll_form` follows the joins."""
         world = len(self.actors)
+        # Workers of older generations stop writing checkpoints from now on (checkpoint/fence).
+        self.store.set(FENCE_KEY, str(generation))
         self._form_refs = {r: a.join_group.remote(generation, r, world, self.store_host,
                                                   self.store_port, source)
                            for r, a in self.actors.items()}
@@ -327,8 +337,31 @@ class RayWorkerGroup:
         self._kill(self.actors[rank])
         info = self.infos.get(rank)
         if info is not None:
-            reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ref = reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                 info.node_id, soft=False)).remote(info.pid)
+            if info.node_id not in self._reaps:
+                self._reaps[info.node_id] = (ref, time.monotonic())
+
+    def unresponsive_nodes(self) -> List[str]:
+        """Nodes that have not run the reap task sent to them for UNRESPONSIVE_S: frozen or cut
+        off (Ray may still call them alive: its health checks take longer, and a stopped raylet's
+        port still accepts connections). Such a node gets no new workers until the task runs
+        (it thawed: the task kills the stale worker first) or Ray declares the node dead."""
+        now = time.monotonic()
+        for node, (ref, sent) in list(self._reaps.items()):
+            done, _ = ray.wait([ref], timeout=0)
+            if done or not node_reachable(node, timeout_s=0.2):
+                del self._reaps[node]
+                if node in self._shunned:
+                    self._shunned.discard(node)
+                    logger.info("node %s answers again (or is gone): it may take workers",
+                                node[:8])
+            elif now - sent > UNRESPONSIVE_S and node not in self._shunned:
+                self._shunned.add(node)
+                logger.warning("node %s has not run a task sent to it for %.0fs: frozen or cut "
+                               "off; no workers are placed on it until it answers", node[:8],
+                               now - sent)
+        return sorted(self._shunned)
 
     def begin_digest(self) -> None:
         self._digest_refs = {r: a.final_digest.remote() for r, a in self.actors.items()}

@@ -113,7 +113,8 @@ def test_hang_rule_needs_a_peer_that_answers():
 def test_settle_grace_is_short_only_for_fsdp():
     from coordinator.control.failure_policy import FSDP_SETTLE_S, settle_grace_s
 
-    assert settle_grace_s("ddp", 10.0) == 10.0
+    assert settle_grace_s("ddp", 10.0) == 10.0 and settle_grace_s("ddp", 3.0) == 10.0
+    assert settle_grace_s("ddp", 30.0) == 30.0
     assert settle_grace_s("fsdp", 10.0) == FSDP_SETTLE_S
     assert settle_grace_s("fsdp", 1.0) == 1.0
 

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 from coordinator.protocol import FailureKind, PlanAction, SourceKind, WorkerFailure
 
 FSDP_SETTLE_S = 2.0  # how long FSDP2 survivors get to leave a failed group (see settle_grace_s)
+DDP_SETTLE_MIN_S = 10.0  # the least DDP survivors get (see settle_grace_s)
 
 
 @dataclass
@@ -169,10 +170,15 @@ def all_frozen(silent_s: Dict[int, float], stalled_s: float, limit_s: float) -> 
 
 def settle_grace_s(parallelism: str, hang_timeout_s: float) -> float:
     """How long survivors get to leave their failed collective before they count as stuck.
-    Under FSDP2 a survivor's shards are discarded anyway (the group restores a checkpoint), and
-    gloo can keep an FSDP2 survivor waiting on queued collectives of its peers until they exit:
-    give it FSDP_SETTLE_S at most."""
-    return min(hang_timeout_s, FSDP_SETTLE_S) if parallelism == "fsdp" else hang_timeout_s
+    A DDP survivor leaves as soon as the lost peer's process is gone, and a hung peer on another
+    node is killed by a task that node must start first (seconds on a loaded node): give it at
+    least DDP_SETTLE_MIN_S, as killing it would throw its replica away. Under FSDP2 a survivor's
+    shards are discarded anyway (the group restores a checkpoint), and gloo can keep an FSDP2
+    survivor waiting on queued collectives of its peers until they exit: give it FSDP_SETTLE_S
+    at most."""
+    if parallelism == "fsdp":
+        return min(hang_timeout_s, FSDP_SETTLE_S)
+    return max(hang_timeout_s, DDP_SETTLE_MIN_S)
 
 
 def by_kind(failures: List[WorkerFailure]) -> Dict[FailureKind, List[WorkerFailure]]:

@@ -7,16 +7,16 @@ import socket
 import ray
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def reap(pid: int) -> bool:
-    """SIGKILL a worker process from its own node (the node's raylet runs this task)."""
+def kill_ray_process(pid: int) -> bool:
+    """SIGKILL a worker process of this machine. False when it is gone already, or when the pid
+    now belongs to another program (it was reused): that one is left alone."""
     import os
     import signal
 
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if b"ray" not in f.read():
-                return False  # the pid was reused by another program: leave it alone
+                return False
     except OSError:
         pass  # no /proc (not Linux): trust the pid
     try:
@@ -24,6 +24,12 @@ def reap(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def reap(pid: int) -> bool:
+    """SIGKILL a worker process from its own node (the node's raylet runs this task)."""
+    return kill_ray_process(pid)
 
 
 def node_reachable(node_id: str, timeout_s: float = 1.0) -> bool:

@@ -34,7 +34,7 @@ from coordinator.protocol import (
     WorkerInfo,
 )
 from coordinator.workers.worker import TrainWorker, WorkerError, WorkerSpec
-from coordinator.workers.nodes import node_reachable, reap
+from coordinator.workers.nodes import kill_ray_process, node_reachable, reap
 from train.errors import first_sentence, last_line
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class RayWorkerGroup:
         # UNRESPONSIVE_S is frozen or cut off, and gets no new workers until it does
         self._reaps: Dict[str, Tuple[ray.ObjectRef, float]] = {}
         self._shunned: Set[str] = set()
+        self._node_id = ray.get_runtime_context().get_node_id()  # the driver's Ray node
         self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
         self.last_restore_s = 0.0  # see WorkerGroup
 
@@ -336,6 +337,8 @@ class RayWorkerGroup:
         SIGKILL is also sent by a small task placed on the worker's node."""
         self._kill(self.actors[rank])
         info = self.infos.get(rank)
+        if info is not None and info.node_id == self._node_id:
+            kill_ray_process(info.pid)  # on the driver's own node: at once, not via a task
         if info is not None:
             ref = reap.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                 info.node_id, soft=False)).remote(info.pid)

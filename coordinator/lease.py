@@ -331,6 +331,14 @@ class Leases:
         except LeaseError as e:
             logger.warning("lease: cannot check (%s)", e)
 
+    def ours(self, key: str) -> bool:
+        """Whether the lease `key` is still ours (read now; see `check`)."""
+        try:
+            self.check(key)
+            return True
+        except LeaseLost:
+            return False
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -354,11 +354,12 @@ class Leases:
 
 
 def leases_for(run_dir: str, checkpoint_uri: str, storage_options: Dict, job: str,
-               **kwargs) -> Leases:
-    """The (not yet acquired) leases of a run directory and its checkpoint location."""
+               renew_s: float = RENEW_S, **kwargs) -> Leases:
+    """The (not yet acquired) leases of a run directory and its checkpoint location; `kwargs`
+    go to each `Lease` (stale_s, ...)."""
     me = Holder.me(job, os.path.abspath(run_dir))
     return Leases([
         Lease(LocalStore(os.path.abspath(run_dir)), "run.dir", run_dir, me, **kwargs),
         Lease(store_for(checkpoint_uri, storage_options), "checkpoint.uri", checkpoint_uri, me,
               **kwargs),
-    ])
+    ], renew_s=renew_s)

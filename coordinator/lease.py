@@ -144,6 +144,8 @@ class Lease:
         self.token: Any = None  # what we last wrote; None: not held
         self.lost_to: Optional[Holder] = None
         self.renewed_t = 0.0  # time.time() of our last successful write
+        # renewals (their thread), checks (the driver's) and the release take turns
+        self._lock = threading.RLock()
 
     def _io(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -219,8 +221,12 @@ class Lease:
     def renew(self) -> bool:
         """Write a fresh `renewed`. False when another job holds the lease now (`lost_to`).
         Raises LeaseError when the storage failed (the lease may still be ours)."""
-        if self.lost_to is not None:
-            return False
+        with self._lock:
+            if self.token is None:  # released (or lost): nothing to renew, nothing to re-create
+                return self.lost_to is None
+            return self._renew()
+
+    def _renew(self) -> bool:
         self.me = replace(self.me, renewed=time.time())
         mine = self.me.to_bytes()
         token = self._io("renew", lambda: self.store.replace(mine, self.token))
@@ -230,7 +236,7 @@ class Lease:
             if got is None:  # gone (a wiped bucket, a removed file) and taken by no one
                 token = self._io("re-create", lambda: self.store.create(mine))
                 if token is None:
-                    return self.renew()  # someone created it meanwhile: judge that
+                    return self._renew()  # someone created it meanwhile: judge that
                 logger.warning("lease: %s %s had vanished; written again", self.key, self.where)
             elif holder is not None and holder.nonce == self.me.nonce:
                 token = got[1]  # ours after all (our write landed, its answer did not)
@@ -244,13 +250,14 @@ class Lease:
 
     def check(self) -> None:
         """Raise LeaseLost unless the stored lease is still ours (read now, not remembered)."""
-        if self.lost_to is None:
-            got = self._io("read", self.store.read)
-            holder = Holder.parse(got[0]) if got else None
-            if holder is not None and holder.nonce != self.me.nonce:
-                self.lost_to, self.token = holder, None
-        if self.lost_to is not None:
-            raise LeaseLost(self.lost_message())
+        with self._lock:
+            if self.lost_to is None:
+                got = self._io("read", self.store.read)
+                holder = Holder.parse(got[0]) if got else None
+                if holder is not None and holder.nonce != self.me.nonce:
+                    self.lost_to, self.token = holder, None
+            if self.lost_to is not None:
+                raise LeaseLost(self.lost_message())
 
     def lost_message(self) -> str:
         return (f"{self.key} {self.where} was taken over by {self.lost_to.describe()}; "
@@ -258,13 +265,15 @@ class Lease:
 
     def release(self) -> None:
         """Delete the lease if it is still ours; never raises."""
-        token, self.token = self.token, None
-        if token is None:
-            return
-        try:
-            self._io("delete", lambda: self.store.delete(token))
-        except LeaseError as e:
-            logger.warning("lease: not released (%s); it goes stale in %.0fs", e, self.stale_s)
+        with self._lock:
+            token, self.token = self.token, None
+            if token is None:
+                return
+            try:
+                self._io("delete", lambda: self.store.delete(token))
+            except LeaseError as e:
+                logger.warning("lease: not released (%s); it goes stale in %.0fs", e,
+                               self.stale_s)
 
 
 # ---- the job's leases and their renewal thread ---------------------------------------------

@@ -1,5 +1,6 @@
-"""`python -m coordinator <verb>`: the command line. Exit codes: 0 done, 2 bad config or usage
-(before any cluster starts), 3 the job failed, 130 interrupted."""
+"""`python -m coordinator <verb>`: the command line. Exit codes: 0 done, 2 bad config or usage,
+or run.dir / checkpoint.uri in use by another job (before any cluster starts), 3 the job failed
+(or another job took its lease over), 130 interrupted."""
 
 from __future__ import annotations
 
@@ -107,12 +108,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        from coordinator.lease import LeaseError, leases_for
         from coordinator.progress import ProgressReporter
-        from coordinator.runner import run_job
 
         reporter = ProgressReporter(interval_s=cfg.run.log_interval_s)
-        _setup_logging(reporter)
-        return run_job(cfg, reporter)
+        _setup_logging(reporter)  # before the lease: a takeover is logged
+        # Before anything is written to run.dir: a second job on it is refused untouched.
+        leases = leases_for(cfg.run.dir, cfg.checkpoint.uri, cfg.checkpoint.storage_options,
+                            cfg.job.name)
+        try:
+            leases.acquire()
+        except LeaseError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:  # while a requeue waits for its previous run's lease
+            return 130
+        from coordinator.runner import run_job
+
+        with leases:
+            return run_job(cfg, reporter, leases)
     if args.verb == "inspect":
         from coordinator.inspect_cmd import run_inspect
 

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from datetime import timedelta
+from typing import Optional
 
 from coordinator.cluster import Cluster
 from coordinator.config import Config
@@ -17,6 +18,7 @@ from coordinator.control.summary import STATUS
 from coordinator.events import Event, EventLog, write_json_atomic
 from coordinator.goodput import accounting
 from coordinator.goodput.report import model_check
+from coordinator.lease import LeaseLost, Leases
 from coordinator.progress import ProgressReporter
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,9 @@ POLL_INTERVAL_S = 0.5  # how often RUNNING polls worker heartbeats
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 3, 130
 
 
-def run_job(cfg: Config, reporter: ProgressReporter) -> int:
+def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = None) -> int:
+    """`leases`: the run's (acquired, see coordinator/lease.py); the job stops, exit 3, when one
+    is taken over, and then writes nothing more into a run directory that is no longer its own."""
     run_dir = cfg.run.dir
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -74,7 +78,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
         outage = StorageOutage() if "storage_outage" in cfg.chaos.actions() else None
         committer = Committer(cfg.checkpoint.uri, cfg.checkpoint.storage_options,
                               cfg.checkpoint.keep, cfg.checkpoint.verify_on_load,
-                              cfg.config_hash(), bus, fault=outage.check if outage else None)
+                              cfg.config_hash(), bus, fault=outage.check if outage else None,
+                              guard=(lambda: leases.check("checkpoint.uri")) if leases else None)
         group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, store, cluster.driver_ip(),
                                cluster.free_slots, start_timeout_s=cfg.failure.wait_for_workers_s,
                                hang_timeout_s=cfg.failure.hang_timeout_s)
@@ -88,6 +93,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
                            JobMetrics(cfg.job.name))
         restore_signals = _install_preemption_handlers(controller, reporter)
         while not controller.done:
+            if leases is not None and leases.lost is not None:
+                raise LeaseLost(leases.lost.lost_message())
             tr = controller.step()
             if tr.progress is not None:
                 reporter.update(tr.progress)
@@ -98,6 +105,8 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
                     # capacity is asked of Ray's state API: once a second is enough
                     time.sleep(1.0 if tr.note == "waiting for capacity" else 0.05)
         status = STATUS.get(controller.phase, "failed")
+    except LeaseLost as e:  # another job took over: stop at once (no emergency checkpoint)
+        error = str(e)
     except KeyboardInterrupt:
         status = "interrupted"
         reporter.message("interrupted: stopping workers")
@@ -115,6 +124,11 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
         cluster.shutdown()
         reporter.close_line()
 
+    if leases is not None and not leases.ours("run.dir"):  # read now: it may be another job's
+        events.close()
+        reporter.message(f"error: {leases.lease('run.dir').lost_message()} "
+                         "(no summary.json written)")
+        return EXIT_FAILED
     summary = controller.summary() if controller else {"job": cfg.job.name, "steps": 0}
     summary["status"] = status
     if error:

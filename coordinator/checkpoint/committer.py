@@ -31,16 +31,20 @@ def log_resume(info: mf.CheckpointInfo, total_steps: int) -> None:
 
 class Committer:
     def __init__(self, uri: str, storage_options: Dict, keep: int, verify_on_load: bool,
-                 config_hash: str, events, fault: Optional[Callable[[], None]] = None):
+                 config_hash: str, events, fault: Optional[Callable[[], None]] = None,
+                 guard: Optional[Callable[[], None]] = None):
         """`events`: the job's Bus (or an EventLog): commits are announced there. `fault`: a
         fault point for the manifest writes (chaos only: a `checkpoint.faults.StorageOutage`'s
-        `check`)."""
+        `check`). `guard`: called before each manifest write and each retention pass; raises
+        (`coordinator.lease.LeaseLost`) when another job has taken the location over, so this
+        one never commits or deletes under it."""
         self.uri = absolute_uri(uri)
         self.options = dict(storage_options)
         self.keep, self.verify_on_load = keep, verify_on_load
         self.config_hash = config_hash
         self.events = events
         self.fault = fault
+        self.guard = guard
         self.protected: set = set()  # steps that must not be deleted (the one restored from)
         # (generation, step) -> rank -> report: a save commits once every rank of the generation
         # that wrote it reported; a generation that ends first leaves its save uncommitted.
@@ -93,6 +97,8 @@ class Committer:
             ranks = sorted(bad)
             return self._failed(rep.step, f"ranks {ranks} could not persist: {bad[ranks[0]]}",
                                 stall_s=max(r.stall_s for r in reports.values()))
+        if self.guard is not None:
+            self.guard()
         files: Dict[str, Dict] = {}
         for r in reports.values():
             files.update(r.files)
@@ -130,6 +136,8 @@ class Committer:
 
     def retain(self) -> None:
         """Keep the newest `keep` committed checkpoints; a failed delete is logged, not fatal."""
+        if self.guard is not None:
+            self.guard()
         try:
             infos = mf.list_checkpoints(self.uri, self.options)
         except Exception as e:

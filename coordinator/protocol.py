@@ -106,6 +106,7 @@ class SaveReport:
     error: str = ""
     generation: int = 0  # the process-group generation that wrote it
     world_size: int = 1  # ranks writing this checkpoint (all must report before a commit)
+    detail: str = ""  # a failure's traceback, for the run directory's log (not the terminal)
 
 
 @dataclass

@@ -67,13 +67,15 @@ def run_job(cfg: Config, reporter: ProgressReporter) -> int:
             # auto: the controller asks for each checkpoint (checkpoint/interval.py)
             checkpoint_interval=0 if auto else int(cfg.checkpoint.interval_steps or 0),
             checkpoint_async=cfg.checkpoint.async_,
+            checkpoint_persist_timeout_s=cfg.checkpoint.persist_timeout_s,
             checkpoint_final=bool(cfg.checkpoint.interval_steps))
         bus = Bus(events)
         # chaos only: the driver's manifest writes fail during an injected storage outage
         outage = StorageOutage() if "storage_outage" in cfg.chaos.actions() else None
         committer = Committer(cfg.checkpoint.uri, cfg.checkpoint.storage_options,
                               cfg.checkpoint.keep, cfg.checkpoint.verify_on_load,
-                              cfg.config_hash(), bus, fault=outage.check if outage else None)
+                              cfg.config_hash(), bus, fault=outage.check if outage else None,
+                              log_path=os.path.join(run_dir, "logs", "checkpoint-errors.log"))
         group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, store, cluster.driver_ip(),
                                cluster.free_slots, start_timeout_s=cfg.failure.wait_for_workers_s,
                                hang_timeout_s=cfg.failure.hang_timeout_s)

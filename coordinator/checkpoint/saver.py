@@ -47,13 +47,32 @@ logger = logging.getLogger(__name__)
 
 
 class _Discard(io.RawIOBase):
-    """Where the rest of a failed save's files go: nowhere (see _HashingFileSystem)."""
+    """Where the rest of a failed save's files go: nowhere (see _HashingFileSystem). It keeps a
+    position, as torch's zip writer tells and seeks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pos = self._end = 0
 
     def writable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
     def write(self, data) -> int:
-        return memoryview(data).nbytes
+        n = memoryview(data).nbytes
+        self._pos += n
+        self._end = max(self._end, self._pos)
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._end}[whence]
+        self._pos = base + offset
+        return self._pos
 
 
 class _HashingFileSystem(FileSystem):
@@ -88,7 +107,10 @@ class _HashingFileSystem(FileSystem):
                 yield stream
             return
         if self.collecting and self.error is not None:
-            yield _Discard()
+            try:
+                yield _Discard()
+            except Exception:  # the save has failed already: nothing more to say
+                pass
             return
         self.touched.append(str(path))
         try:

@@ -143,8 +143,17 @@ class CheckpointConfig:
     # passed to fsspec, e.g. {client_kwargs: {endpoint_url: ...}}
     storage_options: Dict[str, Any] = field(default_factory=dict)
     verify_on_load: bool = True  # recheck sha256 of every file before restoring
+    # Seconds a save in flight may go without storage answering any of its writes, on every
+    # rank, before it is given up (checkpoint_failed: "storage did not answer within N s") and
+    # later saves go on without it. A frozen endpoint can hold a write forever (aiohttp has no
+    # send timeout). 60 s is well above one healthy request (s3fs sends parts of 5-50 MiB;
+    # botocore waits 5 s to connect and 20 s for an answer) yet a small share of an interval
+    # between checkpoints; a save due meanwhile waits at most this long for its predecessor.
+    persist_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        _check(self.persist_timeout_s > 0, "checkpoint.persist_timeout_s",
+               self.persist_timeout_s, "must be > 0 (seconds)")
         iv = self.interval_steps
         ok = iv == "auto" or (isinstance(iv, int) and not isinstance(iv, bool) and iv >= 0)
         _check(ok, "checkpoint.interval_steps", iv, "must be an integer >= 0 or 'auto'")

@@ -48,6 +48,7 @@ class Event(str, Enum):
     CHECKPOINT_FAILED = "checkpoint_failed"
     CHECKPOINT_SKIPPED = "checkpoint_skipped"
     NONFINITE_STEP = "nonfinite_step"
+    CHECKPOINT_RESTORE_FAILED = "checkpoint_restore_failed"
     JOB_END = "job_end"
 
     def __str__(self) -> str:  # f"{kind}" writes the name on the log, not "Event.X"
@@ -122,12 +123,18 @@ SCHEMA: Dict[Event, Spec] = {
         "a save did not commit; stall_s when the ranks got as far as staging",
         ("step", "reason"), ("stall_s",)),
     Event.CHECKPOINT_SKIPPED: Spec(
-        "a newer checkpoint passed over at resume (status: incomplete or corrupt)",
+        "a newer checkpoint passed over at resume (status: incomplete, corrupt, or unusable: it "
+        "failed to restore)",
         ("step", "status", "reason")),
     Event.NONFINITE_STEP: Spec(
         "a step's loss or gradient norm was non-finite on some rank: no rank applied it; "
         "streak: such steps in a row; action: what the job does (skip, rollback or stop)",
         ("step", "generation", "streak", "action")),
+    Event.CHECKPOINT_RESTORE_FAILED: Spec(
+        "restoring a checkpoint failed on storage (step null: the storage could not be listed); "
+        "attempt: this step's failed restores so far; action: retry (the same step again) or "
+        "fall back (to the committed checkpoint before it)",
+        ("step", "reason", "attempt", "action")),
     Event.JOB_END: Spec(
         "the command ends (status: finished, failed or interrupted)",
         ("status", "step", "last_step_t")),

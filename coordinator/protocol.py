@@ -24,6 +24,9 @@ class FailureKind(str, enum.Enum):
     HANG = "hang"  # no heartbeat for failure.hang_timeout_s while its peers answered
     PREEMPT = "preempt"  # the scheduler's notice (SIGTERM, SIGUSR1) to the driver
     COLLECTIVE_ERROR = "collective_error"  # a collective failed: usually a peer was lost
+    # reading the checkpoint being restored failed (storage: a read error, a vanished shard):
+    # retried, then the previous committed checkpoint is restored instead
+    RESTORE_ERROR = "restore_error"
     TASK_ERROR = "task_error"  # the user's code raised: not retried
     NONFINITE = "nonfinite"  # failure.nonfinite_limit non-finite steps in a row: a rollback
 
@@ -109,6 +112,7 @@ class SaveReport:
     error: str = ""
     generation: int = 0  # the process-group generation that wrote it
     world_size: int = 1  # ranks writing this checkpoint (all must report before a commit)
+    detail: str = ""  # a failure's traceback, for the run directory's log (not the terminal)
 
 
 @dataclass

@@ -71,6 +71,7 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
             # auto: the controller asks for each checkpoint (checkpoint/interval.py)
             checkpoint_interval=0 if auto else int(cfg.checkpoint.interval_steps or 0),
             checkpoint_async=cfg.checkpoint.async_,
+            checkpoint_persist_timeout_s=cfg.checkpoint.persist_timeout_s,
             checkpoint_final=bool(cfg.checkpoint.interval_steps),
             nonfinite=cfg.failure.nonfinite, nonfinite_limit=cfg.failure.nonfinite_limit)
         bus = Bus(events)
@@ -79,7 +80,8 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
         committer = Committer(cfg.checkpoint.uri, cfg.checkpoint.storage_options,
                               cfg.checkpoint.keep, cfg.checkpoint.verify_on_load,
                               cfg.config_hash(), bus, fault=outage.check if outage else None,
-                              guard=(lambda: leases.check("checkpoint.uri")) if leases else None)
+                              guard=(lambda: leases.check("checkpoint.uri")) if leases else None,
+                              log_path=os.path.join(run_dir, "logs", "checkpoint-errors.log"))
         group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, store, cluster.driver_ip(),
                                cluster.free_slots, start_timeout_s=cfg.failure.wait_for_workers_s,
                                hang_timeout_s=cfg.failure.hang_timeout_s)

@@ -75,3 +75,37 @@ def cli_process(args, cwd=ROOT, pythonpath=()):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _as_root(cmd):
+    """`cmd` with root rights: as is when the tests run as root (as .ci/run does in its
+    container), through `sudo -n` when that works; None when neither does."""
+    if os.geteuid() == 0:
+        return cmd
+    if subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        return ["sudo", "-n", *cmd]
+    return None
+
+
+@contextlib.contextmanager
+def tmpfs(path, size):
+    """A real tmpfs of `size` (mount's syntax: "4m") at `path`, unmounted on the way out (lazily
+    if a process still holds a file there). Skips the test where nothing may mount."""
+    os.makedirs(path, exist_ok=True)
+    cmd = _as_root(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)])
+    done = subprocess.run(cmd, capture_output=True, text=True) if cmd else None
+    if done is None or done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root or passwordless sudo): "
+                    f"{done.stderr.strip() if done else 'not root'}")
+    try:
+        yield path
+    finally:
+        remount(path, "rw", check=False)
+        if subprocess.run(_as_root(["umount", str(path)]), capture_output=True).returncode:
+            subprocess.run(_as_root(["umount", "-l", str(path)]), capture_output=True)
+
+
+def remount(path, mode, check=True):
+    """Remount a tmpfs made by `tmpfs` read-only ("ro") or writable again ("rw")."""
+    subprocess.run(_as_root(["mount", "-o", f"remount,{mode}", str(path)]), check=check,
+                   capture_output=True)

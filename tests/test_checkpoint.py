@@ -203,7 +203,7 @@ def test_failed_persist_is_reported_and_never_committed(world1, tmp_path):
     saver.close()
     (rep,) = saver.reports
     assert not rep.ok and rep.attempts == 2
-    assert rep.error.startswith("rank 0: FileExistsError"), rep.error
+    assert rep.error.startswith("FileExistsError: [Errno 17] File exists"), rep.error
     c.on_save(rep)
     (failed,) = events_of(str(tmp_path / "events.jsonl"), "checkpoint_failed")
     assert failed["step"] == 10 and "could not persist" in failed["reason"]

@@ -45,8 +45,17 @@ class MotoS3:
         req = urllib.request.Request(f"{self.url}/{BUCKET}", method="PUT")
         urllib.request.urlopen(req, timeout=10)
 
+    def freeze(self):
+        """SIGSTOP the server: it stops answering without refusing (the kernel still accepts
+        connections and buffers requests), as a hung endpoint does."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self):
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def kill(self):
         if self.proc is not None and self.proc.poll() is None:
+            self.thaw()  # a stopped process would take the SIGKILL only once continued anyway
             self.proc.kill()
             self.proc.wait(timeout=10)
 
@@ -145,3 +154,77 @@ def test_s3_outage_training_goes_on_and_later_saves_commit(s3, tmp_path):
     assert not committed & failed_steps
     inspect = run_cli(["inspect", f"s3://{BUCKET}/outage", "--verify"], env=s3.env)
     assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+
+
+@pytest.mark.timeout(180)
+def test_a_frozen_endpoint_is_given_up_within_the_bound_and_saves_resume(s3, tmp_path,
+                                                                         monkeypatch):
+    """One process (a world of 1 on gloo), the real moto server frozen by SIGSTOP while a save
+    uploads: the save is given up after checkpoint.persist_timeout_s without an answer, a save
+    due meanwhile waits at most that long, and once the server answers again saves commit."""
+    import torch
+    import torch.distributed as dist
+
+    from coordinator.checkpoint import manifest as mf
+    from coordinator.checkpoint.committer import Committer
+    from coordinator.checkpoint.saver import CheckpointSaver
+    from coordinator.events import EventLog, events_of
+    from train.state import build_state, checkpoint_state
+    from train.task import make_task
+
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    uri, opts, timeout = f"s3://{BUCKET}/frozen", {"default_block_size": 5 * 2**20}, 2.0
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        st = build_state(make_task("train.tasks.mlp:MLPRegression", {"hidden": 1024}), "ddp",
+                         torch.device("cpu"), 0, 10)
+        events = str(tmp_path / "events.jsonl")
+        c = Committer(uri, opts, 3, True, "h", EventLog(events))
+        group = dist.new_group(backend="gloo")
+        saver = CheckpointSaver(uri, opts, True, 0, group, persist_timeout_s=timeout)
+        st.step = 1
+        saver.save(1, checkpoint_state(st, 0))
+        saver.wait()
+        c.on_save(saver.reports[-1])
+        assert c.committed == [1]
+        # Freeze the server once the next save has a file up and more to send.
+        st.step = 2
+        saver.save(2, checkpoint_state(st, 0))
+        deadline = time.monotonic() + 30
+        while saver.files_written < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        s3.freeze()
+        try:
+            t0 = time.monotonic()
+            saver.wait()
+            gave_up_s = time.monotonic() - t0
+            rep = saver.reports[-1]
+            assert rep.step == 2 and not rep.ok, rep
+            assert rep.error.startswith(f"storage did not answer within {timeout:g} s"), rep.error
+            assert gave_up_s < timeout + 3, gave_up_s
+            assert saver.given_up == 1 and saver.group is not group  # a fresh checkpoint group
+            # Still frozen: the next save is given up too, within the bound.
+            st.step = 3
+            t0 = time.monotonic()
+            saver.save(3, checkpoint_state(st, 0))
+            saver.wait()
+            assert time.monotonic() - t0 < timeout + 3 and saver.given_up == 2
+        finally:
+            s3.thaw()
+        for step in (4, 5):
+            st.step = step
+            saver.save(step, checkpoint_state(st, 0))
+            saver.wait()
+        for rep in list(saver.reports)[1:]:
+            c.on_save(rep)
+        saver.close()
+        assert c.committed == [1, 4, 5] and c.failed == [2, 3]
+        failed = events_of(events, "checkpoint_failed")
+        assert all("storage did not answer within 2 s" in e["reason"] for e in failed)
+        committed = [ci.step for ci in mf.list_checkpoints(uri, opts, verify=True)
+                     if ci.status == "committed"]
+        assert committed == [1, 4, 5]
+    finally:
+        dist.destroy_process_group()

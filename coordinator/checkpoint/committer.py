@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+from coordinator.checkpoint import errors
 from coordinator.checkpoint import manifest as mf
 from coordinator.events import Event
 from coordinator.protocol import SaveReport
 
 logger = logging.getLogger(__name__)
+
+
+# Restores of one checkpoint that may fail on storage before it is passed over for the one before
+# (the first may meet a passing read error).
+RESTORE_ATTEMPTS = 2
 
 
 def absolute_uri(uri: str) -> str:
@@ -32,13 +39,16 @@ def log_resume(info: mf.CheckpointInfo, total_steps: int) -> None:
 class Committer:
     def __init__(self, uri: str, storage_options: Dict, keep: int, verify_on_load: bool,
                  config_hash: str, events, fault: Optional[Callable[[], None]] = None,
-                 guard: Optional[Callable[[], None]] = None):
+                 guard: Optional[Callable[[], None]] = None,
+                 log_path: Optional[str] = None):
         """`events`: the job's Bus (or an EventLog): commits are announced there. `fault`: a
         fault point for the manifest writes (chaos only: a `checkpoint.faults.StorageOutage`'s
         `check`). `guard`: called before each manifest write and each retention pass; raises
         (`coordinator.lease.LeaseLost`) when another job has taken the location over, so this
-        one never commits or deletes under it."""
+        one never commits or deletes under it. `log_path`: where failed saves' details (each
+        rank's traceback) are appended; the terminal and the event get one line."""
         self.uri = absolute_uri(uri)
+        self.log_path = log_path
         self.options = dict(storage_options)
         self.keep, self.verify_on_load = keep, verify_on_load
         self.config_hash = config_hash
@@ -52,12 +62,20 @@ class Committer:
         self._ended = -1  # the newest generation ended by end_generation
         self.committed: List[int] = []
         self.failed: List[int] = []
+        self._last_bytes = 0  # the size of the newest checkpoint committed (for a full disk)
+        self.unusable: Dict[int, str] = {}  # steps passed over at resume: they failed to restore
+        self._restore_failures: Dict[int, int] = {}  # step (-1: listing) -> failed restores
 
     # ---- resume ---------------------------------------------------------------------------
     def resolve_resume(self) -> Optional[mf.CheckpointInfo]:
         """The newest committed (and, with verify_on_load, verified) checkpoint, or None. Newer
-        ones passed over are logged with the reason."""
-        chosen, skipped = mf.resolve_latest(self.uri, self.options, self.verify_on_load)
+        ones passed over are logged with the reason. Raises `errors.StorageError` (in words)
+        when the storage cannot be read at all."""
+        try:
+            chosen, skipped = mf.resolve_latest(self.uri, self.options, self.verify_on_load,
+                                                self.unusable)
+        except Exception as e:
+            raise errors.classify(e, self.uri) from e
         for ci in skipped:
             logger.warning("checkpoint step %d at %s not used: %s%s", ci.step, ci.path, ci.reason,
                            f"; falling back to step {chosen.step}" if chosen else "")
@@ -70,10 +88,29 @@ class Committer:
                             chosen.step, chosen.manifest.get("config_hash"), self.config_hash)
         return chosen
 
+    def restore_failed(self, step: Optional[int], reason: str) -> str:
+        """Restoring checkpoint `step` failed on storage (None: its storage could not even be
+        listed). The same step is tried again once (a read error may pass); after
+        RESTORE_ATTEMPTS failures it is passed over, so the next resolve falls back to the one
+        before. Returns what happens next: "retry" or "fall back"; says it with an event."""
+        key = -1 if step is None else step
+        n = self._restore_failures[key] = self._restore_failures.get(key, 0) + 1
+        action = "retry" if n < RESTORE_ATTEMPTS or step is None else "fall back"
+        if action == "fall back":
+            self.unusable[step] = f"could not be restored ({n} tries): {reason}"
+        logger.warning("restoring checkpoint %s failed (%d of %d tries): %s; %s",
+                       f"step {step}" if step is not None else f"from {self.uri}", n,
+                       RESTORE_ATTEMPTS, reason, "trying it again" if action == "retry" else
+                       "falling back to the checkpoint before it")
+        self.events.emit(Event.CHECKPOINT_RESTORE_FAILED, step=step, reason=reason, attempt=n,
+                         action=action)
+        return action
+
     def latest_step(self) -> Optional[int]:
         """The newest checkpoint known committed (this run's commits or the one resumed from),
-        without touching storage; `resolve_resume` reads and verifies it before a restore."""
-        steps = self.committed + sorted(self.protected)
+        without touching storage; `resolve_resume` reads and verifies it before a restore.
+        Steps that failed to restore are not counted."""
+        steps = [s for s in self.committed + sorted(self.protected) if s not in self.unusable]
         return max(steps) if steps else None
 
     # ---- commit ---------------------------------------------------------------------------
@@ -92,10 +129,10 @@ class Committer:
             logger.warning("checkpoint step %d waited %.2fs for the previous save to persist "
                            "(raise checkpoint.interval_steps if this recurs)", rep.step, waited)
             self.events.emit(Event.CHECKPOINT_WAIT, step=rep.step, waited_s=round(waited, 4))
-        bad = {r: x.error for r, x in sorted(reports.items()) if not x.ok}
+        bad = {r: x for r, x in sorted(reports.items()) if not x.ok}
         if bad:
-            ranks = sorted(bad)
-            return self._failed(rep.step, f"ranks {ranks} could not persist: {bad[ranks[0]]}",
+            self._log_details(rep.step, bad)
+            return self._failed(rep.step, _why(bad),
                                 stall_s=max(r.stall_s for r in reports.values()))
         if self.guard is not None:
             self.guard()
@@ -110,6 +147,7 @@ class Committer:
         stall = max(r.stall_s for r in reports.values())
         persist = max(r.persist_s for r in reports.values())
         self.committed.append(rep.step)
+        self._last_bytes = manifest["bytes"]
         self.events.emit(Event.CHECKPOINT_COMMITTED, step=rep.step,
                          uri=f"{self.uri.rstrip('/')}/{mf.step_name(rep.step)}",
                          bytes=manifest["bytes"], stall_s=round(stall, 4),
@@ -130,9 +168,37 @@ class Committer:
 
     def _failed(self, step: int, reason: str, stall_s: Optional[float] = None) -> None:
         self.failed.append(step)
-        logger.error("checkpoint step %d not committed: %s", step, reason)
+        logger.error("checkpoint step %d not committed: %s%s", step, reason, self._hint(reason))
         extra = {} if stall_s is None else {"stall_s": round(stall_s, 4)}
         self.events.emit(Event.CHECKPOINT_FAILED, step=step, reason=reason, **extra)
+
+    def _hint(self, reason: str) -> str:
+        """What a user can do about a full local disk, with the figures."""
+        if "no space left" not in reason:
+            return ""
+        free = errors.local_free_bytes(self.uri)
+        last = self._last_bytes
+        if free is None or not last:
+            return "; free space at checkpoint.uri: the next save tries again"
+        return (f"; {free / 1e6:.1f} MB free at {self.uri}, a checkpoint takes "
+                f"{last / 1e6:.1f} MB (checkpoint.keep={self.keep} are kept): free space or "
+                "lower checkpoint.keep; the next save tries again")
+
+    def _log_details(self, step: int, bad: Dict[int, SaveReport]) -> None:
+        """Each failing rank's traceback, appended to the run directory's log (best effort)."""
+        if not self.log_path:
+            return
+        lines = [f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] checkpoint step {step} not "
+                 f"committed: {_why(bad)}"]
+        for r, x in bad.items():
+            lines.append(f"  rank {r}: {x.error}")
+            lines += [f"    {line}" for line in (x.detail or "").splitlines()]
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+        except OSError as e:  # the run directory's disk may be the full one
+            logger.warning("cannot write %s: %s", self.log_path, e)
 
     def retain(self) -> None:
         """Keep the newest `keep` committed checkpoints; a failed delete is logged, not fatal."""
@@ -151,3 +217,14 @@ class Committer:
                             self.keep)
             except Exception as e:
                 logger.warning("retention: could not delete step %d: %s", step, e)
+
+
+def _why(bad: Dict[int, SaveReport]) -> str:
+    """The causes of a failed save, each said once with its ranks: "no space left on device:
+    /ckpt/step-00000040 (ranks [0, 1] could not persist)"."""
+    by_cause: Dict[str, List[int]] = {}
+    for r, x in sorted(bad.items()):
+        by_cause.setdefault(x.error or "unknown error", []).append(r)
+    return "; ".join(f"{cause} (rank{'s' if len(ranks) > 1 else ''} "
+                     f"{ranks if len(ranks) > 1 else ranks[0]} could not persist)"
+                     for cause, ranks in by_cause.items())

@@ -136,13 +136,20 @@ def list_checkpoints(uri: str, storage_options: Dict[str, Any],
     return [inspect_step(fs, root, uri, s, verify) for s in list_steps(uri, storage_options)]
 
 
-def resolve_latest(uri: str, storage_options: Dict[str, Any],
-                   verify: bool) -> Tuple[Optional[CheckpointInfo], List[CheckpointInfo]]:
+def resolve_latest(uri: str, storage_options: Dict[str, Any], verify: bool,
+                   unusable: Optional[Dict[int, str]] = None,
+                   ) -> Tuple[Optional[CheckpointInfo], List[CheckpointInfo]]:
     """The newest checkpoint that is committed (and, with `verify`, whose checksums match), and
-    the newer ones passed over (with why)."""
+    the newer ones passed over (with why). `unusable`: steps to pass over whatever their status
+    (step -> why: they failed to restore), reported with the status "unusable"."""
     fs, root = filesystem(uri, storage_options)
+    unusable = unusable or {}
     skipped = []
     for step in reversed(list_steps(uri, storage_options)):
+        if step in unusable:
+            skipped.append(CheckpointInfo(step, join(uri, step_name(step)), "unusable",
+                                          unusable[step]))
+            continue
         ci = inspect_step(fs, root, uri, step, verify)
         if ci.status == "committed":
             return ci, skipped

@@ -17,11 +17,16 @@ ranks to agree on it with a collective, and would silently widen the window of l
 from __future__ import annotations
 
 import collections
+import io
 import logging
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import traceback
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,8 +35,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from coordinator.checkpoint import errors
+from coordinator.checkpoint.errors import StorageError, classify
 from coordinator.checkpoint.manifest import MANIFEST, step_name
-from coordinator.checkpoint.storage import HashingStream, basename, join, options_for
+from coordinator.checkpoint.storage import (HashingStream, basename, filesystem, join,
+                                            options_for)
 from coordinator.protocol import SaveReport
 from train.errors import short_error
 from train.state import first_nonfinite
@@ -39,14 +47,59 @@ from train.state import first_nonfinite
 logger = logging.getLogger(__name__)
 
 
-class _HashingFileSystem(FileSystem):
-    """DCP's fsspec filesystem, recording the size and sha256 of every file it writes.
-    `before_write`: a fault point for every write (chaos only)."""
+class _Discard(io.RawIOBase):
+    """Where the rest of a failed save's files go: nowhere (see _HashingFileSystem). It keeps a
+    position, as torch's zip writer tells and seeks."""
 
-    def __init__(self, before_write: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self._pos = self._end = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self._pos += n
+        self._end = max(self._end, self._pos)
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._end}[whence]
+        self._pos = base + offset
+        return self._pos
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's fsspec filesystem, recording the size and sha256 of every file it writes, and every
+    path it opened for writing (`touched`: what a failed save removes).
+
+    While DCP writes the shards (`collecting`), a write error is held (`error`, classified;
+    `detail`, its traceback) instead of raised: DCP's extra writer threads print an exception
+    they meet to stderr and carry on, dropping that file's entries from the checkpoint's metadata
+    (measured: a checkpoint on a full disk "saved" without one shard). `_Writer.write_data`
+    raises the held error on DCP's own thread, so the save fails on every rank alike. After an
+    error the remaining files of the save go to `_Discard`: the save has failed already.
+    `before_write`: a fault point for every write (chaos only); `progress`: called whenever a
+    write returns (the persist's sign of life, see CheckpointSaver)."""
+
+    def __init__(self, before_write: Optional[Callable[[], None]] = None,
+                 progress: Optional[Callable[[], None]] = None) -> None:
         super().__init__()
         self.records: Dict[str, Dict[str, Any]] = {}
+        self.touched: List[str] = []
         self.before_write = before_write
+        self.progress = progress
+        self.collecting = False
+        self.error: Optional[StorageError] = None
+        self.detail = ""
+        self._lock = threading.Lock()
 
     @contextmanager
     def create_stream(self, path, mode):
@@ -54,26 +107,46 @@ class _HashingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with super().create_stream(path, mode) as stream:
-            hashing = HashingStream(stream, self.before_write)
-            yield hashing
+        if self.collecting and self.error is not None:
+            try:
+                yield _Discard()
+            except Exception:  # the save has failed already: nothing more to say
+                pass
+            return
+        self.touched.append(str(path))
+        try:
+            with super().create_stream(path, mode) as stream:
+                hashing = HashingStream(stream, self.before_write, self.progress)
+                yield hashing
+        except Exception as e:
+            if not self.collecting:
+                raise
+            with self._lock:
+                if self.error is None:
+                    self.error = classify(e, str(path).rsplit("/", 1)[0])
+                    self.detail = "".join(traceback.format_exception(e))[-DETAIL_CHARS:]
+            return
         size, digest = hashing.digest()  # recorded once the file is closed
         self.records[basename(str(path))] = {"size": size, "sha256": digest}
+        if self.progress is not None:
+            self.progress()
 
     def rename(self, path, new_path) -> None:
         super().rename(path, new_path)
         old = basename(str(path))
         if old in self.records:
             self.records[basename(str(new_path))] = self.records.pop(old)
+        self.touched.append(str(new_path))
 
 
 class _Writer(FsspecWriter):
     def __init__(self, path: str, options: Dict[str, Any], thread_count: int,
-                 before_write: Optional[Callable[[], None]] = None):
+                 before_write: Optional[Callable[[], None]] = None,
+                 progress: Optional[Callable[[], None]] = None):
         # overwrite: a step re-saved after a resume replaces its old files (uncommitted first).
         super().__init__(path, sync_files=True, thread_count=thread_count, overwrite=True,
                          **options)
-        self.fs = _HashingFileSystem(before_write)
+        self.fs = _HashingFileSystem(before_write, progress)
         self.path = self.fs.init_path(path, **options)
 
     def prepare_global_plan(self, plans):
@@ -84,6 +157,17 @@ class _Writer(FsspecWriter):
         if self.fs.exists(manifest):
             self.fs.rm_file(manifest)
         return super().prepare_global_plan(plans)
+
+    def write_data(self, plan, planner):
+        # Inside DCP's "write" collective: what is raised here reaches every rank.
+        self.fs.collecting = True
+        try:
+            written = super().write_data(plan, planner)
+        finally:
+            self.fs.collecting = False
+        if self.fs.error is not None:
+            raise self.fs.error
+        return written
 
 
 # Replicated tensors at least this large are split across the writers (see _split_replicated).
@@ -110,69 +194,198 @@ def _split_replicated(sd: Any, mesh, world: int, rank: int) -> Any:
     return sd
 
 
+# How long the training thread waits for a save in flight before the ranks compare notes again
+# (see CheckpointSaver._settle): short, so a rank waiting in that all-reduce for a slower peer
+# never nears the collective timeout, however long a healthy save takes.
+SETTLE_ROUND_S = 0.25
+DETAIL_CHARS = 4000  # traceback text a failed save sends to the run directory's log
+# A failed save removes the files it wrote for causes that leave the storage writable (a full
+# disk frees what the partial step took); within this many seconds, then it leaves the rest
+# (uncommitted: no manifest).
+CLEANUP_KINDS = frozenset({errors.DISK_FULL, errors.PERMISSION, errors.OTHER})
+CLEANUP_BUDGET_S = 5.0
+
+
+@dataclass
+class _Persist:
+    """One save, persisted by a thread of its own (a stuck one cannot be stopped, only left)."""
+    seq: int  # saves of this saver so far: the same on every rank of the generation
+    step: int
+    group: Any  # the checkpoint group it writes over
+    stall_s: float
+    waited_s: float
+    t0: float = field(default_factory=time.time)
+    last_progress: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+    reported: bool = False  # its SaveReport is out (from its thread, or from give_up)
+    abandoned: bool = False
+
+    def tick(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
 class CheckpointSaver:
     def __init__(self, uri: str, storage_options: Dict[str, Any], async_: bool, rank: int,
                  group, retries: int = 3, backoff_s: float = 1.0, thread_count: int = 2,
                  split_replicated: bool = False, generation: int = 0,
                  reports: Optional["collections.deque[SaveReport]"] = None,
-                 fault: Optional[Callable[[], None]] = None):
-        """`fault`: a fault point called before every write of every save (chaos only: a
-        `checkpoint.faults.StorageOutage`'s `check`); None, the default, checks nothing."""
+                 fault: Optional[Callable[[], None]] = None, persist_timeout_s: float = 60.0,
+                 agree_group=None, new_group: Optional[Callable[[], Any]] = None):
+        """`group`: the gloo group DCP's collectives run on (None: no process group, one rank).
+        `agree_group`: the group the training thread agrees on a save in flight over (None: the
+        default group); `new_group`: makes a fresh checkpoint group when a stuck save is given up
+        (default: `dist.new_group(backend="gloo")`; every rank calls it at the same point).
+        `persist_timeout_s`: see `_settle`. `fault`: a fault point called before every write of
+        every save (chaos only: a `checkpoint.faults.StorageOutage`'s `check`); None, the
+        default, checks nothing."""
         self.uri, self.rank, self.group, self.async_ = uri, rank, group, async_
         self.generation = generation
         self.world_size = group.size() if group is not None else 1
+        self.storage_options = dict(storage_options or {})
         self.options = options_for(uri, storage_options)
         self.retries, self.backoff_s, self.thread_count = retries, backoff_s, thread_count
+        self.persist_timeout_s = persist_timeout_s
         self.fault = fault
+        self._agree_group = agree_group
+        self._new_group = new_group or (lambda: dist.new_group(backend="gloo"))
         # Finished saves, drained by the worker's heartbeat. The worker may pass its own deque so
         # reports outlive this saver (a group re-forms while a save is being reported).
         self.reports: "collections.deque[SaveReport]" = (
             reports if reports is not None else collections.deque())
+        self._lock = threading.Lock()
         self._writer: Optional[_Writer] = None
-        self._abandoned = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-persist")
-        self._future: Optional[Future] = None
+        self._current: Optional[_Persist] = None
+        self.seq = 0
+        self.given_up = 0  # saves given up for want of an answer from storage
         self._stager = DefaultStager(StagingOptions(
             use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
             use_async_staging=False, use_non_blocking_copy=False))
         self.last_step: Optional[int] = None
-        self._mesh = None
-        if split_replicated:
-            from torch.distributed.device_mesh import DeviceMesh
+        self._split = split_replicated
+        self._mesh = self._make_mesh()
 
-            self._mesh = DeviceMesh.from_group(group, "cpu")
+    def _make_mesh(self):
+        if not self._split or self.group is None:
+            return None
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(self.group, "cpu")
 
     def save(self, step: int, state_dict: Dict[str, Any], started: Optional[float] = None) -> None:
-        """`started`: when the caller began building `state_dict`, so the stall counts it."""
+        """Stage `state_dict` and persist it in the background (or before returning, without
+        async). Call on every rank at the same step. `started`: when the caller began building
+        `state_dict`, so the stall counts it."""
         t0 = time.time()
-        waited = 0.0
-        if self._future is not None and not self._future.done():
-            self._future.result()  # wait policy: see the module docstring
-            waited = time.time() - t0
+        waited = time.time() - t0 if self._settle() else 0.0  # wait policy: module docstring
         staged = self._stager.stage(state_dict)
         if self._mesh is not None:
             staged = _split_replicated(staged, self._mesh, self._mesh.size(), self.rank)
         stall = time.time() - (started if started is not None else t0)
         self.last_step = step
-        if self.async_:
-            self._future = self._executor.submit(self._persist, step, staged, stall, waited)
-        else:
-            self._persist(step, staged, stall, waited)
+        self.seq += 1
+        p = self._current = _Persist(self.seq, step, self.group, stall, waited)
+        threading.Thread(target=self._run, args=(p, staged), name=f"ckpt-persist-{step}",
+                         daemon=True).start()
+        if not self.async_:
+            self._settle()
 
     def wait(self) -> None:
-        if self._future is not None:
-            self._future.result()
+        """Until the save in flight is done or given up (every rank calls it at the same
+        point)."""
+        self._settle()
 
     def close(self) -> None:
-        self.wait()
-        self._executor.shutdown(wait=True)
+        """A clean end of the generation (no collective: peers may have left): wait for the save
+        in flight while storage answers, else leave it, reported failed."""
+        p = self._current
+        while p is not None and not p.done() \
+                and time.monotonic() - p.last_progress <= self.persist_timeout_s:
+            futures_wait([p.future], timeout=SETTLE_ROUND_S)
+        if p is not None and not p.done():
+            self._abandon_reported(p)
+        self._current = None
         self._stager.close()
 
     def abandon(self) -> None:
         """Give up on a save in flight without waiting for it: its group is broken (a peer was
         lost), so it cannot complete; it never reports success, so it is never committed."""
-        self._abandoned = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._current is not None:
+            self._current.abandoned = True
+        self._current = None
+
+    # ---- a save in flight, agreed by every rank --------------------------------------------
+    def flags(self) -> Tuple[int, int]:
+        """This rank's view of its save in flight, for a MAX all-reduce: (its number if one is
+        in flight, else 0; its number if it is in flight and storage answered one of its writes
+        within persist_timeout_s, else 0). Agreed over the ranks: a save is stuck when some rank
+        has it in flight and on none does storage answer."""
+        p = self._current
+        if p is None or p.done():
+            return 0, 0
+        answering = time.monotonic() - p.last_progress <= self.persist_timeout_s
+        return p.seq, p.seq if answering else 0
+
+    def stuck(self, busy: int, answering: int) -> bool:
+        """Whether agreed `flags` (MAX over the ranks) say the save in flight is stuck. The
+        same on every rank: `seq` counts this generation's saves alike everywhere, so a vote
+        about a save that has been replaced since is ignored by all."""
+        return busy != 0 and answering < busy and busy == self.seq
+
+    def give_up(self) -> None:
+        """The ranks agreed that the save in flight is stuck (`stuck`): every rank calls this at
+        the same point. Its thread cannot be stopped; it is left, reported failed (never
+        committed), and later saves use a fresh checkpoint group, since the stuck thread may
+        still enter a collective on the old one when storage answers again."""
+        p = self._current
+        if p is not None and not p.done():
+            self._abandon_reported(p)
+        self._current = None
+        self.given_up += 1
+        if self.group is not None:
+            self.group = self._new_group()
+            self.world_size = self.group.size()
+            self._mesh = self._make_mesh()
+
+    def _abandon_reported(self, p: _Persist) -> None:
+        p.abandoned = True
+        words = (f"storage did not answer within {self.persist_timeout_s:g} s "
+                 "(checkpoint.persist_timeout_s): the save was given up")
+        if self._report(p, SaveReport(p.step, self.rank, False, {}, p.stall_s, p.waited_s,
+                                      time.time() - p.t0, 0, words,
+                                      generation=self.generation, world_size=self.world_size)):
+            logger.info("rank %d: checkpoint step %d given up: %s", self.rank, p.step, words)
+
+    def _settle(self) -> bool:
+        """Wait for the save in flight, with every rank: in rounds of SETTLE_ROUND_S, the ranks
+        agree (one small all-reduce) whether some rank still has it in flight, and whether
+        storage answered any of its writes within persist_timeout_s on some rank. Done
+        everywhere: return. In flight but no answer anywhere: give it up (all ranks at once).
+        Returns whether any rank had a save in flight (so the caller waited)."""
+        waited = False
+        while True:
+            p = self._current
+            if p is not None and not p.done():
+                futures_wait([p.future], timeout=SETTLE_ROUND_S)
+            busy, answering = self.flags()
+            if self.group is not None:
+                agreed = torch.tensor([busy, answering], dtype=torch.int64)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._agree_group)
+                busy, answering = int(agreed[0]), int(agreed[1])
+            if not busy:
+                return waited
+            waited = True
+            if self.stuck(busy, answering):
+                self.give_up()
+                return waited
+
+    # ---- the persist thread ----------------------------------------------------------------
+    @property
+    def files_written(self) -> int:
+        """Files the save in flight has finished writing (for fault injection in tests)."""
+        return len(self._writer.fs.records) if self._writer is not None else 0
 
     def set_fault(self, fault: Optional[Callable[[], None]]) -> None:
         """Install a fault point from another thread (chaos): the save in flight meets it from its
@@ -182,61 +395,106 @@ class CheckpointSaver:
         if writer is not None:
             writer.fs.before_write = fault
 
-    @property
-    def files_written(self) -> int:
-        """Files the save in flight has finished writing (for fault injection in tests)."""
-        return len(self._writer.fs.records) if self._writer is not None else 0
+    def _report(self, p: _Persist, rep: SaveReport) -> bool:
+        """Hand `rep` to the heartbeat, once per save (its thread and give_up may race)."""
+        with self._lock:
+            if p.reported:
+                return False
+            p.reported = True
+            self.reports.append(rep)
+            return True
 
-    def _persist(self, step: int, staged: Dict[str, Any], stall: float, waited: float) -> None:
-        path = join(self.uri, step_name(step))
-        t0 = time.time()
-        error = ""
+    def _run(self, p: _Persist, staged: Dict[str, Any]) -> None:
+        try:
+            self._persist(p, staged)
+        except BaseException as e:  # a bug: report it rather than leave the save pending
+            logger.error("rank %d: checkpoint step %d: %s", self.rank, p.step, short_error(e))
+            self._report(p, SaveReport(p.step, self.rank, False, {}, p.stall_s, p.waited_s,
+                                       time.time() - p.t0, 0, short_error(e), generation=
+                                       self.generation, world_size=self.world_size))
+        finally:
+            p.future.set_result(None)
+
+    def _persist(self, p: _Persist, staged: Dict[str, Any]) -> None:
+        path = join(self.uri, step_name(p.step))
+        touched: List[str] = []
+        error, detail, attempt = errors.StorageError(errors.OTHER, "not attempted"), "", 0
         # A state holding a NaN or an infinity is written (DCP's collectives need every rank)
         # but reported failed, so the checkpoint is never committed and never restored.
         poisoned = first_nonfinite(staged)
         for attempt in range(1, self.retries + 1):
-            if self._abandoned or (self.group is not None and not dist.is_initialized()):
+            if p.abandoned or (p.group is not None and not dist.is_initialized()):
                 # The group failed while this save waited to retry. Never retry then: without a
                 # process group DCP would fall back to a single-process save into the step's
                 # directory, where a later generation may be writing the same step.
                 logger.info("rank %d: checkpoint step %d abandoned (the group failed)",
-                            self.rank, step)
+                            self.rank, p.step)
                 return
+            p.tick()
+            writer = None
             try:
                 writer = self._writer = _Writer(path, self.options, self.thread_count,
-                                                self.fault)
-                dcp.save(staged, storage_writer=writer, process_group=self.group)
+                                                self.fault, p.tick)
+                dcp.save(staged, storage_writer=writer, process_group=p.group)
                 if poisoned is not None:
-                    error = f"rank {self.rank}'s state holds non-finite values ({poisoned})"
-                    break
-                self.reports.append(SaveReport(step, self.rank, True, dict(writer.fs.records),
-                                               stall, waited, time.time() - t0, attempt,
-                                               generation=self.generation,
-                                               world_size=self.world_size))
+                    self._report(p, SaveReport(
+                        p.step, self.rank, False, {}, p.stall_s, p.waited_s, time.time() - p.t0,
+                        attempt, f"rank {self.rank}'s state holds non-finite values ({poisoned})",
+                        generation=self.generation, world_size=self.world_size))
+                    return
+                self._report(p, SaveReport(p.step, self.rank, True, dict(writer.fs.records),
+                                           p.stall_s, p.waited_s, time.time() - p.t0, attempt,
+                                           generation=self.generation,
+                                           world_size=self.world_size))
                 return
             except (Exception, CheckpointException) as e:  # (the latter is a BaseException)
-                if self._abandoned:
-                    logger.info("rank %d: checkpoint step %d abandoned (the group failed)",
-                                self.rank, step)
+                if p.abandoned:
+                    logger.info("rank %d: checkpoint step %d abandoned", self.rank, p.step)
                     return
-                error = _error_text(e)
-                logger.warning("rank %d: checkpoint step %d attempt %d/%d failed: %s",
-                               self.rank, step, attempt, self.retries, error)
-                if attempt < self.retries:
-                    time.sleep(self.backoff_s * 2 ** (attempt - 1))
-        self.reports.append(SaveReport(step, self.rank, False, {}, stall, waited,
-                                       time.time() - t0, attempt, error,
-                                       generation=self.generation, world_size=self.world_size))
+                if writer is not None:
+                    touched += writer.fs.touched
+                error = errors.classify(e, path)
+                detail = (writer.fs.detail if writer is not None and writer.fs.detail
+                          else "".join(traceback.format_exception(e)))[-DETAIL_CHARS:]
+                # The driver says it once for all ranks (checkpoint_failed); the details go to
+                # the run directory's log with the report, not to the terminal.
+                logger.info("rank %d: checkpoint step %d attempt %d/%d failed: %s", self.rank,
+                            p.step, attempt, self.retries, error.words)
+                # Every rank sees the same CheckpointException (DCP gathers the failures), so
+                # every rank takes the same decision here.
+                if not error.retryable or attempt == self.retries:
+                    break
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        self._report(p, SaveReport(p.step, self.rank, False, {}, p.stall_s, p.waited_s,
+                                   time.time() - p.t0, attempt, error.words,
+                                   generation=self.generation, world_size=self.world_size,
+                                   detail=detail))
+        if error.kind in CLEANUP_KINDS and touched:
+            self._remove(p, path, touched)
 
-
-def _error_text(e: BaseException) -> str:
-    """One line: DCP wraps each rank's exception with its traceback; keep rank and reason."""
-    if isinstance(e, CheckpointException) and e.failures:
-        rank, (exc, _) = sorted(e.failures.items())[0]
-        e, prefix = exc, f"rank {rank}: "
-    else:
-        prefix = ""
-    return short_error(f"{prefix}{type(e).__name__}: {e}", limit=400)
+    def _remove(self, p: _Persist, path: str, touched: List[str]) -> None:
+        """Remove the files a failed save wrote (best effort, within CLEANUP_BUDGET_S), and its
+        step directory once empty. Only this save's own files: a step directory may hold
+        another rank's files, or files of an older save of the same step."""
+        deadline = time.monotonic() + CLEANUP_BUDGET_S
+        fs, root = filesystem(path, self.storage_options)
+        left = list(dict.fromkeys(touched))
+        while left and time.monotonic() < deadline and not p.abandoned:
+            name = left.pop(0)
+            try:
+                if fs.exists(name):
+                    fs.rm_file(name)
+            except Exception as e:
+                logger.info("rank %d: could not remove %s: %s", self.rank, name, short_error(e))
+            p.tick()
+        if left:
+            logger.info("rank %d: checkpoint step %d: %d partial files left (uncommitted)",
+                        self.rank, p.step, len(left))
+        try:
+            if not fs.ls(root):
+                fs.rmdir(root)
+        except Exception:  # another rank's files are still there, or it is gone already
+            pass
 
 
 def load_checkpoint(path: str, storage_options: Dict[str, Any], template_fn, group):

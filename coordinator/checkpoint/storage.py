@@ -53,9 +53,11 @@ class HashingStream:
     """A write stream that hashes and counts what passes through it, so the manifest's checksums
     cost no second read of the data."""
 
-    def __init__(self, stream, before_write: Optional[Callable[[], None]] = None):
+    def __init__(self, stream, before_write: Optional[Callable[[], None]] = None,
+                 progress: Optional[Callable[[], None]] = None):
         self._stream = stream
         self._before_write = before_write  # a fault point (chaos only; see checkpoint.faults)
+        self._progress = progress  # called each time a write returns: storage answered
         self._hash = hashlib.sha256()
         self._size = 0
 
@@ -65,7 +67,10 @@ class HashingStream:
         view = memoryview(data).cast("B")
         self._hash.update(view)
         self._size += view.nbytes
-        return self._stream.write(data)
+        written = self._stream.write(data)
+        if self._progress is not None:
+            self._progress()
+        return written
 
     def tell(self) -> int:
         return self._stream.tell()

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from coordinator.events import Event
 from coordinator.checkpoint.committer import log_resume
+from coordinator.checkpoint.errors import StorageError
 from coordinator.config import Config
 from coordinator.control import failure_policy as fp
 from coordinator.control import scaling_policy as sp
@@ -39,6 +40,7 @@ from coordinator.protocol import (
 logger = logging.getLogger(__name__)
 
 Step = Tuple[str, Optional[Progress]]  # what a phase handler returns: (note, progress)
+UNREADABLE_TRIES = 3  # listings of an unreadable checkpoint storage before the job fails
 
 
 class Controller:
@@ -123,8 +125,13 @@ class Controller:
                     "lower scaling.min_workers or scaling.cpus_per_worker, or add nodes"))
             return "waiting for capacity"
         n = decision.world_size
+        if now < st.read_again_at:
+            return "waiting to read the checkpoint storage again"
         st.plan = fp.Plan(PlanAction.REFORM, "initial", world_size=n)
-        self._resume(st.plan)
+        try:
+            self._resume(st.plan)
+        except StorageError as e:
+            return self._unreadable(st, e, now)
         logger.info(decision.reason)
         spares = max(0, min(self.cfg.scaling.spare_workers, cap - n))
         placed = self.group.spawn(n + spares, exclude=exclude)
@@ -147,6 +154,19 @@ class Controller:
             self.steps.resume_at(info.step)
             plan.source, plan.resumed_step = SourceKind.CHECKPOINT, info.step
             log_resume(info, self.cfg.train.steps)
+
+    def _unreadable(self, st, e: StorageError, now: float) -> str:
+        """The checkpoint storage could not be listed (`st`: Starting or Recovering). Neither
+        resuming nor starting over is safe without knowing what is there: try again after
+        1 s, 2 s, ..., and fail the job after UNREADABLE_TRIES."""
+        st.unreadable += 1
+        self.committer.restore_failed(None, e.words)
+        if st.unreadable >= UNREADABLE_TRIES:
+            return self._end(Phase.FAILED, (
+                f"cannot read checkpoint.uri={self.cfg.checkpoint.uri} ({st.unreadable} tries): "
+                f"{e.words}; rerun the same command once it is readable"))
+        st.read_again_at = now + 2.0 ** (st.unreadable - 1)
+        return "checkpoint storage unreadable: trying again"
 
     def _enter_forming(self, plan: fp.Plan, cause: str, rec: Optional[Recovering] = None,
                        checkpoint=None) -> None:
@@ -180,6 +200,9 @@ class Controller:
         if failures is None:
             return f"forming generation {job.generation}", None
         job.world_size = plan.world_size
+        restore = [f for f in failures if f.kind == FailureKind.RESTORE_ERROR]
+        if restore and self.committer is not None:
+            self.committer.restore_failed(plan.resumed_step, restore[0].error)
         if failures:
             logger.warning("generation %d did not form", job.generation)
             return self._failure(failures, now, during="forming", carry=rec), None
@@ -436,7 +459,12 @@ class Controller:
             return "waiting for capacity", None
         checkpoint = None
         if plan.source == SourceKind.CHECKPOINT:
-            checkpoint = self.committer.resolve_resume()  # reads and verifies it
+            if now < rec.read_again_at:
+                return "waiting to read the checkpoint storage again", None
+            try:
+                checkpoint = self.committer.resolve_resume()  # reads and verifies it
+            except StorageError as e:
+                return self._unreadable(rec, e, now), None
             if checkpoint is None:
                 logger.error("no readable committed checkpoint: starting over from step 0")
                 plan.source, plan.resumed_step = SourceKind.INIT, 0

@@ -50,6 +50,8 @@ class Starting:
     world_size: int = 0  # 0 until capacity allowed a size and the workers were placed
     placed_at: float = 0.0
     plan: Optional[Plan] = None
+    unreadable: int = 0  # times the checkpoint storage could not be listed
+    read_again_at: float = 0.0  # when to try listing it again
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Recovering:
     wait_since: Optional[float] = None
     not_before: float = 0.0  # backoff: do not re-form before this time
     progress_t: Optional[float] = None  # when the last step of any survivor completed
+    unreadable: int = 0  # times the checkpoint storage could not be listed in this recovery
+    read_again_at: float = 0.0  # when to try listing it again
 
 
 @dataclass

@@ -26,7 +26,9 @@ from typing import Any, Dict, Optional, Tuple
 import ray
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from coordinator.checkpoint.errors import OTHER, classify
 from coordinator.checkpoint.faults import StorageOutage
 from coordinator.checkpoint.fence import GenerationFence
 from coordinator.checkpoint.restore import broadcast_full_state
@@ -81,33 +83,45 @@ class WorkerSpec:
     checkpoint_final: bool = False  # save at the last step (so a longer rerun can continue)
     nonfinite: str = "rollback"  # failure.nonfinite: skip | rollback | stop
     nonfinite_limit: int = 3  # failure.nonfinite_limit
+    checkpoint_persist_timeout_s: float = 60.0  # see CheckpointConfig.persist_timeout_s
 
 
 class WorkerError(RuntimeError):
     """A failure inside a worker that is not a lost process (bad user task, collective error)."""
 
 
+class RestoreError(WorkerError):
+    """Storage failed while this worker restored a checkpoint (a read error, a shard gone): not
+    the user's code; the driver retries or restores an older checkpoint."""
+
+
 class _StopVote:
     """The stop vote, agreed by all ranks after every step (see the top of this module). The vote
     of step k runs asynchronously during step k+1 and is read after it, so its latency hides
-    behind compute; every rank reads the same result after the same step."""
+    behind compute; every rank reads the same result after the same step. Besides (stop, save)
+    it carries the saver's `flags` (is a save in flight, does storage answer it), so a save
+    stuck on storage that stopped answering is given up at the same step on every rank, whether
+    or not another save is due."""
+
+    SIZE = 4  # stop, save, save in flight, save answered
 
     def __init__(self, group):
         self._group = group  # None: the default (training) group, gloo
-        self._buf = torch.zeros(2, dtype=torch.int64)
+        self._buf = torch.zeros(self.SIZE, dtype=torch.int64)
         self._work = None
 
-    def cast(self, stop: int, save: int, again: bool) -> Tuple[int, int]:
-        """Read the previous step's agreed (stop, save): (NONE, 0) after the first step of a
-        call; then cast this step's vote, unless no step follows (`again` false)."""
-        decided, agreed = StopMode.NONE, 0
+    def cast(self, votes: Tuple[int, ...], again: bool) -> Tuple[int, ...]:
+        """Read the previous step's agreed votes (all 0 after the first step of a call); then
+        cast this step's `votes`, unless no step follows (`again` false)."""
+        agreed: Tuple[int, ...] = (0,) * self.SIZE
         if self._work is not None:
             self._work.wait()
-            decided, agreed = int(self._buf[0]), int(self._buf[1])
-        self._buf[0], self._buf[1] = stop, save
+            agreed = tuple(int(v) for v in self._buf)
+        for i, v in enumerate(votes):
+            self._buf[i] = int(v)
         self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self._group,
                                      async_op=True) if again else None
-        return decided, agreed
+        return agreed
 
     def finish(self) -> None:
         """Wait for a vote still in flight (the loop stopped before reading it)."""
@@ -226,6 +240,7 @@ class TrainWorker:
             return {"step": self.state.step, "restore_s": restore_s}
         except RuntimeError as e:  # a peer was lost while forming: gloo/store errors
             self._broken = True
+            kind = type(e) if isinstance(e, WorkerError) else WorkerError
             error = str(e) if isinstance(e, WorkerError) else (
                 f"rank {rank} joining generation {generation}: {short_error(e)}")
             fatal = None
@@ -240,7 +255,7 @@ class TrainWorker:
         self._teardown()
         if fatal is not None:
             raise fatal
-        raise WorkerError(error)
+        raise kind(error)
 
     def _leave(self, source: Source) -> Optional[FullState]:
         """Leave the current group. Under FSDP2 a survivor first gathers the full state over it
@@ -288,8 +303,11 @@ class TrainWorker:
         st = self.state
         t_restore = time.monotonic()
         if source.kind == "checkpoint":
-            sd = load_checkpoint(source.path, self.spec.checkpoint_options,
-                                 lambda saved: load_template(st, rank, saved), ckpt_group)
+            try:
+                sd = load_checkpoint(source.path, self.spec.checkpoint_options,
+                                     lambda saved: load_template(st, rank, saved), ckpt_group)
+            except (Exception, CheckpointException) as e:  # (the latter is a BaseException)
+                self._restore_failed(source.path, e)
             apply_loaded(st, sd, rank)
         elif source.kind == "peer":
             mine = held if held is not None else (
@@ -305,6 +323,23 @@ class TrainWorker:
             torch.manual_seed(self.spec.seed * 100_003 + 1 + rank + 7_919 * st.step)
         return restore_s
 
+    def _restore_failed(self, path: str, e: BaseException) -> None:
+        """A checkpoint load failed. The state may be half loaded: a DDP worker rebuilds it as
+        at step 0 (so it never passes for a survivor's replica), an FSDP2 one drops it. A gloo
+        error outside DCP is a lost peer (WorkerError); anything else is storage (RestoreError,
+        with the cause in words)."""
+        cause = classify(e, path)
+        if self.spec.parallelism == "ddp":
+            self.state = build_state(self.task, "ddp", self.device, self.spec.seed,
+                                     self.spec.total_steps, wrap_ddp=False)
+        else:
+            self.state = None
+        message = f"rank {self.rank} restoring {path}: {cause.words}"
+        if isinstance(e, RuntimeError) and not isinstance(e, CheckpointException) \
+                and cause.kind == OTHER:
+            raise WorkerError(message) from None
+        raise RestoreError(message) from None
+
     def _wrap(self, source: Source, ckpt_group) -> None:
         """Wrap the restored model for training (DDP), prime it, and open this generation's
         saver."""
@@ -316,11 +351,15 @@ class TrainWorker:
                                      self.spec.global_batch_size, self.world_size, rank)
         parallel.prime(st.model, self.task.loss, {k: v.to(self.device) for k, v in batch.items()})
         if self.spec.checkpoint_uri:
+            timeout = timedelta(seconds=self.spec.collective_timeout_s)
             self.saver = CheckpointSaver(
                 self.spec.checkpoint_uri, self.spec.checkpoint_options,
                 self.spec.checkpoint_async, rank, ckpt_group, split_replicated=ddp,
                 generation=self.generation, reports=self._save_reports,
-                fault=self._fault_point())
+                fault=self._fault_point(),
+                persist_timeout_s=self.spec.checkpoint_persist_timeout_s,
+                agree_group=self._ctl_group,
+                new_group=lambda: dist.new_group(backend="gloo", timeout=timeout))
             # A restored step is on storage already: the final save does not repeat it.
             self.saver.last_step = st.step if source.kind == "checkpoint" else None
 
@@ -408,13 +447,14 @@ class TrainWorker:
             if limit is not None and streak >= limit:
                 poisoned = True
                 return True  # the vote in flight is finished below, on every rank alike
+            saving = self.saver.flags() if self.saver is not None else (0, 0)
             try:
-                decided, save = vote.cast(self._stop, self._save_request,
-                                          again=step < until_step)
-            except RuntimeError as e:
+                decided, save, busy, answering = vote.cast(
+                    (self._stop, self._save_request, *saving), again=step < until_step)
+                return self._after_vote(step, decided, save, busy, answering)
+            except RuntimeError as e:  # the vote or a save's agreement: a peer was lost
                 error = f"rank {self.rank} after step {step}: {short_error(e)}"
                 return True
-            return self._after_vote(step, decided, save)
 
         try:
             run_steps(st, seed=spec.seed, global_batch_size=spec.global_batch_size,
@@ -425,6 +465,11 @@ class TrainWorker:
         if error is None:
             try:  # a vote still in flight when the loop stopped: finish it on every rank
                 vote.finish()
+                if self.saver is not None:
+                    if spec.checkpoint_final and st.step == spec.total_steps \
+                            and self.saver.last_step != st.step and not poisoned:
+                        self._checkpoint()
+                    self.saver.wait()  # every save of this call is reported before it returns
             except RuntimeError as e:
                 error = f"rank {self.rank} after step {st.step}: {short_error(e)}"
         if error is not None:
@@ -435,17 +480,15 @@ class TrainWorker:
             self._broken = True
             self._teardown()
             raise WorkerError(error)
-        if self.saver is not None:
-            if spec.checkpoint_final and st.step == spec.total_steps \
-                    and self.saver.last_step != st.step and not poisoned:
-                self._checkpoint()
-            self.saver.wait()  # every save of this call is reported before it returns
         return TrainResult(st.step, st.step < until_step, nonfinite=poisoned)
 
-    def _after_vote(self, step: int, decided: int, save: int) -> bool:
-        """Act on the vote agreed after the previous step, now that step `step` is done: stop
-        (with a checkpoint if asked), or save if a request or the interval says so. Returns
-        whether to stop."""
+    def _after_vote(self, step: int, decided: int, save: int, busy: int = 0,
+                    answering: int = 0) -> bool:
+        """Act on the vote agreed after the previous step, now that step `step` is done: give up
+        a save stuck on storage, then stop (with a checkpoint if asked), or save if a request or
+        the interval says so. Returns whether to stop."""
+        if self.saver is not None and self.saver.stuck(busy, answering):
+            self.saver.give_up()
         if decided >= StopMode.CHECKPOINT:
             if self.saver is not None and self.saver.last_step != step:
                 self._checkpoint()

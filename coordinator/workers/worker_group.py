@@ -33,7 +33,7 @@ from coordinator.protocol import (
     WorkerFailure,
     WorkerInfo,
 )
-from coordinator.workers.worker import TrainWorker, WorkerError, WorkerSpec
+from coordinator.workers.worker import RestoreError, TrainWorker, WorkerError, WorkerSpec
 from coordinator.workers.nodes import kill_ray_process, node_reachable, reap
 from train.errors import first_sentence, last_line
 
@@ -436,9 +436,10 @@ class RayWorkerGroup:
             except RayActorError as e:
                 failures.append(self._lost(rank, e))
             except RayTaskError as e:
-                # WorkerError: the collective failed (a peer died or hung); anything else was
-                # raised by the user's task code.
-                kind = (FailureKind.COLLECTIVE_ERROR if isinstance(e.cause, WorkerError)
+                # RestoreError: storage failed a checkpoint restore; WorkerError: the collective
+                # failed (a peer died or hung); anything else was raised by the user's task code.
+                kind = (FailureKind.RESTORE_ERROR if isinstance(e.cause, RestoreError)
+                        else FailureKind.COLLECTIVE_ERROR if isinstance(e.cause, WorkerError)
                         else FailureKind.TASK_ERROR)
                 failures.append(WorkerFailure(rank, kind, self.pid(rank), last_line(e)))
         return values, failures

@@ -69,6 +69,7 @@ class Recovering:
     wait_since: Optional[float] = None
     not_before: float = 0.0  # backoff: do not re-form before this time
     progress_t: Optional[float] = None  # when the last step of any survivor completed
+    bad_sources: Set[int] = field(default_factory=set)  # pids whose sent state failed its check
 
 
 @dataclass
@@ -115,4 +116,5 @@ class JobRecord:
     streak: int = 0  # failures without a completed step in between
     recoveries: List[Dict[str, Any]] = field(default_factory=list)
     resume: Optional[Any] = None  # the checkpoint this run started from (CheckpointInfo)
+    transfer_mismatches: int = 0  # peer state transfers that failed their checksum
     digest: Optional[str] = None

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from coordinator.checkpoint.faults import StorageOutage
-from coordinator.checkpoint.restore import broadcast_full_state
+from coordinator.checkpoint.restore import StateTransferMismatch, broadcast_full_state, flip_bit
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
 from train import data as data_lib
@@ -132,6 +132,7 @@ class TrainWorker:
         self._saved_request = 0  # the highest request acted on in this generation
         self._broken = False  # the current group failed: nothing more may run on it
         self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
+        self._corrupt_transfer = False  # chaos: flip a bit of the next state it sends a peer
         self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
 
     def _pick_device(self) -> torch.device:
@@ -178,6 +179,8 @@ class TrainWorker:
             os.kill(os.getpid(), signal.SIGSTOP)
         elif action == "kill_during_checkpoint":
             self._kill_in_checkpoint = True
+        elif action == "corrupt_transfer":
+            self._corrupt_transfer = True
         elif action == "storage_outage":
             # The fault point reaches the saves from here on: the current saver's next file and
             # every later saver's (see _wrap). Runs without chaos never get one.
@@ -206,6 +209,12 @@ class TrainWorker:
             del held
             self._wrap(source, ckpt_group)
             return {"step": self.state.step, "restore_s": restore_s}
+        except StateTransferMismatch as e:
+            # Every member raises it after the same vote, so none is left in a collective; the
+            # controller takes the state from another source (it reads the fields, not the text).
+            self._broken = True
+            traceback.clear_frames(e.__traceback__)
+            error, fatal = "", e
         except RuntimeError as e:  # a peer was lost while forming: gloo/store errors
             self._broken = True
             error = str(e) if isinstance(e, WorkerError) else (
@@ -275,7 +284,12 @@ class TrainWorker:
         elif source.kind == "peer":
             mine = held if held is not None else (
                 full_state(st, sharded=False) if rank == source.src and ddp else None)
-            full = broadcast_full_state(mine, source.src, self._ctl_group)
+            tamper = None
+            if rank == source.src and self._corrupt_transfer:
+                tamper, self._corrupt_transfer = flip_bit, False
+            # A mismatch raises here on every member, before any of them applied the state: the
+            # survivors keep their own replicas, the newcomers their fresh one.
+            full = broadcast_full_state(mine, source.src, self._ctl_group, tamper=tamper)
             if not (rank == source.src and ddp):  # the source's own replica is already in place
                 apply_full_state(st, full)
             del full, mine, held

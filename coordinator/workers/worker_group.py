@@ -29,9 +29,11 @@ from coordinator.protocol import (
     Source,
     SourceKind,
     StopMode,
+    TransferCheck,
     WorkerFailure,
     WorkerInfo,
 )
+from coordinator.checkpoint.restore import StateTransferMismatch
 from coordinator.workers.worker import TrainWorker, WorkerError, WorkerSpec
 from coordinator.workers.nodes import node_reachable, reap
 from train.errors import first_sentence, last_line
@@ -399,6 +401,12 @@ class RayWorkerGroup:
             except RayActorError as e:
                 failures.append(self._lost(rank, e))
             except RayTaskError as e:
+                if isinstance(e.cause, StateTransferMismatch):
+                    c = e.cause
+                    failures.append(WorkerFailure(rank, FailureKind.TRANSFER_MISMATCH,
+                                                  self.pid(rank), str(c),
+                                                  TransferCheck(c.src, c.expected, c.got)))
+                    continue
                 # WorkerError: the collective failed (a peer died or hung); anything else was
                 # raised by the user's task code.
                 kind = (FailureKind.COLLECTIVE_ERROR if isinstance(e.cause, WorkerError)

@@ -39,9 +39,10 @@ _TASK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 PARALLELISMS = ("ddp", "fsdp")
 CHAOS_ACTIONS = (
     "kill_worker", "hang_worker", "kill_node", "add_node",
-    "kill_during_checkpoint", "preempt", "storage_outage",
+    "kill_during_checkpoint", "preempt", "storage_outage", "corrupt_transfer",
 )
-RANK_ACTIONS = ("kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint")
+RANK_ACTIONS = ("kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint",
+                "corrupt_transfer")
 
 
 @dataclass
@@ -195,9 +196,9 @@ class FailureConfig:
 class ChaosEvent:
     at_step: int = 0  # inject when the job reaches this step
     action: str = "kill_worker"  # one of CHAOS_ACTIONS
-    # kill_worker, hang_worker, kill_during_checkpoint: the rank; kill_node: the rank whose node
-    # is removed; add_node: how many nodes (default 1); storage_outage: seconds (default 10);
-    # preempt: unused
+    # kill_worker, hang_worker, kill_during_checkpoint: the rank; corrupt_transfer: the rank
+    # whose next state sent to a peer is corrupted; kill_node: the rank whose node is removed;
+    # add_node: how many nodes (default 1); storage_outage: seconds (default 10); preempt: unused
     target: Any = None
 
 

@@ -5,8 +5,9 @@ injector that fires each fault when the job reaches its step.
 bus): the controller's state machine knows nothing of it. It carries each fault out through the worker group and the cluster hooks:
 kill_worker (SIGKILL), hang_worker (SIGSTOP), kill_during_checkpoint (the
 worker SIGKILLs itself while its next checkpoint is being written), kill_node (remove the simulated
-Ray node hosting a rank), add_node, preempt (SIGUSR1 to the driver) and storage_outage (checkpoint
-writes fail for a while). Faults from outside (a `kill -9` of any pid in events.jsonl) need no plan.
+Ray node hosting a rank), add_node, preempt (SIGUSR1 to the driver), storage_outage (checkpoint
+writes fail for a while) and corrupt_transfer (the next state the rank sends a peer has a bit
+flipped after its checksum was taken). Faults from outside (a `kill -9` of any pid in events.jsonl) need no plan.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class ChaosInjector:
                        f" rank {rank} (pid {pid})" if rank is not None else "")
         self.bus.emit(Event.CHAOS, action=ev.action, rank=rank, pid=pid, step=step,
                       at_step=ev.at_step)
-        if ev.action in ("kill_worker", "hang_worker", "kill_during_checkpoint", "nonfinite"):
+        if ev.action in ("kill_worker", "hang_worker", "kill_during_checkpoint", "nonfinite",
+                         "corrupt_transfer"):
             self.group.chaos(rank, ev.action)
         elif ev.action == "kill_node":
             node = self.group.node_of(rank)

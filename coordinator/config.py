@@ -40,9 +40,10 @@ PARALLELISMS = ("ddp", "fsdp")
 CHAOS_ACTIONS = (
     "kill_worker", "hang_worker", "kill_node", "add_node",
     "kill_during_checkpoint", "preempt", "storage_outage", "nonfinite", "freeze_node",
+    "corrupt_transfer",
 )
 RANK_ACTIONS = ("kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint", "nonfinite",
-                "freeze_node")
+                "freeze_node", "corrupt_transfer")
 NONFINITE_MODES = ("skip", "rollback", "stop")
 
 
@@ -218,9 +219,10 @@ class ChaosEvent:
     at_step: int = 0  # inject when the job reaches this step
     action: str = "kill_worker"  # one of CHAOS_ACTIONS
     # kill_worker, hang_worker, kill_during_checkpoint: the rank; nonfinite: the rank whose loss
-    # (and so gradient) is made NaN in its next step; kill_node: the rank whose node is removed;
-    # freeze_node: the rank whose node is frozen (every process SIGSTOPped); add_node: how many
-    # nodes (default 1); storage_outage: seconds (default 10); preempt: unused
+    # (and so gradient) is made NaN in its next step; corrupt_transfer: the rank whose next state
+    # sent to a peer is corrupted; kill_node: the rank whose node is removed; freeze_node: the
+    # rank whose node is frozen (every process SIGSTOPped); add_node: how many nodes (default 1);
+    # storage_outage: seconds (default 10); preempt: unused
     target: Any = None
     seconds: Optional[float] = None  # freeze_node: how long the node stays frozen (default 15)
 

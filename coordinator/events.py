@@ -42,6 +42,7 @@ class Event(str, Enum):
     NODE_ISOLATED = "node_isolated"
     PAUSING = "pausing"
     RECOVERED = "recovered"
+    STATE_TRANSFER_MISMATCH = "state_transfer_mismatch"
     CHECKPOINT_INTERVAL = "checkpoint_interval"
     CHECKPOINT_WAIT = "checkpoint_wait"
     CHECKPOINT_COMMITTED = "checkpoint_committed"
@@ -109,6 +110,10 @@ SCHEMA: Dict[Event, Spec] = {
         "recovery_s: from detection to that step",
         ("generation", "world_size", "source", "resumed_step", "lost_steps", "recovery_s",
          "last_step_t")),
+    Event.STATE_TRANSFER_MISMATCH: Spec(
+        "a peer's state failed its checksum on a receiver while `generation` formed: nobody "
+        "applied it and the state comes from another source (expected, got: crc32, 8 hex digits)",
+        ("generation", "source_rank", "receiver_rank", "expected", "got")),
     Event.CHECKPOINT_INTERVAL: Spec(
         "checkpoint.interval_steps=auto chose an interval, and why",
         ("step", "interval_steps", "interval_s", "stall_s", "persist_s", "job_mtbf_s",

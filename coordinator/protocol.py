@@ -29,6 +29,9 @@ class FailureKind(str, enum.Enum):
     RESTORE_ERROR = "restore_error"
     TASK_ERROR = "task_error"  # the user's code raised: not retried
     NONFINITE = "nonfinite"  # failure.nonfinite_limit non-finite steps in a row: a rollback
+    # A peer's state failed its checksum on a receiver while a generation formed: nobody is
+    # lost; the controller takes the state from another source (see TransferCheck).
+    TRANSFER_MISMATCH = "transfer_mismatch"
 
     @property
     def lost(self) -> bool:
@@ -78,11 +81,21 @@ class WorkerInfo:
 
 
 @dataclass
+class TransferCheck:
+    """A state transfer whose checksum did not match (the same on every member that reports it):
+    the sender's new-generation rank, the CRC-32 it sent, and receiver rank -> what it got."""
+    src: int
+    expected: int
+    got: Dict[int, int]
+
+
+@dataclass
 class WorkerFailure:
     rank: int
     kind: FailureKind
     pid: Optional[int]
     error: str
+    transfer: Optional[TransferCheck] = None  # kind TRANSFER_MISMATCH: what the check saw
 
     def __post_init__(self) -> None:
         self.kind = FailureKind(self.kind)

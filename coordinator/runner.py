@@ -185,7 +185,9 @@ def format_summary(s: dict, run_dir: str) -> str:
         f"== job {s.get('job')} {s['status']}: {s.get('steps', 0)}/{s.get('total_steps', '?')} "
         f"steps, final loss {loss}, {rate} steps/s",
         f"   world sizes {s.get('world_sizes')}, failures {s.get('failures', 0)}, "
-        f"recoveries {s.get('recoveries', 0)}",
+        f"recoveries {s.get('recoveries', 0)}" + (
+            f", peer state transfers that failed their checksum {s['transfer_mismatches']}"
+            if s.get("transfer_mismatches") else ""),
         f"   weights_digest {s.get('weights_digest')}",
         f"   goodput {_pct(g.get('goodput'))} of {g.get('wall_s', 0):.0f}s wall "
         f"(python -m coordinator report {run_dir} for the breakdown and a timeline)",

@@ -123,6 +123,48 @@ def reshard_roundtrip(world_save, world_load, parallelism="fsdp", steps=3):
     return results
 
 
+def _transfer_worker(rank, world, port, out_dir, src, corrupt, steps):
+    from coordinator.checkpoint.restore import StateTransferMismatch, broadcast_full_state, \
+        flip_bit
+    from train.state import apply_full_state, full_state, weights_digest
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    t = make_task("train.tasks.gpt:TinyGPT", {})
+    st = build_state(t, "ddp", torch.device("cpu"), 0, 50, wrap_ddp=False)
+    if rank == src:  # the sender alone trains a few steps: its state differs from everyone's
+        run_steps(st, seed=0, global_batch_size=4, world_size=1, rank=0,
+                  device=torch.device("cpu"), until_step=steps)
+    before = weights_digest(st.model.state_dict())
+    mine = full_state(st, sharded=False) if rank == src else None
+    try:
+        full = broadcast_full_state(mine, src, None, tamper=flip_bit if corrupt else None)
+    except StateTransferMismatch as e:
+        result = {"mismatch": (e.src, e.expected, e.got), "digest": before}
+    else:
+        if rank != src:
+            apply_full_state(st, full)
+        result = {"mismatch": None, "digest": weights_digest(st.model.state_dict()),
+                  "step": st.step}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # every rank got past the transfer and its vote: nobody was left in one
+    dist.destroy_process_group()
+    _leave()
+
+
+def transfer_world(world, src=0, corrupt=False, steps=2):
+    """On `world` gloo processes, rank `src` trains `steps` steps alone, then sends its state to
+    the others with `coordinator.checkpoint.restore.broadcast_full_state` (`corrupt`: a bit of
+    the packed buffer flipped after the checksum). Returns each rank's outcome: {mismatch: None
+    or (src, expected, got), digest: its weights after, step}."""
+    with tempfile.TemporaryDirectory() as d:
+        _spawn(_transfer_worker, world, (d, src, corrupt, steps))
+        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True)
+                for r in range(world)]
+
+
 def _spawn(fn, world, args, attempts=2):
     """Run `fn` on `world` spawned ranks. This harness is the oracle (plain torch, none of our
     code): a rank killed by a signal (a crash inside torch or gloo, not a Python error) gets the

@@ -9,7 +9,7 @@ from coordinator.control.observers import Bus, standard_observers
 from coordinator.control.scaling_policy import ScalingPolicy
 from coordinator.control.state import Phase
 from coordinator.events import EventLog, read_events
-from coordinator.protocol import StepReport, WorkerFailure
+from coordinator.protocol import StepReport, TransferCheck, WorkerFailure
 from fakes import FakeCommitter, FakeGroup
 
 pytestmark = pytest.mark.unit
@@ -301,6 +301,65 @@ def test_a_failure_while_forming_starts_a_new_recovery(tmp_path):
     kinds = [(e["kind"], e["ranks"]) for e in _events(events, "failure_detected")]
     assert kinds == [("process_exit", [1]), ("process_exit", [1])]
     assert len(_events(events, "recovered")) == 1 and c.job.incidents == 2
+
+
+def _mismatch(world, src, receivers):
+    """What every member of a formation of `world` reports when `src`'s state failed its
+    checksum on `receivers`."""
+    check = TransferCheck(src, 0x1234abcd, {r: 0x0badf00d for r in receivers})
+    return [WorkerFailure(r, "transfer_mismatch", None, "checksum", check) for r in range(world)]
+
+
+def test_a_state_that_fails_its_checksum_is_taken_from_the_next_survivor(tmp_path):
+    """Rank 1 lost; rank 0's state fails its checksum on the newcomer and on ranks 2 and 3: the
+    same recovery goes on (not a second failure), rank 2 sends, no step is lost, and the
+    mismatch is an event per receiver and a count in the summary."""
+    group = FakeGroup()
+    group.faults = [[12, [1], "process_exit"]]
+    group.form_failures = [[], _mismatch(4, 0, [1, 2, 3])]
+    c, events = _controller(tmp_path, group,
+                            committer=lambda bus: FakeCommitter(10, bus, resume=False))
+    _run(c)
+    assert c.phase == Phase.DONE
+    kinds = [(s.kind, s.src) for _, s in group.sources]
+    assert kinds == [("init", None), ("peer", 0), ("peer", 2)]
+    got = [(e["generation"], e["source_rank"], e["receiver_rank"], e["expected"], e["got"])
+           for e in _events(events, "state_transfer_mismatch")]
+    assert got == [(2, 0, r, "1234abcd", "0badf00d") for r in (1, 2, 3)]
+    (rec,) = _events(events, "recovered")
+    assert rec["source"] == "peer" and rec["lost_steps"] == 0 and rec["generation"] == 3
+    assert len(_events(events, "failure_detected")) == 1 and c.job.incidents == 1
+    s = c.summary()
+    assert s["transfer_mismatches"] == 1 and s["failures"] == 1 and s["recoveries"] == 1
+
+
+def test_a_lone_survivor_whose_state_fails_its_checksum_falls_back_to_the_checkpoint(tmp_path):
+    group = FakeGroup(slots=2)
+    group.faults = [[12, [1], "process_exit"]]
+    group.form_failures = [[], _mismatch(2, 0, [1])]
+    c, events = _controller(tmp_path, group,
+                            committer=lambda bus: FakeCommitter(10, bus, resume=False))
+    _run(c)
+    assert c.phase == Phase.DONE
+    _, src = group.sources[2]
+    assert src.kind == "checkpoint" and src.path.endswith("step-00000010")
+    (rec,) = _events(events, "recovered")
+    assert rec["source"] == "checkpoint" and rec["resumed_step"] == 10 and rec["lost_steps"] == 2
+    assert [e["receiver_rank"] for e in _events(events, "state_transfer_mismatch")] == [1]
+
+
+def test_a_checksum_mismatch_while_growing_is_a_failure_recovered_from_a_peer(tmp_path):
+    group = FakeGroup(steps_per_poll=2, slots=2)
+    c, events = _controller(tmp_path, group,
+                            overrides=["train.steps=40", "scaling.grow_check_s=1"])
+    c.step(), c.step(), c.step()
+    group.slots = 4
+    group.form_failures = [_mismatch(4, 0, [1, 2, 3])]  # the grow's formation
+    _run(c)
+    assert c.phase == Phase.DONE and c.summary()["world_sizes"] == [2, 4]
+    _, src = group.sources[2]
+    assert src.kind == "peer" and src.src == 1, "rank 1 (a member before the grow) sends"
+    assert c.job.incidents == 1 and c.summary()["transfer_mismatches"] == 1
 
 
 def test_a_node_failing_repeatedly_is_isolated(tmp_path):

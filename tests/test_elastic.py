@@ -226,3 +226,35 @@ def test_auto_checkpoint_interval_on_real_workers(tmp_path, reference):
     assert rep.returncode == 0, rep.stderr
     assert "productive training" in rep.stdout and "checkpoint interval (auto)" in rep.stdout
     assert (run_dir / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_corrupted_peer_transfer_falls_back_to_the_checkpoint_bit_identical(tmp_path):
+    """Two workers; rank 0 is armed to corrupt the next state it sends (a bit flipped after its
+    checksum), then rank 1 is killed. The replacement finds the mismatch, every member leaves the
+    formation together, and the job restores the step-50 checkpoint instead: the replay ends with
+    the weights of a failure-free two-worker run."""
+    steps = 120
+    run_dir = tmp_path / "run"
+    proc = run_cli(["run", CONFIG, f"run.dir={run_dir}", "ray.simulated_nodes=0",
+                    "scaling.min_workers=2", "scaling.max_workers=2", f"train.steps={steps}",
+                    "checkpoint.interval_steps=50", "failure.hang_timeout_s=5",
+                    "chaos.events=[{at_step: 10, action: corrupt_transfer, target: 0}, "
+                    "{at_step: 70, action: kill_worker, target: 1}]"], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (f,) = _of(run_dir, "failure_detected")
+    assert f["kind"] == "process_exit" and f["ranks"] == [1]
+    (m,) = _of(run_dir, "state_transfer_mismatch")
+    assert (m["generation"], m["source_rank"], m["receiver_rank"]) == (2, 0, 1)
+    assert m["expected"] != m["got"] and len(m["expected"]) == 8
+    sources = [e["source"] for e in _of(run_dir, "group_forming")]
+    assert sources == ["init", "peer", "checkpoint"]
+    (rec,) = _of(run_dir, "recovered")
+    assert rec["source"] == "checkpoint" and rec["resumed_step"] == 50 and rec["lost_steps"] > 0
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["steps"] == steps and s["transfer_mismatches"] == 1
+    assert s["world_sizes"] == [2, 2] and s["recoveries"] == 1 and s["failures"] == 1
+    state, _ = run_world(2, "ddp", steps=steps, gbs=16)
+    assert s["weights_digest"] == weights_digest(state), "bit-identical to the failure-free run"
+    assert "the state rank 0 sent failed its checksum on rank 1" in proc.stdout
+    assert "peer state transfers that failed their checksum 1" in proc.stdout
+    _no_worker_left(run_dir)

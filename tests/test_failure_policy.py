@@ -160,3 +160,25 @@ def test_all_frozen_needs_silence_and_no_progress():
     assert all_frozen({0: 12.0, 1: 11.0}, stalled_s=3.0, limit_s=10) == []  # steps complete
     assert all_frozen({0: 12.0, 1: 1.0}, stalled_s=30.0, limit_s=10) == []  # a slow step
     assert all_frozen({}, stalled_s=30.0, limit_s=10) == []
+
+
+def test_a_sender_whose_state_failed_its_checksum_sends_no_more():
+    # the next best survivor sends instead
+    p = decide(facts(survivors={0: 10, 1: 0, 2: 10, 3: 9}, ready=0, bad_sources={0}))
+    assert p.source == "peer" and p.src == 2 and p.resumed_step == 10
+    assert p.reason.startswith("the state rank 0 sent failed its checksum; ")
+    # no other survivor as new as the checkpoint: the checkpoint
+    p = decide(facts(world_size=2, survivors={0: 10, 1: 0}, ready=0, bad_sources={0}))
+    assert p.source == "checkpoint" and p.resumed_step == 5 and p.ranks == {0: 0, 1: 1}
+    assert "no other survivor holds a newer state" in p.reason
+    # no checkpoint: the newcomer's fresh state (step 0) is sent, i.e. starting over
+    p = decide(facts(world_size=2, survivors={0: 10, 1: 0}, ready=0, bad_sources={0},
+                     checkpoint_step=None))
+    assert p.source == "peer" and p.src == 1 and p.resumed_step == 0
+    # every member failed as a sender and nothing is committed: no state anyone could check
+    p = decide(facts(world_size=2, survivors={0: 10, 1: 0}, ready=0, bad_sources={0, 1},
+                     checkpoint_step=None))
+    assert p.action == "abort" and "no committed checkpoint" in p.reason
+    # FSDP2 members hold no state after a failed join: the checkpoint, as for any loss
+    p = decide(facts(parallelism="fsdp", bad_sources={0}))
+    assert p.source == "checkpoint"

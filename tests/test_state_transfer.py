@@ -1,16 +1,74 @@
-"""A survivor's full state loaded by its peers (the DDP recovery path), in the corners that
-broke it: a stateless optimizer (plain SGD), an optimizer that never stepped, and gradients left
-by a step that failed. Run in a subprocess with a one-rank gloo group (DCP's state-dict calls
-need a process group; the test process must not keep one)."""
+"""A survivor's full state sent to its peers (the DDP recovery path): checked on the way (the
+checksum catches a flipped bit and every rank agrees on the outcome), and loaded in the corners
+that broke it: a stateless optimizer (plain SGD), an optimizer that never stepped, and gradients
+left by a step that failed. The loading runs in a subprocess with a one-rank gloo group (DCP's
+state-dict calls need a process group; the test process must not keep one)."""
 
+import pickle
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, free_port
+from coordinator.checkpoint.restore import StateTransferMismatch, checksum, flip_bit, verify
+from dist_harness import transfer_world
 
-pytestmark = pytest.mark.unit
+
+@pytest.mark.unit
+def test_equal_buffers_pass_and_any_flipped_bit_is_caught():
+    skeleton = b'{"d": [[{"v": "model"}, {"t": 0}]]}'
+    packed = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=torch.Generator()
+                           .manual_seed(0))
+    expected = checksum(skeleton, packed)
+    assert verify(expected, skeleton, packed.clone()) is None
+    # the receiver's split need not be the sender's: the checksum runs over the bytes in order
+    assert checksum(skeleton + bytes(packed.numpy())) == expected
+    assert checksum(b"", torch.empty(0, dtype=torch.uint8)) == checksum()
+    for at in (0, 1, 4097, packed.numel() // 2, packed.numel() - 1):
+        for bit in (0, 7):
+            bad = packed.clone()
+            bad[at] ^= 1 << bit
+            assert verify(expected, skeleton, bad) not in (None, expected), (at, bit)
+    bad_skeleton = bytearray(skeleton)
+    bad_skeleton[3] ^= 0x20
+    assert verify(expected, bytes(bad_skeleton), packed) is not None
+    # two words swapped: a plain sum would not see it, the CRC does
+    swapped = packed.clone()
+    swapped[:8], swapped[8:16] = packed[8:16].clone(), packed[:8].clone()
+    assert not torch.equal(swapped, packed) and verify(expected, skeleton, swapped) is not None
+
+
+@pytest.mark.unit
+def test_the_chaos_flip_changes_one_bit_and_the_mismatch_survives_pickling():
+    buf = torch.zeros(9, dtype=torch.uint8)
+    flip_bit(buf)
+    assert buf.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0]
+    flip_bit(torch.empty(0, dtype=torch.uint8))  # nothing to flip: no error
+    e = StateTransferMismatch(0, 0x1234abcd, {1: 0xdeadbeef, 2: 7})
+    back = pickle.loads(pickle.dumps(e))  # it crosses the Ray boundary
+    assert (back.src, back.expected, back.got) == (0, 0x1234abcd, {1: 0xdeadbeef, 2: 7})
+    assert str(back) == str(e) and "1234abcd" in str(e) and "rank 1 got deadbeef" in str(e)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_corrupted_transfer_is_refused_by_every_rank_and_a_clean_one_arrives_whole():
+    """Three gloo processes; rank 1 trains alone and sends its state. Clean: everyone ends with
+    the sender's weights. A bit flipped after the checksum: every rank (the sender too) raises
+    the same mismatch after the vote, nobody applied the state, and nobody was left waiting in a
+    collective (the harness's barrier after the transfer completes)."""
+    clean = transfer_world(3, src=1)
+    assert [r["mismatch"] for r in clean] == [None] * 3
+    assert len({r["digest"] for r in clean}) == 1 and {r["step"] for r in clean} == {2}
+    bad = transfer_world(3, src=1, corrupt=True)
+    seen = bad[0]["mismatch"]
+    assert seen is not None and all(r["mismatch"] == seen for r in bad), bad
+    src, expected, got = seen
+    assert src == 1 and sorted(got) == [0, 2] and all(g != expected for g in got.values())
+    assert bad[1]["digest"] == clean[1]["digest"], "the sender's own state is untouched"
+    assert bad[0]["digest"] == bad[2]["digest"] != clean[0]["digest"], "nobody applied it"
 
 SCRIPT = r"""
 import copy
@@ -68,6 +126,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.unit
 def test_peer_state_loads_for_stateless_and_unstepped_optimizers_and_after_a_failed_step():
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(free_port())], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)

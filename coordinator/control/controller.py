@@ -205,6 +205,11 @@ class Controller:
             self.committer.restore_failed(plan.resumed_step, restore[0].error)
         if failures:
             logger.warning("generation %d did not form", job.generation)
+            mismatch = [f for f in failures if f.kind == FailureKind.TRANSFER_MISMATCH]
+            if mismatch and all(f.kind in (FailureKind.TRANSFER_MISMATCH,
+                                           FailureKind.COLLECTIVE_ERROR) for f in failures):
+                self.state = self.incidents.transfer_mismatch(mismatch, now, rec)
+                return "the state transfer failed its checksum", None
             return self._failure(failures, now, during="forming", carry=rec), None
         if self.committer is not None:
             self.committer.end_generation(job.generation - 1)

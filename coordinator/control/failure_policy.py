@@ -13,7 +13,11 @@ The rules, in order:
    sends it (survivors can be one step apart after a failure inside the last all-reduce), so no
    step is lost. Under FSDP2 a lost rank takes its shards with it: restore the latest committed
    checkpoint, resharded (or start over when there is none). A group that grows without a loss
-   gathers the FSDP2 shards first and sends them like a replica.
+   gathers the FSDP2 shards first and sends them like a replica. A survivor whose sent state
+   failed its checksum in this recovery (`bad_sources`) sends no more: the next best survivor
+   does, or the checkpoint; a newcomer (step 0) sending means starting over. When every member
+   failed as a sender and no checkpoint exists, the job aborts rather than train on replicas
+   nobody could check.
 5. Hang: a worker silent past `failure.hang_timeout_s` while some peer still answers is hung
    (`hung`); when nobody answers, all are hung only if no step completed for as long either
    (`all_frozen`).
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from coordinator.protocol import FailureKind, PlanAction, SourceKind, WorkerFailure
 
@@ -52,6 +56,7 @@ class Facts:
     backoff_max_s: float
     waited_s: float = 0.0  # how long this recovery has waited for capacity so far
     wait_limit_s: float = 60.0
+    bad_sources: Set[int] = field(default_factory=set)  # ranks whose sent state failed its check
 
 
 @dataclass
@@ -96,17 +101,24 @@ def decide(f: Facts) -> Plan:
         newcomers = list(range(len(keep), size))
     plan = Plan(PlanAction.REFORM, "", world_size=size, ranks=ranks, newcomers=newcomers,
                 backoff_s=backoff(f.streak, f.backoff_s, f.backoff_max_s))
-    best = max(keep, key=lambda r: (f.survivors[r], -r)) if keep else None
+    senders = [r for r in keep if r not in f.bad_sources]
+    bad = sorted(set(keep) & f.bad_sources)
+    failed = f"the state rank {bad[0] if len(bad) == 1 else bad} sent failed its checksum; " \
+        if bad else ""
+    if f.parallelism == "ddp" and keep and not senders and f.checkpoint_step is None:
+        return Plan(PlanAction.ABORT, f"{failed}no other member can send its state and there "
+                                      "is no committed checkpoint")
+    best = max(senders, key=lambda r: (f.survivors[r], -r)) if senders else None
     if f.parallelism == "ddp" and best is not None \
             and f.survivors[best] >= (f.checkpoint_step or 0):
         plan.source, plan.src, plan.resumed_step = SourceKind.PEER, ranks[best], f.survivors[best]
-        plan.reason = (f"{len(keep)} survivors keep their state; rank {best} (step "
+        plan.reason = (f"{failed}{len(keep)} survivors keep their state; rank {best} (step "
                        f"{f.survivors[best]}) sends it to the others")
     elif f.checkpoint_step is not None:
         plan.source, plan.resumed_step = SourceKind.CHECKPOINT, f.checkpoint_step
         why = ("shards were lost" if f.parallelism == "fsdp"
-               else "no survivor holds a newer state")
-        plan.reason = f"{why}: restoring checkpoint step {f.checkpoint_step}"
+               else f"no {'other ' if bad else ''}survivor holds a newer state")
+        plan.reason = f"{failed}{why}: restoring checkpoint step {f.checkpoint_step}"
     else:
         plan.source, plan.resumed_step = SourceKind.INIT, 0
         plan.reason = "state lost and no committed checkpoint: starting over from step 0"

@@ -5,6 +5,8 @@ An *incident* is a failure and everything lost with it until the next generation
 toward isolation, each kind reported once as `failure_detected` with the list of ranks. Workers
 lost while a recovery is in progress join that incident. `settle` waits for the survivors to leave
 the failed group and takes each one's final step, which is what the failure policy plans from.
+A peer's state that fails its checksum while a generation forms (`transfer_mismatch`) is no lost
+worker: the recovery goes on without that sender.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Incidents:
                              step_before=max(steps.max_step_seen, steps.last_step))
             if carry is not None:
                 rec.t0, rec.step_before = carry.t0, max(rec.step_before, carry.step_before)
+                rec.bad_sources = set(carry.bad_sources)
         lost = [f for f in failures if f.kind.lost and f.rank not in rec.lost]
         rec.lost.update(f.rank for f in lost)
         rec.lost_on_live_node |= any(f.kind != FailureKind.NODE_LOST for f in lost)
@@ -87,6 +90,40 @@ class Incidents:
         elif lost:
             logger.warning("%s while recovering; it is replaced in the same recovery", desc)
         return rec, desc
+
+    def transfer_mismatch(self, failures: List[WorkerFailure], now: float,
+                          carry: Optional[Recovering]) -> Recovering:
+        """A generation did not form because the state its source sent failed its checksum on
+        some receiver (every member reports the same check; nobody applied the state). Emits one
+        `state_transfer_mismatch` per receiver and returns the recovery to plan again, with the
+        sender excluded: `carry`'s (the same incident, not counted again) or, after a grow, a new
+        incident."""
+        job, check = self.job, failures[0].transfer
+        job.transfer_mismatches += 1
+        for receiver, got in sorted(check.got.items()):
+            self.bus.emit(Event.STATE_TRANSFER_MISMATCH, generation=job.generation,
+                          source_rank=check.src, receiver_rank=receiver,
+                          expected=f"{check.expected:08x}", got=f"{got:08x}")
+        rec = Recovering(now, job.world_size,
+                         step_before=max(self.steps.max_step_seen, self.steps.last_step))
+        if carry is None:
+            job.incidents += 1
+            job.streak += 1
+        else:
+            rec.t0, rec.step_before = carry.t0, max(rec.step_before, carry.step_before)
+            rec.bad_sources = set(carry.bad_sources)
+        rec.bad_sources.add(self.group.pid(check.src))
+        receivers = sorted(check.got)
+        logger.warning(
+            "generation %d: the state rank %d sent failed its checksum on %s %s (crc32 %08x "
+            "sent, %s received): nobody applied it; taking the state from another source "
+            "(state transfer mismatch %d of this job%s)", job.generation, check.src,
+            "rank" if len(receivers) == 1 else "ranks",
+            receivers[0] if len(receivers) == 1 else receivers, check.expected,
+            ", ".join(f"{check.got[r]:08x}" for r in receivers), job.transfer_mismatches,
+            "" if carry is not None else
+            f"; failure {job.incidents} of failure.max_failures={self.cfg.failure.max_failures}")
+        return rec
 
     def _count_nodes(self, rec: Recovering, lost: List[WorkerFailure]) -> None:
         for node in dict.fromkeys(self.group.node_of(f.rank) for f in lost):
@@ -163,4 +200,6 @@ class Incidents:
                         streak=self.job.streak, backoff_s=fc.backoff_s,
                         backoff_max_s=fc.backoff_max_s,
                         waited_s=(now - rec.wait_since) if rec.wait_since is not None else 0.0,
-                        wait_limit_s=fc.wait_for_workers_s)
+                        wait_limit_s=fc.wait_for_workers_s,
+                        bad_sources={r for r in rec.survivors
+                                     if self.group.pid(r) in rec.bad_sources})

@@ -73,6 +73,7 @@ class Recovering:
     progress_t: Optional[float] = None  # when the last step of any survivor completed
     unreadable: int = 0  # times the checkpoint storage could not be listed in this recovery
     read_again_at: float = 0.0  # when to try listing it again
+    bad_sources: Set[int] = field(default_factory=set)  # pids whose sent state failed its check
 
 
 @dataclass
@@ -120,6 +121,7 @@ class JobRecord:
     streak: int = 0  # failures without a completed step in between
     recoveries: List[Dict[str, Any]] = field(default_factory=list)
     resume: Optional[Any] = None  # the checkpoint this run started from (CheckpointInfo)
+    transfer_mismatches: int = 0  # peer state transfers that failed their checksum
     digest: Optional[str] = None
     skipped: Set[int] = field(default_factory=set)  # steps found non-finite: never applied
     nonfinite_run: List[int] = field(default_factory=list)  # the latest ones in a row

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from coordinator.checkpoint.errors import OTHER, classify
 from coordinator.checkpoint.faults import StorageOutage
 from coordinator.checkpoint.fence import GenerationFence
-from coordinator.checkpoint.restore import broadcast_full_state
+from coordinator.checkpoint.restore import StateTransferMismatch, broadcast_full_state, flip_bit
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
 from train import data as data_lib
@@ -160,6 +160,7 @@ class TrainWorker:
         self._saved_request = 0  # the highest request acted on in this generation
         self._broken = False  # the current group failed: nothing more may run on it
         self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
+        self._corrupt_transfer = False  # chaos: flip a bit of the next state it sends a peer
         self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
         self._poison = False  # chaos: this rank's next loss is made NaN
         self._fence: Optional[GenerationFence] = None  # this generation's (see checkpoint/fence)
@@ -210,6 +211,8 @@ class TrainWorker:
             self._kill_in_checkpoint = True
         elif action == "nonfinite":
             self._poison = True  # read by the loss of the next step (see _poisoned_loss)
+        elif action == "corrupt_transfer":
+            self._corrupt_transfer = True
         elif action == "storage_outage":
             # The fault point reaches the saves from here on: the current saver's next file and
             # every later saver's (see _wrap). Runs without chaos never get one.
@@ -238,6 +241,12 @@ class TrainWorker:
             del held
             self._wrap(source, ckpt_group)
             return {"step": self.state.step, "restore_s": restore_s}
+        except StateTransferMismatch as e:
+            # Every member raises it after the same vote, so none is left in a collective; the
+            # controller takes the state from another source (it reads the fields, not the text).
+            self._broken = True
+            traceback.clear_frames(e.__traceback__)
+            error, fatal = "", e
         except RuntimeError as e:  # a peer was lost while forming: gloo/store errors
             self._broken = True
             kind = type(e) if isinstance(e, WorkerError) else WorkerError
@@ -312,7 +321,12 @@ class TrainWorker:
         elif source.kind == "peer":
             mine = held if held is not None else (
                 full_state(st, sharded=False) if rank == source.src and ddp else None)
-            full = broadcast_full_state(mine, source.src, self._ctl_group)
+            tamper = None
+            if rank == source.src and self._corrupt_transfer:
+                tamper, self._corrupt_transfer = flip_bit, False
+            # A mismatch raises here on every member, before any of them applied the state: the
+            # survivors keep their own replicas, the newcomers their fresh one.
+            full = broadcast_full_state(mine, source.src, self._ctl_group, tamper=tamper)
             if not (rank == source.src and ddp):  # the source's own replica is already in place
                 apply_full_state(st, full)
             del full, mine, held

@@ -30,9 +30,11 @@ from coordinator.protocol import (
     Source,
     SourceKind,
     StopMode,
+    TransferCheck,
     WorkerFailure,
     WorkerInfo,
 )
+from coordinator.checkpoint.restore import StateTransferMismatch
 from coordinator.workers.worker import RestoreError, TrainWorker, WorkerError, WorkerSpec
 from coordinator.workers.nodes import kill_ray_process, node_reachable, reap
 from train.errors import first_sentence, last_line
@@ -436,6 +438,12 @@ class RayWorkerGroup:
             except RayActorError as e:
                 failures.append(self._lost(rank, e))
             except RayTaskError as e:
+                if isinstance(e.cause, StateTransferMismatch):
+                    c = e.cause
+                    failures.append(WorkerFailure(rank, FailureKind.TRANSFER_MISMATCH,
+                                                  self.pid(rank), str(c),
+                                                  TransferCheck(c.src, c.expected, c.got)))
+                    continue
                 # RestoreError: storage failed a checkpoint restore; WorkerError: the collective
                 # failed (a peer died or hung); anything else was raised by the user's task code.
                 kind = (FailureKind.RESTORE_ERROR if isinstance(e.cause, RestoreError)

@@ -159,6 +159,7 @@ class TrainWorker:
         self._save_request = 0  # the highest checkpoint request heard from the controller
         self._saved_request = 0  # the highest request acted on in this generation
         self._broken = False  # the current group failed: nothing more may run on it
+        self._joined = False  # a generation formed with it: its RNG stream is its own from then
         self._kill_in_checkpoint = False  # chaos: SIGKILL itself while its next save is written
         self._corrupt_transfer = False  # chaos: flip a bit of the next state it sends a peer
         self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
@@ -240,6 +241,7 @@ class TrainWorker:
             restore_s = self._restore(source, held, ckpt_group)
             del held
             self._wrap(source, ckpt_group)
+            self._joined = True
             return {"step": self.state.step, "restore_s": restore_s}
         except StateTransferMismatch as e:
             # Every member raises it after the same vote, so none is left in a collective; the
@@ -331,9 +333,11 @@ class TrainWorker:
                 apply_full_state(st, full)
             del full, mine, held
         restore_s = time.monotonic() - t_restore if source.kind != "init" else 0.0
-        if fresh and source.kind != "checkpoint":
-            # Per-rank RNG (dropout and the like): a newcomer seeds from (seed, rank, step); a
-            # survivor keeps its stream; a checkpoint restores the saved one.
+        if (fresh or not self._joined) and source.kind != "checkpoint":
+            # Per-rank RNG (dropout and the like): a newcomer seeds from (seed, rank, step), also
+            # when its first join failed (its state was built then, never trained), and so does
+            # a rebuilt state (FSDP2); a survivor keeps its stream; a checkpoint restores the
+            # saved one.
             torch.manual_seed(self.spec.seed * 100_003 + 1 + rank + 7_919 * st.step)
         return restore_s
 

@@ -81,7 +81,8 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
                               cfg.checkpoint.keep, cfg.checkpoint.verify_on_load,
                               cfg.config_hash(), bus, fault=outage.check if outage else None,
                               guard=(lambda: leases.check("checkpoint.uri")) if leases else None,
-                              log_path=os.path.join(run_dir, "logs", "checkpoint-errors.log"))
+                              log_path=os.path.join(run_dir, "logs", "checkpoint-errors.log"),
+                              background=True)
         group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, store, cluster.driver_ip(),
                                cluster.free_slots, start_timeout_s=cfg.failure.wait_for_workers_s,
                                hang_timeout_s=cfg.failure.hang_timeout_s)
@@ -106,6 +107,8 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
                 else:
                     # capacity is asked of Ray's state API: once a second is enough
                     time.sleep(1.0 if tr.note == "waiting for capacity" else 0.05)
+        # the last commits (the final checkpoint's manifest) before the summary counts them
+        committer.drain(cfg.checkpoint.persist_timeout_s)
         status = STATUS.get(controller.phase, "failed")
     except LeaseLost as e:  # another job took over: stop at once (no emergency checkpoint)
         error = str(e)

@@ -267,6 +267,9 @@ class FakeCommitter:
     def end_generation(self, generation):
         pass
 
+    def poll(self):
+        pass
+
     def on_save(self, rep):
         save = rep
         if save.ok and save.step not in self.committed:

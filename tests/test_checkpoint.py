@@ -270,6 +270,48 @@ def test_a_save_due_while_one_persists_waits_for_it(world1, tmp_path, monkeypatc
     assert wait["step"] == 2 and wait["waited_s"] >= 0.3
 
 
+def test_a_background_commit_never_holds_the_driver_on_a_stuck_storage(world1, tmp_path):
+    """background=True: on_save and poll return at once while the manifest write hangs (a
+    storage that stopped answering); the commit is announced by the poll after it finished,
+    drain waits for the last one, and a lease guard's error still reaches the driver."""
+    import threading
+
+    from coordinator.lease import LeaseLost
+
+    uri = str(tmp_path / "ck")
+    _, st = _trained(1)
+    saver = CheckpointSaver(uri, {}, True, 0, world1)
+    for step in (1, 2):
+        saver.save(step, checkpoint_state(st, 0))
+    saver.close()
+    first, second = saver.reports
+    answer = threading.Event()
+    c = Committer(uri, {}, 3, True, "hash0", EventLog(str(tmp_path / "events.jsonl")),
+                  fault=lambda: answer.wait(30), background=True)
+    t0 = time.monotonic()
+    c.on_save(first)
+    c.poll()
+    assert time.monotonic() - t0 < 1 and c.committed == []
+    assert events_of(str(tmp_path / "events.jsonl"), "checkpoint_committed") == []
+    c.drain(0.2)  # still stuck: drain gives up in its bound, nothing committed
+    assert c.committed == [] and not os.path.exists(join(uri, "step-00000001", mf.MANIFEST))
+    answer.set()
+    c.on_save(second)
+    c.drain(30)
+    assert c.committed == [1, 2]
+    assert [e["step"] for e in events_of(str(tmp_path / "events.jsonl"),
+                                         "checkpoint_committed")] == [1, 2]
+    assert [x.step for x in mf.list_checkpoints(uri, {}, verify=True)] == [1, 2]
+
+    def lost():
+        raise LeaseLost("checkpoint.uri x was taken over by job 'b'")
+    guarded = Committer(uri, {}, 3, True, "hash0", EventLog(str(tmp_path / "ev2.jsonl")),
+                        guard=lost, background=True)
+    guarded.on_save(first)
+    with pytest.raises(LeaseLost):
+        guarded.drain(30)
+
+
 def test_an_injected_outage_fails_saves_and_commits_only_where_it_is_passed(world1, tmp_path):
     """The storage_outage fault point reaches the writes it is handed to, and nothing else: a
     saver without it writes during another's outage; with it, the save fails as an unreachable

@@ -41,7 +41,7 @@ def test_ray_group_implements_the_protocol():
 def test_fake_committer_has_what_the_controller_uses_of_the_real_one():
     from coordinator.checkpoint.committer import Committer
 
-    used = ("resolve_resume", "latest_step", "end_generation", "on_save")
+    used = ("resolve_resume", "latest_step", "end_generation", "on_save", "poll")
     real = {n: getattr(Committer, n) for n in used}
     _conforms(FakeCommitter, real)
     for attr in ("committed", "failed", "protected"):

@@ -170,12 +170,14 @@ def test_a_poisoned_gradient_rolls_back_and_replays_bit_identically(tmp_path):
     checkpoint and replays skipping that step. The final weights equal plain DDP told to skip it,
     and every committed checkpoint verifies clean."""
     run_dir = tmp_path / "run"
-    proc = _cli(run_dir, "train.steps=24", "checkpoint.interval_steps=5",
+    # 120 steps, so the run is still going when the driver sees step 8 and fires the fault
+    # (24 steps can all be done before that on a loaded machine: the fault then lands nowhere).
+    proc = _cli(run_dir, "train.steps=120", "checkpoint.interval_steps=5",
                 "failure.nonfinite_limit=1",
                 "chaos.events=[{at_step: 8, action: nonfinite, target: 1}]")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = run_summary(run_dir)
-    assert s["status"] == "finished" and s["steps"] == 24 and s["rollbacks"] == 1
+    assert s["status"] == "finished" and s["steps"] == 120 and s["rollbacks"] == 1
     (k,) = s["nonfinite_steps"]
     assert k > 8 and s["recoveries"] == 1 and s["world_sizes"] == [2, 2]
     events = run_events(run_dir)
@@ -184,7 +186,7 @@ def test_a_poisoned_gradient_rolls_back_and_replays_bit_identically(tmp_path):
     formed = [e for e in events if e["event"] == "group_formed"][-1]
     assert formed["source"] == "checkpoint" and formed["step"] < k
     assert "non-finite loss or gradient norm" in proc.stdout and "Traceback" not in proc.stdout
-    state, _ = run_world(2, "ddp", steps=24, gbs=12, skip=[k])
+    state, _ = run_world(2, "ddp", steps=120, gbs=12, skip=[k])
     assert weights_digest(state) == s["weights_digest"]
     _verify_clean(run_dir)
 

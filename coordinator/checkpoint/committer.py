@@ -1,10 +1,19 @@
-"""The driver's side of checkpoints: pick what to resume from, commit saves, apply retention."""
+"""The driver's side of checkpoints: pick what to resume from, commit saves, apply retention.
+
+With `background=True` (the runner's) the storage work of a commit (the manifest write and the
+retention pass) runs on a thread of its own, in order, and `poll` (called by the controller every
+tick) announces what it finished: the driver's loop, and with it failure detection, never waits
+on a storage endpoint that stopped answering. `drain` waits for it at the end of the job.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from coordinator.checkpoint import errors
@@ -18,6 +27,18 @@ logger = logging.getLogger(__name__)
 # Restores of one checkpoint that may fail on storage before it is passed over for the one before
 # (the first may meet a passing read error).
 RESTORE_ATTEMPTS = 2
+
+
+@dataclass
+class _Commit:
+    """A save every rank reported written: what its manifest and announcement need."""
+    step: int
+    files: Dict[str, Dict]
+    world_size: int
+    generation: int
+    stall_s: float
+    persist_s: float
+    keep_steps: frozenset  # retention keeps these (protected and in flight when it was queued)
 
 
 def absolute_uri(uri: str) -> str:
@@ -40,13 +61,14 @@ class Committer:
     def __init__(self, uri: str, storage_options: Dict, keep: int, verify_on_load: bool,
                  config_hash: str, events, fault: Optional[Callable[[], None]] = None,
                  guard: Optional[Callable[[], None]] = None,
-                 log_path: Optional[str] = None):
+                 log_path: Optional[str] = None, background: bool = False):
         """`events`: the job's Bus (or an EventLog): commits are announced there. `fault`: a
         fault point for the manifest writes (chaos only: a `checkpoint.faults.StorageOutage`'s
         `check`). `guard`: called before each manifest write and each retention pass; raises
         (`coordinator.lease.LeaseLost`) when another job has taken the location over, so this
         one never commits or deletes under it. `log_path`: where failed saves' details (each
-        rank's traceback) are appended; the terminal and the event get one line."""
+        rank's traceback) are appended; the terminal and the event get one line. `background`:
+        the storage work of commits runs on a thread (module docstring); `poll` announces it."""
         self.uri = absolute_uri(uri)
         self.log_path = log_path
         self.options = dict(storage_options)
@@ -65,6 +87,10 @@ class Committer:
         self._last_bytes = 0  # the size of the newest checkpoint committed (for a full disk)
         self.unusable: Dict[int, str] = {}  # steps passed over at resume: they failed to restore
         self._restore_failures: Dict[int, int] = {}  # step (-1: listing) -> failed restores
+        self._work: Optional[queue.Queue] = queue.Queue() if background else None
+        self._done: queue.Queue = queue.Queue()  # what _write returned, for poll
+        self._queued = 0  # commits handed to the thread and not yet announced by poll
+        self._thread: Optional[threading.Thread] = None
 
     # ---- resume ---------------------------------------------------------------------------
     def resolve_resume(self) -> Optional[mf.CheckpointInfo]:
@@ -134,27 +160,87 @@ class Committer:
             self._log_details(rep.step, bad)
             return self._failed(rep.step, _why(bad),
                                 stall_s=max(r.stall_s for r in reports.values()))
-        if self.guard is not None:
-            self.guard()
         files: Dict[str, Dict] = {}
         for r in reports.values():
             files.update(r.files)
+        commit = _Commit(rep.step, files, world_size, generation,
+                         max(r.stall_s for r in reports.values()),
+                         max(r.persist_s for r in reports.values()),
+                         frozenset(self.protected | {s for _, s in self._pending}))
+        if self._work is None:
+            self._announce(*self._write(commit))
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._commit_loop, name="checkpoint-commit",
+                                            daemon=True)
+            self._thread.start()
+        self._queued += 1
+        self._work.put(commit)
+
+    def poll(self) -> None:
+        """Announce the commits the thread finished (the driver's loop calls it every tick).
+        Raises what the lease guard raised there (`LeaseLost`)."""
+        while True:
+            try:
+                done = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._queued -= 1
+            self._announce(*done)
+
+    def drain(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for the commits in flight (the end of the job), announcing
+        them; one still writing then stays uncommitted, said in one line."""
+        deadline = time.monotonic() + timeout_s
+        while self._queued:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.warning("%d checkpoint manifest write(s) did not finish within %gs: "
+                               "not committed", self._queued, timeout_s)
+                return
+            try:
+                done = self._done.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            self._queued -= 1
+            self._announce(*done)
+
+    def _commit_loop(self) -> None:
+        while True:
+            self._done.put(self._write(self._work.get()))
+
+    def _write(self, c: _Commit) -> Tuple[_Commit, Optional[Dict], Optional[BaseException], bool]:
+        """The storage work of a commit: the lease guard, the manifest write (written last: only
+        then does the checkpoint count), then retention. Touches no driver state. Returns
+        (commit, manifest or None, error, whether the error is the guard's: raised by
+        `_announce`, since it ends the job)."""
         try:
-            manifest = mf.write_manifest(self.uri, self.options, rep.step, files, world_size,
-                                         generation, self.config_hash, before_write=self.fault)
+            if self.guard is not None:
+                self.guard()
+        except Exception as e:  # another job holds the location now: never commit under it
+            return c, None, e, True
+        try:
+            manifest = mf.write_manifest(self.uri, self.options, c.step, c.files, c.world_size,
+                                         c.generation, self.config_hash, before_write=self.fault)
         except Exception as e:  # the storage failed at the last moment: not committed
-            return self._failed(rep.step, f"manifest write failed: {type(e).__name__}: {e}")
-        stall = max(r.stall_s for r in reports.values())
-        persist = max(r.persist_s for r in reports.values())
-        self.committed.append(rep.step)
+            return c, None, e, False
+        self._retain(c.keep_steps)
+        return c, manifest, None, False
+
+    def _announce(self, c: _Commit, manifest: Optional[Dict], error: Optional[BaseException],
+                  fatal: bool) -> None:
+        if fatal:
+            raise error
+        if manifest is None:
+            return self._failed(c.step, f"manifest write failed: {type(error).__name__}: {error}")
+        self.committed.append(c.step)
         self._last_bytes = manifest["bytes"]
-        self.events.emit(Event.CHECKPOINT_COMMITTED, step=rep.step,
-                         uri=f"{self.uri.rstrip('/')}/{mf.step_name(rep.step)}",
-                         bytes=manifest["bytes"], stall_s=round(stall, 4),
-                         persist_s=round(persist, 4))
+        self.events.emit(Event.CHECKPOINT_COMMITTED, step=c.step,
+                         uri=f"{self.uri.rstrip('/')}/{mf.step_name(c.step)}",
+                         bytes=manifest["bytes"], stall_s=round(c.stall_s, 4),
+                         persist_s=round(c.persist_s, 4))
         logger.info("checkpoint step %d committed: %.1f MB, stall %.3fs, persist %.2fs",
-                    rep.step, manifest["bytes"] / 1e6, stall, persist)
-        self.retain()
+                    c.step, manifest["bytes"] / 1e6, c.stall_s, c.persist_s)
 
     def end_generation(self, generation: int) -> None:
         """Generation `generation` (and older) is over: saves some of its ranks never reported
@@ -204,13 +290,15 @@ class Committer:
         """Keep the newest `keep` committed checkpoints; a failed delete is logged, not fatal."""
         if self.guard is not None:
             self.guard()
+        self._retain(frozenset(self.protected | {step for _, step in self._pending}))
+
+    def _retain(self, keep_steps: frozenset) -> None:
         try:
             infos = mf.list_checkpoints(self.uri, self.options)
         except Exception as e:
             logger.warning("retention skipped: cannot list %s: %s", self.uri, e)
             return
-        inflight = {step for _, step in self._pending}
-        for step in mf.retention_victims(infos, self.keep, self.protected | inflight):
+        for step in mf.retention_victims(infos, self.keep, set(keep_steps)):
             try:
                 mf.delete_checkpoint(self.uri, self.options, step)
                 logger.info("retention: deleted checkpoint step %d (checkpoint.keep=%d)", step,

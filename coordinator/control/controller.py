@@ -76,6 +76,8 @@ class Controller:
         before = self.phase
         if self.done:
             return Transition(before, before, "terminal")
+        if self.committer is not None:
+            self.committer.poll()  # commits the storage finished meanwhile are announced
         handler = getattr(self, f"_{before.value}")
         note, progress = handler(self.state, self.clock())
         return Transition(before, self.phase, note, progress)

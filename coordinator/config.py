@@ -37,6 +37,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TASK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 PARALLELISMS = ("ddp", "fsdp")
+PRECISIONS = ("fp32", "bf16")  # train.step.PRECISIONS (not imported: config stays torch-free)
 CHAOS_ACTIONS = (
     "kill_worker", "hang_worker", "kill_node", "add_node",
     "kill_during_checkpoint", "preempt", "storage_outage", "nonfinite", "freeze_node",
@@ -118,6 +119,12 @@ class TrainConfig:
     global_batch_size: int = 16  # samples per step over all workers, whatever the world size
     parallelism: str = "ddp"  # one of PARALLELISMS: ddp replicates, fsdp shards (FSDP2 fully_shard)
     collective_timeout_s: float = 120.0  # process-group timeout for one collective, in seconds
+    # samples per forward pass on a rank: its slice of the global batch runs in micro-batches,
+    # gradients accumulated and synchronised once per step, so per-rank memory does not grow
+    # when the world shrinks; null: the whole slice in one pass
+    micro_batch_size: Optional[int] = None
+    precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and reductions)
+    max_grad_norm: Optional[float] = None  # clip gradients by their global norm; null: off
 
     def __post_init__(self) -> None:
         _check(isinstance(self.task, str) and bool(_TASK_RE.match(self.task)), "train.task",
@@ -129,6 +136,15 @@ class TrainConfig:
                f"must be one of {', '.join(PARALLELISMS)}")
         _check(self.collective_timeout_s > 0, "train.collective_timeout_s",
                self.collective_timeout_s, "must be > 0")
+        mbs = self.micro_batch_size
+        _check(mbs is None or (isinstance(mbs, int) and not isinstance(mbs, bool) and mbs >= 1),
+               "train.micro_batch_size", mbs, "must be an integer >= 1, or null for the whole "
+               "local slice at once")
+        _check(self.precision in PRECISIONS, "train.precision", self.precision,
+               f"must be one of {', '.join(PRECISIONS)}")
+        _check(self.max_grad_norm is None or (isinstance(self.max_grad_norm, (int, float))
+                                              and self.max_grad_norm > 0),
+               "train.max_grad_norm", self.max_grad_norm, "must be > 0, or null for no clipping")
 
 
 @dataclass

@@ -91,7 +91,7 @@ SCHEMA: Dict[Event, Spec] = {
         ("generation", "world_size", "ranks", "source", "step", "restore_s")),
     Event.PROGRESS: Spec(
         "every run.log_interval_s while steps complete; step_t: when `step` completed",
-        ("step", "step_t", "world_size", "loss", "steps_per_s")),
+        ("step", "step_t", "world_size", "loss", "steps_per_s", "grad_norm")),
     Event.CHAOS: Spec(
         "a planned fault was injected",
         ("action", "rank", "pid", "step", "at_step")),

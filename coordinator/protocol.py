@@ -109,6 +109,7 @@ class StepReport:
     duration_s: float  # wall time of the step on this rank
     skipped: bool = False  # not applied: non-finite now, or a replay of a step skipped before
     nonfinite: bool = False  # found non-finite in this run of it (not a replay)
+    grad_norm: Optional[float] = None  # the global gradient norm (the same on every rank)
 
 
 @dataclass

@@ -73,7 +73,10 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
             checkpoint_async=cfg.checkpoint.async_,
             checkpoint_persist_timeout_s=cfg.checkpoint.persist_timeout_s,
             checkpoint_final=bool(cfg.checkpoint.interval_steps),
-            nonfinite=cfg.failure.nonfinite, nonfinite_limit=cfg.failure.nonfinite_limit)
+            nonfinite=cfg.failure.nonfinite, nonfinite_limit=cfg.failure.nonfinite_limit,
+            micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision,
+            max_grad_norm=None if cfg.train.max_grad_norm is None
+            else float(cfg.train.max_grad_norm))
         bus = Bus(events)
         # chaos only: the driver's manifest writes fail during an injected storage outage
         outage = StorageOutage() if "storage_outage" in cfg.chaos.actions() else None

@@ -15,17 +15,37 @@ from train import data as data_lib
 from train import parallel
 from train.loop import run_steps
 from train.state import build_state, full_model_state
+from train.step import Recipe
 from train.task import make_task
+from train.tasks.mlp import MLPRegression
 
 
-def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, seed, skip):
+class SizeCheckedMLP(MLPRegression):
+    """MLPRegression that refuses a forward pass of more than `max_forward` samples: the
+    per-forward batch a micro-batch size must bound, whatever the world size."""
+
+    def __init__(self, max_forward: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_forward = max_forward
+
+    def loss(self, model, batch):
+        n = batch["x"].shape[0]
+        if n > self.max_forward:
+            raise ValueError(f"a forward pass of {n} samples > max_forward={self.max_forward}")
+        return super().loss(model, batch)
+
+
+def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, seed, skip,
+            recipe=None):
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     t = make_task(task, task_args)
-    st = build_state(t, parallelism, torch.device("cpu"), seed, steps)
-    parallel.prime(st.model, t.loss, data_lib.local_batch(t, seed, 0, gbs, world, rank))
+    st = build_state(t, parallelism, torch.device("cpu"), seed, steps,
+                     recipe=Recipe(**(recipe or {})))
+    parallel.prime(st.model, t.loss, data_lib.local_micro_batches(
+        t, seed, 0, gbs, world, rank, st.recipe.micro_batch_size))
     losses = []
 
     def global_loss(step, weighted_loss, t, duration):
@@ -56,13 +76,14 @@ def _leave():
 
 
 def run_world(world, parallelism="ddp", steps=3, task="train.tasks.gpt:TinyGPT", task_args=None,
-              gbs=12, seed=0, skip=(), skipped=None):
+              gbs=12, seed=0, skip=(), skipped=None, recipe=None):
     """Train `steps` steps on `world` processes; returns (full model state, global losses).
-    `skip`: steps to skip (see run_steps); `skipped`: a list that receives every step skipped."""
+    `skip`: steps to skip (see run_steps); `skipped`: a list that receives every step skipped.
+    `recipe`: keyword arguments of `train.step.Recipe` (micro-batches, precision, clipping)."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "state.pt")
         _spawn(_worker, world, (out, parallelism, steps, task, task_args or {}, gbs, seed,
-                                tuple(skip)))
+                                tuple(skip), recipe))
         result = torch.load(out, weights_only=True)
     if skipped is not None:
         skipped.extend(result["skipped"])

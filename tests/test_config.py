@@ -49,6 +49,9 @@ pytestmark = pytest.mark.unit
     (["failure.node_failure_limit=-1"], "failure.node_failure_limit=-1"),
     (["failure.backoff_s=5", "failure.backoff_max_s=1"], "failure.backoff_max_s=1"),
     (["scaling.spare_workers=-1"], "scaling.spare_workers=-1"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0: must be an integer >= 1"),
+    (["train.precision=fp16"], "train.precision='fp16': must be one of fp32, bf16"),
+    (["train.max_grad_norm=0"], "train.max_grad_norm=0.0: must be > 0"),
     (["train=5"], "train=5: must be a section"),
     (["train.steps"], "override 'train.steps': expected key=value"),
 ])

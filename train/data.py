@@ -9,7 +9,7 @@ global batch, whatever W is. The data cursor is simply the step number.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -43,6 +43,30 @@ def local_batch(task: Task, seed: int, step: int, global_batch_size: int, world_
     start, stop = rank_slice(global_batch_size, world_size, rank)
     first = step * global_batch_size
     return task.collate([task.sample(first + i, seed) for i in range(start, stop)])
+
+
+def micro_batch_spans(samples: int, micro_batch_size: Optional[int]) -> List[Tuple[int, int]]:
+    """(start, stop) offsets of the micro-batches of a slice of `samples` (at least one span,
+    empty for an empty slice)."""
+    m = micro_batch_size or max(samples, 1)
+    return [(a, min(a + m, samples)) for a in range(0, samples, m)] or [(0, 0)]
+
+
+def local_micro_batches(task: Task, seed: int, step: int, global_batch_size: int,
+                        world_size: int, rank: int, micro_batch_size: Optional[int]
+                        ) -> Union[Dict[str, torch.Tensor], List[Tuple[Dict[str, torch.Tensor],
+                                                                       float]]]:
+    """The rank's slice of step `step` for `train_step`: the whole slice as one batch without a
+    micro-batch size (or when it fits one), else its micro-batches of at most
+    `micro_batch_size` samples, in sample order, each with its share of the slice. Each is
+    collated on its own, so no more than one micro-batch is ever built at once."""
+    start, stop = rank_slice(global_batch_size, world_size, rank)
+    n = stop - start
+    if micro_batch_size is None or n <= micro_batch_size:
+        return local_batch(task, seed, step, global_batch_size, world_size, rank)
+    first = step * global_batch_size + start
+    return [(task.collate([task.sample(first + i, seed) for i in range(a, b)]), (b - a) / n)
+            for a, b in micro_batch_spans(n, micro_batch_size)]
 
 
 _MASK64 = (1 << 64) - 1

@@ -34,6 +34,10 @@ class StepError(RuntimeError):
         return f"step {self.step}: {self.cause}"
 
 
+def _to(batch, device: torch.device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def run_steps(state: TrainState, *, seed: int, global_batch_size: int, world_size: int,
               rank: int, device: torch.device, until_step: int,
               after_step: Optional[AfterStep] = None, skip: Optional[Set[int]] = None) -> None:
@@ -49,18 +53,26 @@ def run_steps(state: TrainState, *, seed: int, global_batch_size: int, world_siz
 
     `skip`: steps (1-based) to skip, such as those found non-finite before a rollback (see
     `train_step`). A step found non-finite now is skipped too and added to `skip`, so the caller
-    tells the two apart by what it passed in; a skipped step reports a NaN loss."""
-    task = state.task
+    tells the two apart by what it passed in; a skipped step reports a NaN loss.
+
+    `state.recipe` says how each step is computed (micro-batches, precision, clipping: see
+    `train.step.Recipe`); `state.grad_norm` holds the last step's gradient norm."""
+    task, recipe = state.task, state.recipe
     scale = data_lib.loss_scale(global_batch_size, world_size, rank)
     share = data_lib.share(global_batch_size, world_size, rank)
     while state.step < until_step:
         t0 = time.time()
-        batch = data_lib.local_batch(task, seed, state.step, global_batch_size, world_size, rank)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = data_lib.local_micro_batches(task, seed, state.step, global_batch_size,
+                                             world_size, rank, recipe.micro_batch_size)
+        if isinstance(batch, dict):
+            batch = _to(batch, device)
+        else:
+            batch = [(_to(b, device), w) for b, w in batch]
         replay = skip is not None and state.step + 1 in skip
         try:
-            loss, applied = train_step(state.model, state.optimizer, state.scheduler, task.loss,
-                                       batch, scale, skip=replay)
+            loss, applied, state.grad_norm = train_step(
+                state.model, state.optimizer, state.scheduler, task.loss, batch, scale,
+                skip=replay, recipe=recipe)
         except RuntimeError as e:
             raise StepError(state.step + 1, e) from e
         state.step += 1

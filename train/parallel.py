@@ -10,21 +10,26 @@ from torch.nn.parallel import DistributedDataParallel
 from train.task import Task
 
 
-def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task) -> nn.Module:
+def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task,
+         precision: str = "fp32") -> nn.Module:
     """DDP: a replica per rank, gradients averaged. FSDP2 (`fully_shard`): parameters, gradients
     and optimizer state sharded over the ranks; `task.fsdp_units` are sharded one by one so their
-    all-gathers overlap compute, then the root."""
+    all-gathers overlap compute, then the root. `precision="bf16"` under FSDP2: parameters are
+    gathered and computed in bfloat16, gradients reduced in fp32, the sharded master weights
+    stay fp32 (DDP's bf16 is autocast in the step)."""
     if parallelism == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if parallelism == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision == "bf16" else MixedPrecisionPolicy()
         for unit in task.fsdp_units(model):
-            fully_shard(unit, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
     raise ValueError(f"train.parallelism={parallelism!r}: must be ddp or fsdp")
 
@@ -41,9 +46,12 @@ def prime(model: nn.Module, loss_fn, batch) -> None:
     first step after any (re)wrap, such as a resume, would sum in another order than the
     uninterrupted run did at that step, and the weights would drift in the last bits. Priming
     gives every wrap the same bucket layout before the first real step. FSDP2 has no buckets to
-    rebuild; it is left alone. The zero gradients are discarded."""
+    rebuild; it is left alone. The zero gradients are discarded. `batch`: a batch, or a step's
+    micro-batches, of which the first is run (a forward never exceeds a micro-batch)."""
     if not isinstance(model, DistributedDataParallel):
         return
+    if not isinstance(batch, dict):  # micro-batches (data.local_micro_batches): the first
+        batch = batch[0][0]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # dropout here must not shift the RNG stream
         (loss_fn(model, batch) * 0.0).backward()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from train import parallel
+from train.step import Recipe
 from train.task import Task
 
 
@@ -28,21 +29,25 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: Optional[torch.optim.lr_scheduler.LRScheduler]
     step: int = 0  # completed optimizer steps; also the data cursor
+    recipe: Recipe = field(default_factory=Recipe)  # micro-batches, precision, clipping
+    grad_norm: Optional[float] = None  # the last step's global gradient norm (before clipping)
 
 
 def build_state(task: Task, parallelism: str, device: torch.device, seed: int,
-                total_steps: int, wrap_ddp: bool = True) -> TrainState:
+                total_steps: int, wrap_ddp: bool = True,
+                recipe: Optional[Recipe] = None) -> TrainState:
     """Build the model over the current process group. Every rank seeds identically, so every
     rank starts from the same weights (FSDP2 shards them in place, DDP verifies them when it wraps).
     `wrap_ddp=False` leaves a DDP model unwrapped (see `parallel.wrap`), for a caller that loads
-    state into it before wrapping."""
+    state into it before wrapping. `recipe`: how steps are computed (`train.step.Recipe`)."""
+    recipe = recipe or Recipe()
     torch.manual_seed(seed)
     model = task.build_model().to(device)
     if parallelism != "ddp" or wrap_ddp:
-        model = parallel.wrap(model, parallelism, device, task)
+        model = parallel.wrap(model, parallelism, device, task, precision=recipe.precision)
     optimizer = task.build_optimizer(parallel.unwrap(model))
     scheduler = task.build_scheduler(optimizer, total_steps)
-    return TrainState(task, model, optimizer, scheduler)
+    return TrainState(task, model, optimizer, scheduler, recipe=recipe)
 
 
 def full_model_state(state: TrainState) -> Dict[str, torch.Tensor]:

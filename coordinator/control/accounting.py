@@ -24,6 +24,7 @@ class StepTally:
     duration_s: float = 0.0  # the slowest rank's step time
     skipped: bool = False  # not applied (all ranks skip together)
     nonfinite: bool = False  # found non-finite in this run of it
+    grad_norm: Optional[float] = None  # the step's global gradient norm (every rank's)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Progress:
     loss: Optional[float]
     world_size: int
     steps_per_s: Optional[float]
+    grad_norm: Optional[float] = None
 
     @property
     def eta_s(self) -> Optional[float]:
@@ -50,6 +52,7 @@ class Snapshot:
     loss: Optional[float]
     world_size: int
     steps_per_s: Optional[float]  # recent rate
+    grad_norm: Optional[float]  # the newest applied step's global gradient norm
     step_s: Optional[float]  # mean recent step time
     step_time_s: float  # time in steps so far (the slowest rank's, summed)
     wall_s: float  # since the controller started
@@ -73,6 +76,7 @@ class StepAccounting:
         self.pending: Dict[int, StepTally] = {}
         self.last_step = 0
         self.last_loss: Optional[float] = None
+        self.last_grad_norm: Optional[float] = None
         self.max_step_seen = 0  # the highest step any rank reported completing
         self.step_time_s = 0.0  # sum over steps of the slowest rank's step time
         self.recent: Deque[Tuple[int, float]] = collections.deque(maxlen=window)  # (step, t)
@@ -107,6 +111,8 @@ class StepAccounting:
         tally.duration_s = max(tally.duration_s, rep.duration_s)
         tally.skipped |= rep.skipped
         tally.nonfinite |= rep.nonfinite
+        if rep.grad_norm is not None:
+            tally.grad_norm = rep.grad_norm
         if tally.ranks < world_size:
             return None
         del self.pending[rep.step]
@@ -115,6 +121,7 @@ class StepAccounting:
         self.last_step = rep.step
         if not tally.skipped:  # a skipped step's loss is NaN: the curve keeps the last real one
             self.last_loss = tally.loss
+            self.last_grad_norm = tally.grad_norm
         self.saw(rep.step)
         self.step_time_s += tally.duration_s
         self.durations.append(tally.duration_s)
@@ -159,11 +166,11 @@ class StepAccounting:
 
     def snapshot(self, now: float, world_size: int, incidents: int, wall_s: float) -> Snapshot:
         return Snapshot(now=now, step=self.last_step, step_t=self.last_step_t,
-                        loss=self.last_loss, world_size=world_size,
+                        loss=self.last_loss, world_size=world_size, grad_norm=self.last_grad_norm,
                         steps_per_s=self.steps_per_s(), step_s=self.mean_step_s(),
                         step_time_s=self.step_time_s, wall_s=wall_s, incidents=incidents,
                         exposure_worker_s=self.exposure_worker_s)
 
     def progress(self, world_size: int) -> Progress:
         return Progress(self.last_step, self.total_steps, self.last_loss, world_size,
-                        self.steps_per_s())
+                        self.steps_per_s(), self.last_grad_norm)

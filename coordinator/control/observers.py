@@ -71,6 +71,7 @@ class ProgressEvents(Observer):
         self.bus.emit(Event.PROGRESS, step=snap.step, step_t=snap.step_t,
                       world_size=snap.world_size,
                       loss=None if snap.loss is None else round(snap.loss, 6),
+                      grad_norm=None if snap.grad_norm is None else round(snap.grad_norm, 6),
                       steps_per_s=None if snap.steps_per_s is None else round(snap.steps_per_s, 3))
 
 

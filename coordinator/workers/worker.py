@@ -50,6 +50,7 @@ from train.state import (
     load_template,
     weights_digest,
 )
+from train.step import Recipe
 from train.task import make_task
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,12 @@ class WorkerSpec:
     nonfinite: str = "rollback"  # failure.nonfinite: skip | rollback | stop
     nonfinite_limit: int = 3  # failure.nonfinite_limit
     checkpoint_persist_timeout_s: float = 60.0  # see CheckpointConfig.persist_timeout_s
+    micro_batch_size: Optional[int] = None  # train.micro_batch_size (see train.step.Recipe)
+    precision: str = "fp32"  # train.precision
+    max_grad_norm: Optional[float] = None  # train.max_grad_norm
+
+    def recipe(self) -> Recipe:
+        return Recipe(self.micro_batch_size, self.precision, self.max_grad_norm)
 
 
 class WorkerError(RuntimeError):
@@ -310,7 +317,8 @@ class TrainWorker:
         if fresh:
             # DDP stays unwrapped until its state is final: wrapping broadcasts rank 0's weights.
             self.state = build_state(self.task, self.spec.parallelism, self.device,
-                                     self.spec.seed, self.spec.total_steps, wrap_ddp=False)
+                                     self.spec.seed, self.spec.total_steps, wrap_ddp=False,
+                                     recipe=self.spec.recipe())
         st = self.state
         t_restore = time.monotonic()
         if source.kind == "checkpoint":
@@ -349,7 +357,8 @@ class TrainWorker:
         cause = classify(e, path)
         if self.spec.parallelism == "ddp":
             self.state = build_state(self.task, "ddp", self.device, self.spec.seed,
-                                     self.spec.total_steps, wrap_ddp=False)
+                                     self.spec.total_steps, wrap_ddp=False,
+                                     recipe=self.spec.recipe())
         else:
             self.state = None
         message = f"rank {self.rank} restoring {path}: {cause.words}"
@@ -365,9 +374,11 @@ class TrainWorker:
         if ddp:
             st.model = parallel.wrap(st.model, "ddp", self.device, self.task)
         # Same DDP bucket layout for every wrap, resumed or not (see train.parallel.prime).
-        batch = data_lib.local_batch(self.task, self.spec.seed, st.step,
-                                     self.spec.global_batch_size, self.world_size, rank)
-        parallel.prime(st.model, self.task.loss, {k: v.to(self.device) for k, v in batch.items()})
+        batch = data_lib.local_micro_batches(self.task, self.spec.seed, st.step,
+                                             self.spec.global_batch_size, self.world_size, rank,
+                                             st.recipe.micro_batch_size)
+        first = batch if isinstance(batch, dict) else batch[0][0]
+        parallel.prime(st.model, self.task.loss, {k: v.to(self.device) for k, v in first.items()})
         if self.spec.checkpoint_uri:
             timeout = timedelta(seconds=self.spec.collective_timeout_s)
             self.saver = CheckpointSaver(
@@ -460,7 +471,8 @@ class TrainWorker:
             live = step in skipped and step not in known
             # The optimizer has stepped (or skipped): the step is done, whatever the vote does.
             self._reports.append(StepReport(step, weighted_loss, t, duration,
-                                            skipped=step in skipped, nonfinite=live))
+                                            skipped=step in skipped, nonfinite=live,
+                                            grad_norm=st.grad_norm))
             streak = streak + 1 if live else 0
             if limit is not None and streak >= limit:
                 poisoned = True

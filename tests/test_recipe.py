@@ -1,0 +1,89 @@
+"""Micro-batches, bf16 and gradient clipping (train.step.Recipe) on real gloo process groups."""
+
+import pytest
+import torch
+
+from dist_harness import run_world
+from train import data as data_lib
+from train.step import Recipe
+from train.tasks.mlp import MLPRegression
+
+pytestmark = pytest.mark.timeout(300)
+
+MLP = "train.tasks.mlp:MLPRegression"
+CHECKED = "dist_harness:SizeCheckedMLP"
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def _differs(a, b, atol):
+    return any(not torch.allclose(a[k], b[k], atol=atol) for k in a)
+
+
+@pytest.mark.unit
+def test_micro_batches_cover_the_slice_in_order_with_their_shares():
+    task = MLPRegression()
+    whole = data_lib.local_batch(task, 0, 3, 16, 2, 1)
+    assert isinstance(data_lib.local_micro_batches(task, 0, 3, 16, 2, 1, None), dict)
+    assert isinstance(data_lib.local_micro_batches(task, 0, 3, 16, 2, 1, 8), dict)
+    parts = data_lib.local_micro_batches(task, 0, 3, 16, 2, 1, 3)  # 8 samples: 3 + 3 + 2
+    assert [b["x"].shape[0] for b, _ in parts] == [3, 3, 2]
+    assert [w for _, w in parts] == [3 / 8, 3 / 8, 2 / 8]
+    assert torch.equal(torch.cat([b["x"] for b, _ in parts]), whole["x"])
+
+
+@pytest.mark.unit
+def test_a_bad_recipe_names_the_setting():
+    with pytest.raises(ValueError, match="micro_batch_size=0"):
+        Recipe(micro_batch_size=0)
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        Recipe(precision="fp16")
+    with pytest.raises(ValueError, match="max_grad_norm=-1"):
+        Recipe(max_grad_norm=-1)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_micro_batches_keep_the_forward_size_through_a_shrink_and_the_gradient(parallelism):
+    """16 samples a step, micro-batches of 2: 4 ranks run 2 forwards of 2 each, 2 ranks 4 of 2
+    (a forward of more than 2 raises). Both train as the whole slices at once do on 2 ranks,
+    within float tolerance (the accumulation only reorders the sums)."""
+    args = {"max_forward": 2}
+    four, l4 = run_world(4, parallelism, steps=4, task=CHECKED, task_args=args, gbs=16,
+                         recipe={"micro_batch_size": 2})
+    two, l2 = run_world(2, parallelism, steps=4, task=CHECKED, task_args=args, gbs=16,
+                        recipe={"micro_batch_size": 2})
+    whole, lw = run_world(2, parallelism, steps=4, task=MLP, gbs=16)
+    _close(four, whole)
+    _close(two, whole)
+    assert l4 == pytest.approx(lw, rel=1e-5) and l2 == pytest.approx(lw, rel=1e-5)
+    with pytest.raises(Exception):  # the check bites: whole slices of 8 are refused
+        run_world(2, parallelism, steps=1, task=CHECKED, task_args=args, gbs=16)
+
+
+@pytest.mark.e2e
+def test_clipping_under_fsdp2_equals_clipping_under_ddp():
+    """max_grad_norm by the global norm: FSDP2 clips its shards by the norm of the whole
+    gradient, so it ends where DDP does; and the clip is active (unclipped differs)."""
+    clip = {"max_grad_norm": 0.05}
+    ddp, _ = run_world(2, "ddp", steps=4, task=MLP, gbs=16, recipe=clip)
+    fsdp, _ = run_world(2, "fsdp", steps=4, task=MLP, gbs=16, recipe=clip)
+    free, _ = run_world(2, "ddp", steps=4, task=MLP, gbs=16)
+    _close(ddp, fsdp)
+    assert _differs(ddp, free, atol=1e-4)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_bf16_trains_near_fp32_and_keeps_fp32_master_weights(parallelism):
+    """TinyGPT in bf16 compute: the weights stay fp32, the loss falls as fp32's does (within
+    bf16's precision) and the run is not fp32's."""
+    bf16, lb = run_world(2, parallelism, steps=6, gbs=8, recipe={"precision": "bf16"})
+    fp32, lf = run_world(2, parallelism, steps=6, gbs=8)
+    assert all(v.dtype == torch.float32 for v in bf16.values() if v.is_floating_point())
+    assert lb[-1] < lb[0] and lb == pytest.approx(lf, rel=0.02)
+    assert _differs(bf16, fp32, atol=0)

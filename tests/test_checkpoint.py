@@ -165,6 +165,22 @@ def test_retention_keeps_the_newest_and_the_protected(world1, tmp_path):
     assert e["uri"].endswith("/step-00000040")
 
 
+def test_only_the_newest_restore_is_protected_from_retention(world1, tmp_path):
+    """A job that restores again and again (each rollback, each lost FSDP2 shard) keeps
+    checkpoint.keep checkpoints plus the one it restored last, not every one it restored."""
+    uri = str(tmp_path / "ck")
+    _, st = _trained(1)
+    c = _committer(uri, tmp_path, keep=2)
+    for step in (10, 20):
+        _save(uri, st, world1, step, c)
+    assert c.resolve_resume().step == 20 and c.protected == {20}
+    for step in (30, 40):
+        _save(uri, st, world1, step, c)
+    assert c.resolve_resume().step == 40 and c.protected == {40}
+    _save(uri, st, world1, 50, c)
+    assert mf.list_steps(uri, {}) == [40, 50]
+
+
 def test_retention_victims():
     def ci(step, status):
         return mf.CheckpointInfo(step, f"p{step}", status)

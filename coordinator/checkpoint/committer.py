@@ -108,7 +108,9 @@ class Committer:
             self.events.emit(Event.CHECKPOINT_SKIPPED, step=ci.step, status=ci.status,
                              reason=ci.reason)
         if chosen is not None:
-            self.protected.add(chosen.step)
+            # Only the newest restore needs its files kept: one protected step, not one per
+            # restore, or a job restoring many times would keep every checkpoint it restored.
+            self.protected = {chosen.step}
             if chosen.manifest.get("config_hash") != self.config_hash:
                 logger.info("resuming from step %d saved under another config (hash %s, now %s)",
                             chosen.step, chosen.manifest.get("config_hash"), self.config_hash)

@@ -87,3 +87,29 @@ def test_bf16_trains_near_fp32_and_keeps_fp32_master_weights(parallelism):
     assert all(v.dtype == torch.float32 for v in bf16.values() if v.is_floating_point())
     assert lb[-1] < lb[0] and lb == pytest.approx(lf, rel=0.02)
     assert _differs(bf16, fp32, atol=0)
+
+
+@pytest.mark.e2e
+def test_a_replacement_keeps_a_micro_batched_bf16_clipped_run_bit_identical(tmp_path):
+    """The coordinator on Ray, 4 workers, micro-batches of 2, bf16 and clipping: a SIGKILLed
+    worker is replaced and the final weights equal the failure-free run's bit for bit; the
+    gradient norm reaches the progress events."""
+    import os
+
+    from conftest import ROOT, run_cli, run_events, run_summary
+    from train.state import weights_digest
+
+    recipe = {"micro_batch_size": 2, "precision": "bf16", "max_grad_norm": 0.5}
+    run_dir = tmp_path / "run"
+    proc = run_cli(["run", os.path.join(ROOT, "configs", "local_cpu.yaml"), "train.steps=60",
+                    "train.global_batch_size=16", *(f"train.{k}={v}" for k, v in recipe.items()),
+                    "checkpoint.interval_steps=0", f"run.dir={run_dir}",
+                    "chaos.events=[{at_step: 20, action: kill_worker, target: 2}]"], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = run_summary(run_dir)
+    assert s["status"] == "finished" and s["recoveries"] == 1 and s["world_sizes"] == [4, 4]
+    state, _ = run_world(4, "ddp", steps=60, gbs=16, recipe=recipe)
+    assert s["weights_digest"] == weights_digest(state)
+    norms = [e["grad_norm"] for e in run_events(run_dir) if e["event"] == "progress"
+             and e["grad_norm"] is not None]
+    assert norms and all(n > 0 for n in norms) and "gnorm" in proc.stdout

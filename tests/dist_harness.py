@@ -44,8 +44,8 @@ def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, se
     t = make_task(task, task_args)
     st = build_state(t, parallelism, torch.device("cpu"), seed, steps,
                      recipe=Recipe(**(recipe or {})))
-    parallel.prime(st.model, t.loss, data_lib.local_micro_batches(
-        t, seed, 0, gbs, world, rank, st.recipe.micro_batch_size))
+    parallel.prime(st.model, t.loss, data_lib.first_pass(t, seed, 0, gbs, world, rank,
+                                                         st.recipe.micro_batch_size))
     losses = []
 
     def global_loss(step, weighted_loss, t, duration):

@@ -46,12 +46,10 @@ def prime(model: nn.Module, loss_fn, batch) -> None:
     first step after any (re)wrap, such as a resume, would sum in another order than the
     uninterrupted run did at that step, and the weights would drift in the last bits. Priming
     gives every wrap the same bucket layout before the first real step. FSDP2 has no buckets to
-    rebuild; it is left alone. The zero gradients are discarded. `batch`: a batch, or a step's
-    micro-batches, of which the first is run (a forward never exceeds a micro-batch)."""
+    rebuild; it is left alone. The zero gradients are discarded. `batch`: one forward pass's
+    worth (`train.data.first_pass`: never more than a micro-batch)."""
     if not isinstance(model, DistributedDataParallel):
         return
-    if not isinstance(batch, dict):  # micro-batches (data.local_micro_batches): the first
-        batch = batch[0][0]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # dropout here must not shift the RNG stream
         (loss_fn(model, batch) * 0.0).backward()

@@ -374,11 +374,10 @@ class TrainWorker:
         if ddp:
             st.model = parallel.wrap(st.model, "ddp", self.device, self.task)
         # Same DDP bucket layout for every wrap, resumed or not (see train.parallel.prime).
-        batch = data_lib.local_micro_batches(self.task, self.spec.seed, st.step,
-                                             self.spec.global_batch_size, self.world_size, rank,
-                                             st.recipe.micro_batch_size)
-        first = batch if isinstance(batch, dict) else batch[0][0]
-        parallel.prime(st.model, self.task.loss, {k: v.to(self.device) for k, v in first.items()})
+        batch = data_lib.first_pass(self.task, self.spec.seed, st.step,
+                                    self.spec.global_batch_size, self.world_size, rank,
+                                    st.recipe.micro_batch_size)
+        parallel.prime(st.model, self.task.loss, {k: v.to(self.device) for k, v in batch.items()})
         if self.spec.checkpoint_uri:
             timeout = timedelta(seconds=self.spec.collective_timeout_s)
             self.saver = CheckpointSaver(

@@ -65,6 +65,9 @@ class RunConfig:
     # seconds between progress lines when stdout is not a terminal, and between `progress`
     # events and metric updates
     log_interval_s: float = 5.0
+    # TensorBoard scalars under <run.dir>/tensorboard/ (loss, grad norm, steps/s, world size,
+    # checkpoint stall, failures, recoveries), continued by step across reruns
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         _check(self.dir is None or str(self.dir).strip() != "", "run.dir", self.dir,

@@ -49,7 +49,7 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
 
     auto = cfg.checkpoint.interval_steps == "auto"
     cluster = Cluster(cfg)
-    group = None
+    group = bus = None
     controller = None
     status = "failed"
     error = None
@@ -130,6 +130,8 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
         if group is not None:
             group.shutdown()
         cluster.shutdown()
+        if bus is not None:
+            bus.close()  # observers' files (TensorBoard) flushed
         reporter.close_line()
 
     if leases is not None and not leases.ours("run.dir"):  # read now: it may be another job's

@@ -113,3 +113,12 @@ def test_a_replacement_keeps_a_micro_batched_bf16_clipped_run_bit_identical(tmp_
     norms = [e["grad_norm"] for e in run_events(run_dir) if e["event"] == "progress"
              and e["grad_norm"] is not None]
     assert norms and all(n > 0 for n in norms) and "gnorm" in proc.stdout
+    # ... and the TensorBoard curves, once per step, increasing, through the recovery
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "train/grad_norm", "job/world_size", "job/failures",
+            "recovery/recovery_s"} <= set(acc.Tags()["scalars"])
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 60

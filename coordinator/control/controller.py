@@ -249,8 +249,11 @@ class Controller:
         last = max((r.step for r in finished.values()), default=0)
         if finished and not self.group.busy() and not any(r.stopped for r in finished.values()) \
                 and last >= self.cfg.train.steps:
-            # The train calls returned: drain the last reports, which may postdate the heartbeat.
+            # The train calls returned: drain the last reports, which may postdate the heartbeat,
+            # and let the observers see the last step (progress event, curves).
             self._absorb(self.group.poll())
+            self.bus.tick(self.steps.snapshot(now, self.job.world_size, self.job.incidents,
+                                              now - self.started_at))
             self.state = Finalizing()
             return f"all workers reached step {last}", self.progress()
         if self.preempt_signal is not None:

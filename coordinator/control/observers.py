@@ -9,6 +9,7 @@ the automatic checkpoint interval and the chaos schedule (coordinator/chaos.py).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, Iterable, List
 
 from coordinator.events import Event
@@ -33,6 +34,9 @@ class Observer:
         """Fields this observer adds to summary.json."""
         return {}
 
+    def close(self) -> None:
+        """The job is over: flush what is buffered."""
+
 
 class Bus:
     def __init__(self, log, observers: Iterable[Observer] = ()):
@@ -54,6 +58,13 @@ class Bus:
         for o in self.observers:
             out.update(o.summary())
         return out
+
+    def close(self) -> None:
+        for o in self.observers:
+            try:
+                o.close()
+            except Exception as e:  # an observer's files must not fail the job's ending
+                logger.warning("closing %s: %s", type(o).__name__, e)
 
 
 class ProgressEvents(Observer):
@@ -146,5 +157,9 @@ def standard_observers(cfg: Config, bus: Bus, group, warmup_steps: int, hooks=No
         found.append(AutoIntervalObserver(cfg, bus, group, warmup_steps))
     if metrics is not None:
         found.append(MetricsObserver(metrics, cfg.run.log_interval_s))
+    if cfg.run.tensorboard and cfg.run.dir:
+        from coordinator.tensorboard import TensorBoardObserver
+
+        found.append(TensorBoardObserver(os.path.join(cfg.run.dir, "tensorboard")))
     bus.observers.extend(found)
     return found

@@ -55,3 +55,23 @@ def test_curves_continue_by_step_across_a_rerun_without_duplicates(tmp_path):
     assert curves["checkpoint/stall_s"] == [(20, pytest.approx(0.04))]
     assert curves["recovery/lost_steps"] == [(16, 0.0)]
     assert curves["job/failures"] == [(15, 1.0)]  # the one at step 25 was past the resume
+
+
+def test_the_bus_closes_observers_that_can_be_closed_and_says_nothing_of_others(tmp_path,
+                                                                              caplog):
+    from coordinator.control.observers import Bus
+    from coordinator.events import EventLog
+
+    class Bare:  # an observer by protocol only (as ChaosInjector is): nothing to close
+        def on_event(self, record):
+            pass
+
+    tb = TensorBoardObserver(str(tmp_path / "tb"))
+    bus = Bus(EventLog(str(tmp_path / "events.jsonl")), [Bare(), tb])
+    bus.emit(Event.GROUP_FORMED, generation=1, world_size=1, ranks=[0], source="init", step=0,
+             restore_s=0.0)
+    tb.on_tick(_snap(1, 0.5))
+    with caplog.at_level("WARNING"):
+        bus.close()
+    assert caplog.records == [] and tb._writer is None
+    assert _read(tmp_path / "tb")["train/loss"] == [(1, 0.5)]

@@ -61,8 +61,11 @@ class Bus:
 
     def close(self) -> None:
         for o in self.observers:
+            close = getattr(o, "close", None)  # observers need not subclass Observer
+            if close is None:
+                continue
             try:
-                o.close()
+                close()
             except Exception as e:  # an observer's files must not fail the job's ending
                 logger.warning("closing %s: %s", type(o).__name__, e)
 

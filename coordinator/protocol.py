@@ -110,6 +110,7 @@ class StepReport:
     skipped: bool = False  # not applied: non-finite now, or a replay of a step skipped before
     nonfinite: bool = False  # found non-finite in this run of it (not a replay)
     grad_norm: Optional[float] = None  # the global gradient norm (the same on every rank)
+    lr: Optional[float] = None  # the learning rate the step used (first parameter group)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """TensorBoard curves of a run (`run.tensorboard`, on by default), under RUN_DIR/tensorboard/.
 
 An observer of the job's bus (control/observers.py): every poll that saw new steps adds a point
-to train/loss, train/grad_norm, perf/steps_per_s and job/world_size at the newest step;
+to train/loss, train/grad_norm, train/lr, perf/steps_per_s and job/world_size at the newest step;
 checkpoint commits add checkpoint/stall_s and checkpoint/persist_s, failures job/failures,
 recoveries recovery/recovery_s and recovery/lost_steps. Written with torch.utils.tensorboard.
 
@@ -72,6 +72,7 @@ class TensorBoardObserver(Observer):
         self._tick_step = snap.step
         self._add("train/loss", snap.loss, snap.step)
         self._add("train/grad_norm", snap.grad_norm, snap.step)
+        self._add("train/lr", snap.lr, snap.step)
         self._add("perf/steps_per_s", snap.steps_per_s, snap.step)
         self._add("job/world_size", snap.world_size, snap.step)
 

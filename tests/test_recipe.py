@@ -118,7 +118,9 @@ def test_a_replacement_keeps_a_micro_batched_bf16_clipped_run_bit_identical(tmp_
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
-    assert {"train/loss", "train/grad_norm", "job/world_size", "job/failures",
+    assert {"train/loss", "train/grad_norm", "train/lr", "job/world_size", "job/failures",
             "recovery/recovery_s"} <= set(acc.Tags()["scalars"])
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert all(0 < x <= 3.0001e-3 for x in lrs) and max(lrs) > 5 * lrs[-1]  # warm-up, then cosine to 10%
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 60

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.unit
 
 def _snap(step, loss, world=4):
     return Snapshot(now=0.0, step=step, step_t=None, loss=loss, world_size=world,
-                    steps_per_s=10.0, grad_norm=0.5, step_s=0.1, step_time_s=1.0, wall_s=1.0,
+                    steps_per_s=10.0, grad_norm=0.5, lr=1e-3, step_s=0.1, step_time_s=1.0, wall_s=1.0,
                     incidents=0, exposure_worker_s=0.0)
 
 

@@ -25,6 +25,7 @@ class StepTally:
     skipped: bool = False  # not applied (all ranks skip together)
     nonfinite: bool = False  # found non-finite in this run of it
     grad_norm: Optional[float] = None  # the step's global gradient norm (every rank's)
+    lr: Optional[float] = None  # the learning rate it used
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Snapshot:
     world_size: int
     steps_per_s: Optional[float]  # recent rate
     grad_norm: Optional[float]  # the newest applied step's global gradient norm
+    lr: Optional[float]  # the learning rate the newest step used
     step_s: Optional[float]  # mean recent step time
     step_time_s: float  # time in steps so far (the slowest rank's, summed)
     wall_s: float  # since the controller started
@@ -77,6 +79,7 @@ class StepAccounting:
         self.last_step = 0
         self.last_loss: Optional[float] = None
         self.last_grad_norm: Optional[float] = None
+        self.last_lr: Optional[float] = None
         self.max_step_seen = 0  # the highest step any rank reported completing
         self.step_time_s = 0.0  # sum over steps of the slowest rank's step time
         self.recent: Deque[Tuple[int, float]] = collections.deque(maxlen=window)  # (step, t)
@@ -113,12 +116,15 @@ class StepAccounting:
         tally.nonfinite |= rep.nonfinite
         if rep.grad_norm is not None:
             tally.grad_norm = rep.grad_norm
+        if rep.lr is not None:
+            tally.lr = rep.lr
         if tally.ranks < world_size:
             return None
         del self.pending[rep.step]
         if rep.step <= self.last_step:
             return None
         self.last_step = rep.step
+        self.last_lr = tally.lr
         if not tally.skipped:  # a skipped step's loss is NaN: the curve keeps the last real one
             self.last_loss = tally.loss
             self.last_grad_norm = tally.grad_norm
@@ -167,6 +173,7 @@ class StepAccounting:
     def snapshot(self, now: float, world_size: int, incidents: int, wall_s: float) -> Snapshot:
         return Snapshot(now=now, step=self.last_step, step_t=self.last_step_t,
                         loss=self.last_loss, world_size=world_size, grad_norm=self.last_grad_norm,
+                        lr=self.last_lr,
                         steps_per_s=self.steps_per_s(), step_s=self.mean_step_s(),
                         step_time_s=self.step_time_s, wall_s=wall_s, incidents=incidents,
                         exposure_worker_s=self.exposure_worker_s)

@@ -93,6 +93,12 @@ class WorkerSpec:
         return Recipe(self.micro_batch_size, self.precision, self.max_grad_norm)
 
 
+def _lr(optimizer) -> Optional[float]:
+    groups = optimizer.param_groups
+    lr = groups[0].get("lr") if groups else None
+    return float(lr) if isinstance(lr, (int, float)) or torch.is_tensor(lr) else None
+
+
 class WorkerError(RuntimeError):
     """A failure inside a worker that is not a lost process (bad user task, collective error)."""
 
@@ -464,14 +470,17 @@ class TrainWorker:
         known, skipped = frozenset(skip), set(skip)
         limit = {"stop": 1, "rollback": spec.nonfinite_limit}.get(spec.nonfinite)
         streak, poisoned = 0, False
+        lr = _lr(st.optimizer)  # the rate the next step uses
 
         def after_step(step: int, weighted_loss: float, t: float, duration: float) -> bool:
-            nonlocal error, streak, poisoned
+            nonlocal error, streak, poisoned, lr
             live = step in skipped and step not in known
+            # the rate this step used: the scheduler has stepped past it already
+            lr_used, lr = lr, _lr(st.optimizer)
             # The optimizer has stepped (or skipped): the step is done, whatever the vote does.
             self._reports.append(StepReport(step, weighted_loss, t, duration,
                                             skipped=step in skipped, nonfinite=live,
-                                            grad_norm=st.grad_norm))
+                                            grad_norm=st.grad_norm, lr=lr_used))
             streak = streak + 1 if live else 0
             if limit is not None and streak >= limit:
                 poisoned = True

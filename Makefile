@@ -30,6 +30,7 @@ bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) scripts/bench_overhead.py
 	$(PY) scripts/bench_recovery.py --json
+	$(PY) scripts/bench_checkpoint.py --json
 
 clean:
 	rm -rf runs .pytest_cache

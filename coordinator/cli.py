@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoint fails verification. S3 endpoints and credentials come from the standard AWS "
         "variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."))
     ins.add_argument("uri", help="the checkpoint location (checkpoint.uri of the run)")
-    ins.add_argument("--verify", action="store_true", help="recheck every file's sha256")
+    ins.add_argument("--verify", action="store_true", help="recheck every file's checksum")
     rep = sub.add_parser("report", help="goodput breakdown and failure timeline of a run",
                          description=(
         "Print where a run's time went (productive training, checkpoint stalls, failure "

@@ -45,7 +45,7 @@ def run_inspect(uri: str, verify: bool, storage_options: Dict, out: TextIO = sys
     print(format_table(infos), file=out)
     bad = [ci for ci in infos if ci.status == "corrupt"]
     committed = [ci for ci in infos if ci.status == "committed"]
-    check = "sha256 verified" if verify else "sizes checked; --verify rechecks every sha256"
+    check = "checksums verified" if verify else "sizes checked; --verify rechecks every checksum"
     print(f"{len(committed)} committed, {len(bad)} corrupt, "
           f"{len(infos) - len(committed) - len(bad)} incomplete ({check})", file=out)
     return 1 if bad else 0

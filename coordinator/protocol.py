@@ -119,7 +119,7 @@ class SaveReport:
     step: int
     rank: int
     ok: bool
-    files: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> {size, sha256}
+    files: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> {size, <hash>: hex}
     stall_s: float = 0.0  # training blocked: waiting for the previous save + staging
     waited_s: float = 0.0  # the part of the stall spent waiting for the previous save
     persist_s: float = 0.0  # background write time, retries included

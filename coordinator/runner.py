@@ -72,6 +72,7 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
             checkpoint_interval=0 if auto else int(cfg.checkpoint.interval_steps or 0),
             checkpoint_async=cfg.checkpoint.async_,
             checkpoint_persist_timeout_s=cfg.checkpoint.persist_timeout_s,
+            checkpoint_hash=cfg.checkpoint.hash,
             checkpoint_final=bool(cfg.checkpoint.interval_steps),
             nonfinite=cfg.failure.nonfinite, nonfinite_limit=cfg.failure.nonfinite_limit,
             micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision,

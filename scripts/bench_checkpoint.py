@@ -11,9 +11,13 @@ JSON object per target with:
   stall_ratio      async_stall_s / sync_save_s                              (goal <= 0.05)
   memcpy_s         a raw copy of the same tensors into preallocated buffers
   stall_vs_memcpy  async_stall_s / memcpy_s                                 (goal <= 2)
-  persist_s        background persist time of that async save (sha256 on the fly included)
+  persist_s        background persist time of that async save (the checksum on the fly included)
   raw_write_s      the same bytes written sequentially to the same place, then fsync/closed
   throughput_ratio (bytes / persist_s) / (bytes / raw_write_s)             (goal >= 0.8)
+  verify_GBps      rereading and rechecking every file of that save (inspect --verify's work)
+The top-level figures use the default checksum (checkpoint.hash: crc32c); `by_hash` has them for
+each checksum, measured in the same interleaved runs; `spread` is [min, max] over the runs and
+`met` says which goal holds.
 Figures from moto say nothing about real S3 throughput: they show the path works at this size.
 """
 
@@ -36,7 +40,8 @@ sys.path.insert(0, ROOT)
 
 from coordinator.checkpoint.saver import CheckpointSaver  # noqa: E402
 from coordinator.checkpoint.manifest import step_name  # noqa: E402
-from coordinator.checkpoint.storage import filesystem, join  # noqa: E402
+from coordinator.checkpoint.storage import (HASHES, filesystem, hash_file, join,  # noqa: E402
+                                            list_files)
 
 
 def make_state(size_gb: float):
@@ -87,17 +92,40 @@ def _drop(uri: str, options, step: int) -> None:
     fs.rm(join(root, step_name(step)), recursive=True)
 
 
-def bench_target(name: str, uri: str, options, sd, group, repeats: int) -> dict:
-    """Medians over `repeats` of each measurement (this machine is noisy)."""
+def time_verify(uri: str, options, step: int, hash_name: str) -> float:
+    """Seconds to recheck every file of a step with `hash_name` (what `inspect --verify` and
+    `checkpoint.verify_on_load` do), right after the save: the files are in the page cache, so
+    this is the checksum's own speed plus the read."""
+    fs, root = filesystem(uri, options)
+    path = join(root, step_name(step))
+    t0 = time.perf_counter()
+    for name in list_files(fs, path):
+        hash_file(fs, join(path, name), hash_name)
+    return time.perf_counter() - t0
+
+
+def _spread(xs) -> list:
+    return [round(min(xs), 4), round(max(xs), 4)]
+
+
+def bench_target(name: str, uri: str, options, sd, group, repeats: int,
+                 hashes=HASHES) -> dict:
+    """Medians over `repeats` interleaved runs of each measurement (this machine is noisy): in
+    each run a synchronous save, one async save per checksum in `hashes`, and a raw write."""
     size = nbytes(sd)
-    saver = CheckpointSaver(uri, options, True, 0, group, retries=1)
-    saver.save(1, sd)  # the first async save allocates the staging buffers
-    saver.wait()
-    _drop(uri, options, 1)
-    sync = CheckpointSaver(uri, options, False, 0, group, retries=1)
+    savers = {h: CheckpointSaver(uri, options, True, 0, group, retries=1, hash_name=h)
+              for h in hashes}
+    for h, saver in savers.items():
+        saver.save(1, sd)  # the first async save allocates the staging buffers
+        saver.wait()
+        _drop(uri, options, 1)
+    sync = CheckpointSaver(uri, options, False, 0, group, retries=1, hash_name=hashes[0])
     sync.save(99, sd)  # warm, like the async saver: steady state reuses its buffers
     _drop(uri, options, 99)
-    sync_times, stalls, raws = [], [], []
+    sync_times, raws = [], []
+    stalls = {h: [] for h in hashes}
+    verifies = {h: [] for h in hashes}
+    step = 2
     # Interleaved, so that each method sees the same state of the page cache and the disk.
     for i in range(repeats):
         t0 = time.perf_counter()
@@ -105,30 +133,64 @@ def bench_target(name: str, uri: str, options, sd, group, repeats: int) -> dict:
         sync_times.append(time.perf_counter() - t0)
         assert sync.reports[-1].ok, sync.reports[-1].error
         _drop(uri, options, 100 + i)
-        t0 = time.perf_counter()
-        saver.save(2 + i, sd)
-        stalls.append(time.perf_counter() - t0)
-        saver.wait()  # the stall alone, not a wait for the previous persist
-        _drop(uri, options, 2 + i)
+        for h, saver in savers.items():
+            t0 = time.perf_counter()
+            saver.save(step, sd)
+            stalls[h].append(time.perf_counter() - t0)
+            saver.wait()  # the stall alone, not a wait for the previous persist
+            verifies[h].append(time_verify(uri, options, step, h))
+            _drop(uri, options, step)
+            step += 1
         raws.append(time_raw_write(sd, uri, options))
-    saver.close()
-    sync.close()
-    assert all(r.ok for r in saver.reports), [r.error for r in saver.reports]
-    persist = statistics.median(r.persist_s for r in list(saver.reports)[1:])
-    sync_s, stall = statistics.median(sync_times), statistics.median(stalls)
+    for saver in (*savers.values(), sync):
+        saver.close()
+    persists = {}
+    for h, saver in savers.items():
+        assert all(r.ok for r in saver.reports), [r.error for r in saver.reports]
+        persists[h] = [r.persist_s for r in list(saver.reports)[1:]]
+    sync_s, raw = statistics.median(sync_times), statistics.median(raws)
     memcpy = statistics.median(time_memcpy(sd) for _ in range(repeats))
-    raw = statistics.median(raws)
-    return {
-        "target": name, "bytes": size, "repeats": repeats, "sync_save_s": round(sync_s, 4),
-        "async_stall_s": round(stall, 4), "stall_ratio": round(stall / sync_s, 4),
-        "memcpy_s": round(memcpy, 4), "stall_vs_memcpy": round(stall / memcpy, 3),
-        "persist_s": round(persist, 4), "raw_write_s": round(raw, 4),
-        "persist_MBps": round(size / persist / 1e6, 1),
-        "raw_write_MBps": round(size / raw / 1e6, 1),
-        "throughput_ratio": round(raw / persist, 4),
+    by_hash = {}
+    for h in hashes:
+        stall, persist = statistics.median(stalls[h]), statistics.median(persists[h])
+        verify = statistics.median(verifies[h])
+        by_hash[h] = {
+            "async_stall_s": round(stall, 4), "stall_ratio": round(stall / sync_s, 4),
+            "stall_vs_memcpy": round(stall / memcpy, 3), "persist_s": round(persist, 4),
+            "persist_MBps": round(size / persist / 1e6, 1),
+            "throughput_ratio": round(raw / persist, 4),
+            "verify_s": round(verify, 4), "verify_GBps": round(size / verify / 1e9, 2),
+            "spread": {"async_stall_s": _spread(stalls[h]), "persist_s": _spread(persists[h]),
+                       "verify_s": _spread(verifies[h])},
+        }
+    default = by_hash[hashes[0]]
+    out = {
+        "target": name, "bytes": size, "repeats": repeats, "hash": hashes[0],
+        "sync_save_s": round(sync_s, 4), "memcpy_s": round(memcpy, 4),
+        "raw_write_s": round(raw, 4), "raw_write_MBps": round(size / raw / 1e6, 1),
+        **{k: v for k, v in default.items() if k != "spread"},
+        "by_hash": by_hash,
+        "spread": {"sync_save_s": _spread(sync_times), "raw_write_s": _spread(raws),
+                   **default["spread"]},
         "goals": {"stall_ratio": "<= 0.05", "stall_vs_memcpy": "<= 2",
                   "throughput_ratio": ">= 0.8"},
     }
+    out["met"] = {"stall_ratio": out["stall_ratio"] <= 0.05,
+                  "stall_vs_memcpy": out["stall_vs_memcpy"] <= 2,
+                  "throughput_ratio": out["throughput_ratio"] >= 0.8}
+    return out
+
+
+def machine() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+    return {"cores": os.cpu_count(), "torch": torch.__version__, "ray": v("ray"),
+            "google_crc32c": v("google-crc32c")}
 
 
 def start_moto():
@@ -160,7 +222,7 @@ def main() -> None:
     p.add_argument("--size-gb", type=float, default=1.0)
     p.add_argument("--dir", default=None, help="where the local target lives (default: tmp)")
     p.add_argument("--s3", action="store_true", help="also bench a moto S3 server")
-    p.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
+    p.add_argument("--repeats", type=int, default=5, help="medians over this many runs")
     a = p.parse_args()
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
@@ -182,7 +244,7 @@ def main() -> None:
             results.append(bench_target("s3-moto", "s3://bench/ckpt", {}, sd, group, a.repeats))
         finally:
             proc.kill()
-    print(json.dumps({"benchmark": "checkpoint", "results": results}))
+    print(json.dumps({"benchmark": "checkpoint", "machine": machine(), "results": results}))
     dist.destroy_process_group()
 
 

@@ -7,7 +7,7 @@ outages), then one JSON report read from what the run wrote.
 
 Report: status, steps, faults injected (by action), failures detected (by kind), recoveries
 (by state source), lost steps, non-finite steps skipped, rollbacks, checkpoints committed and
-failed, and every committed checkpoint left re-verified (sha256 of every file against its
+failed, and every committed checkpoint left re-verified (the checksum of every file against its
 manifest). Exit 0 only when the job finished and no committed checkpoint is corrupt.
 """
 

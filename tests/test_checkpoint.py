@@ -1,6 +1,7 @@
 """Checkpoints in one process (a world of 1 on gloo): commit, torn checkpoints, fallback,
 retention, torch's own tools."""
 
+import json
 import os
 import time
 
@@ -13,7 +14,7 @@ from coordinator.checkpoint import manifest as mf
 from coordinator.checkpoint.committer import Committer
 from coordinator.checkpoint.faults import StorageOutage
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
-from coordinator.checkpoint.storage import filesystem, join, sha256_file
+from coordinator.checkpoint.storage import file_checksum, filesystem, hash_file, join
 from coordinator.events import EventLog, events_of
 from train import data as data_lib
 from train.loop import run_steps
@@ -65,8 +66,9 @@ def test_commit_resume_exact_on_a_hostile_path(world1, tmp_path):
     assert ci.status == "committed" and ci.world_size == 1 and ci.step == 5
     # The hashes taken on the way out equal a read-back of what landed.
     fs, root = filesystem(uri, {})
+    assert ci.manifest["hash"] == "crc32c"  # the default
     for name, meta in ci.manifest["files"].items():
-        assert sha256_file(fs, join(root, "step-00000005", name)) == meta["sha256"]
+        assert hash_file(fs, join(root, "step-00000005", name), "crc32c") == meta["crc32c"]
     assert ".metadata" in ci.manifest["files"] and ci.manifest["config_hash"] == "hash0"
     # Restore into a fresh state: equal weights, step, scheduler, and the next step agrees.
     t2 = make_task("train.tasks.gpt:TinyGPT", {})
@@ -122,11 +124,7 @@ def test_torn_checkpoints_are_flagged_and_skipped(world1, tmp_path, damage, stat
     elif damage == "missing_shard":
         os.remove(_shard(newest))
     elif damage == "flipped_byte":
-        with open(_shard(newest), "r+b") as f:
-            f.seek(500)
-            b = f.read(1)
-            f.seek(500)
-            f.write(bytes([b[0] ^ 0xFF]))
+        _flip(_shard(newest))
     infos = {ci.step: ci for ci in mf.list_checkpoints(uri, {}, verify=True)}
     assert infos[30].status == status and infos[20].status == "committed"
     unverified = {ci.step: ci for ci in mf.list_checkpoints(uri, {}, verify=False)}
@@ -138,6 +136,71 @@ def test_torn_checkpoints_are_flagged_and_skipped(world1, tmp_path, damage, stat
     assert status in proc.stdout
     if needs_verify:  # without --verify, sizes match: nothing to flag
         assert run_cli(["inspect", uri], timeout=60).returncode == 0
+
+
+def _flip(path, at=500):
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_sha256_and_manifests_from_before_the_hash_setting_load_and_verify(world1, tmp_path):
+    uri = str(tmp_path / "ckpt")
+    _, st = _trained(2)
+    saver = CheckpointSaver(uri, {}, True, 0, world1, hash_name="sha256")
+    st.step = 4
+    saver.save(4, checkpoint_state(st, 0))
+    saver.close()
+    c = _committer(uri, tmp_path)
+    c.on_save(saver.reports[0])
+    (ci,) = mf.list_checkpoints(uri, {}, verify=True)
+    assert ci.status == "committed" and ci.manifest["hash"] == "sha256"
+    fs, root = filesystem(uri, {})
+    for name, meta in ci.manifest["files"].items():
+        assert file_checksum(meta) == ("sha256", hash_file(fs, join(root, "step-00000004", name),
+                                                           "sha256"))
+    # A manifest written before checkpoint.hash existed names no algorithm: sha256 it is.
+    path = join(uri, "step-00000004", "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    del manifest["hash"]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    (ci,) = mf.list_checkpoints(uri, {}, verify=True)
+    assert ci.status == "committed"
+    _flip(_shard(join(uri, "step-00000004")))
+    (ci,) = mf.list_checkpoints(uri, {}, verify=True)
+    assert ci.status == "corrupt" and "fails its sha256 check" in ci.reason
+    # An entry without a checksum is no manifest of ours.
+    manifest["files"][".metadata"].pop("sha256")
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    (ci,) = mf.list_checkpoints(uri, {}, verify=False)
+    assert ci.status == "corrupt" and ".metadata no checksum" in ci.reason
+
+
+def test_crc32c_of_chunked_views_is_the_standard_one():
+    from coordinator.checkpoint import storage
+    h = storage.new_hash("crc32c")
+    h.update(b"1234")
+    h.update(memoryview(bytearray(b"56789")))
+    assert h.hexdigest() == "e3069283"  # the CRC-32C check value (RFC 3720)
+    big = bytearray(os.urandom(3 * storage._CRC_CHUNK + 17))
+    h = storage.new_hash("crc32c")
+    h.update(memoryview(big).toreadonly())
+    import google_crc32c
+    assert h.hexdigest() == f"{google_crc32c.value(bytes(big)):08x}"
+
+
+def test_a_bad_hash_name_fails_at_once(world1, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint.hash='md5'"):
+        CheckpointSaver(str(tmp_path / "c"), {}, True, 0, world1, hash_name="md5")
+    from coordinator import config
+    from coordinator.checkpoint import storage
+    assert config.HASHES == storage.HASHES  # config's copy (it imports no fsspec)
+    assert config.CheckpointConfig().hash == storage.HASHES[0]
 
 
 def test_committer_falls_back_and_logs_why(world1, tmp_path):

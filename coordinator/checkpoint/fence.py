@@ -8,7 +8,7 @@ rendezvous store which generation is current (the driver sets it as each generat
 forming): a worker of an older one, or one that cannot reach the store to ask, stops writing.
 
 A freeze that falls between the check and the write it guards can still land one write; the
-manifest's sha256 of every file catches that at load (`checkpoint.verify_on_load`), and such a
+manifest's checksum of every file catches that at load (`checkpoint.verify_on_load`), and such a
 file belongs to a save that its ended generation can no longer commit.
 """
 

@@ -1,6 +1,7 @@
 """The commit protocol. A checkpoint is `<uri>/step-<8 digits>/` holding DCP files and, written
-last, `manifest.json`: every file with its size and sha256, the step, world size, generation and
-config hash. No valid manifest, no checkpoint. A torn manifest is not valid JSON, so it can never
+last, `manifest.json`: every file with its size and checksum (the algorithm is named in the
+manifest's `hash`: crc32c by default, sha256 in manifests written before `checkpoint.hash`), the
+step, world size, generation and config hash. No valid manifest, no checkpoint. A torn manifest is not valid JSON, so it can never
 commit anything; object stores need no rename for this (S3 has none that is atomic).
 """
 
@@ -17,8 +18,9 @@ from coordinator.checkpoint.storage import (
     basename,
     filesystem,
     join,
+    file_checksum,
+    hash_file,
     list_files,
-    sha256_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,12 +63,19 @@ def write_manifest(uri: str, storage_options: Dict[str, Any], step: int,
         "format": FORMAT, "step": step, "world_size": world_size, "generation": generation,
         "config_hash": config_hash, "created": time.time(),
         "bytes": sum(int(f["size"]) for f in files.values()),
-        "files": {name: {"size": int(f["size"]), "sha256": f["sha256"]}
-                  for name, f in sorted(files.items())},
+        "files": {name: _file_entry(f) for name, f in sorted(files.items())},
     }
+    algorithms = {file_checksum(f)[0] for f in files.values()}
+    if len(algorithms) == 1:
+        manifest["hash"] = algorithms.pop()
     with fs.open(join(root, step_name(step), MANIFEST), "w") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
+
+
+def _file_entry(record: Dict[str, Any]) -> Dict[str, Any]:
+    algorithm, digest = file_checksum(record)
+    return {"size": int(record["size"]), algorithm: digest}
 
 
 def _parse_manifest(raw: bytes, step: int) -> Tuple[Optional[Dict[str, Any]], str]:
@@ -81,6 +90,13 @@ def _parse_manifest(raw: bytes, step: int) -> Tuple[Optional[Dict[str, Any]], st
     files = m.get("files")
     if not isinstance(files, dict) or ".metadata" not in files:
         return None, "manifest.json lists no DCP .metadata"
+    for name, meta in files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("size"), int):
+            return None, f"manifest.json gives no size for {name}"
+        try:
+            file_checksum(meta)
+        except ValueError as e:
+            return None, f"manifest.json gives {name} {e}"
     return m, ""
 
 
@@ -110,8 +126,9 @@ def inspect_step(fs, root: str, uri: str, step: int, verify: bool) -> Checkpoint
             return ci
     if verify:
         for name, meta in manifest["files"].items():
-            if sha256_file(fs, join(path, name)) != meta["sha256"]:
-                ci.status, ci.reason = "corrupt", f"{name} fails its sha256 check"
+            algorithm, digest = file_checksum(meta)
+            if hash_file(fs, join(path, name), algorithm) != digest:
+                ci.status, ci.reason = "corrupt", f"{name} fails its {algorithm} check"
                 return ci
     ci.status = "committed"
     ci.bytes = manifest["bytes"]

@@ -4,8 +4,8 @@ Phase 1 (the only stall): at a step boundary, copy the state to CPU memory. The 
 CPU buffers between saves, so steady-state staging is a memcpy into memory already allocated.
 Phase 2 (background thread): torch DCP writes this rank's shards through fsspec while training goes
 on. DCP's planning collectives run on a separate gloo group made for checkpoints, never on the
-training group. Every written byte is hashed on its way out, so the rank can report each file's
-size and sha256 without reading it back; the driver commits (writes the manifest) only when every
+training group. Every written byte is hashed on its way out (`checkpoint.hash`: crc32c by default,
+or sha256), so the rank can report each file's size and checksum without reading it back; the driver commits (writes the manifest) only when every
 rank has reported.
 
 At most one save is in flight. When the next one is due while the previous is still persisting, we
@@ -38,8 +38,8 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from coordinator.checkpoint import errors
 from coordinator.checkpoint.errors import StorageError, classify
 from coordinator.checkpoint.manifest import MANIFEST, step_name
-from coordinator.checkpoint.storage import (HashingStream, basename, filesystem, join,
-                                            options_for)
+from coordinator.checkpoint.storage import (HASHES, HashingStream, basename, filesystem, join,
+                                            new_hash, options_for)
 from coordinator.protocol import SaveReport
 from train.errors import short_error
 from train.state import first_nonfinite
@@ -77,7 +77,7 @@ class _Discard(io.RawIOBase):
 
 
 class _HashingFileSystem(FileSystem):
-    """DCP's fsspec filesystem, recording the size and sha256 of every file it writes, and every
+    """DCP's fsspec filesystem, recording the size and checksum of every file it writes, and every
     path it opened for writing (`touched`: what a failed save removes).
 
     While DCP writes the shards (`collecting`), a write error is held (`error`, classified;
@@ -90,8 +90,9 @@ class _HashingFileSystem(FileSystem):
     write returns (the persist's sign of life, see CheckpointSaver)."""
 
     def __init__(self, before_write: Optional[Callable[[], None]] = None,
-                 progress: Optional[Callable[[], None]] = None) -> None:
+                 progress: Optional[Callable[[], None]] = None, algorithm: str = HASHES[0]) -> None:
         super().__init__()
+        self.algorithm = algorithm
         self.records: Dict[str, Dict[str, Any]] = {}
         self.touched: List[str] = []
         self.before_write = before_write
@@ -116,7 +117,7 @@ class _HashingFileSystem(FileSystem):
         self.touched.append(str(path))
         try:
             with super().create_stream(path, mode) as stream:
-                hashing = HashingStream(stream, self.before_write, self.progress)
+                hashing = HashingStream(stream, self.before_write, self.progress, self.algorithm)
                 yield hashing
         except Exception as e:
             if not self.collecting:
@@ -127,7 +128,7 @@ class _HashingFileSystem(FileSystem):
                     self.detail = "".join(traceback.format_exception(e))[-DETAIL_CHARS:]
             return
         size, digest = hashing.digest()  # recorded once the file is closed
-        self.records[basename(str(path))] = {"size": size, "sha256": digest}
+        self.records[basename(str(path))] = {"size": size, self.algorithm: digest}
         if self.progress is not None:
             self.progress()
 
@@ -142,11 +143,11 @@ class _HashingFileSystem(FileSystem):
 class _Writer(FsspecWriter):
     def __init__(self, path: str, options: Dict[str, Any], thread_count: int,
                  before_write: Optional[Callable[[], None]] = None,
-                 progress: Optional[Callable[[], None]] = None):
+                 progress: Optional[Callable[[], None]] = None, algorithm: str = HASHES[0]):
         # overwrite: a step re-saved after a resume replaces its old files (uncommitted first).
         super().__init__(path, sync_files=True, thread_count=thread_count, overwrite=True,
                          **options)
-        self.fs = _HashingFileSystem(before_write, progress)
+        self.fs = _HashingFileSystem(before_write, progress, algorithm)
         self.path = self.fs.init_path(path, **options)
 
     def prepare_global_plan(self, plans):
@@ -233,14 +234,18 @@ class CheckpointSaver:
                  split_replicated: bool = False, generation: int = 0,
                  reports: Optional["collections.deque[SaveReport]"] = None,
                  fault: Optional[Callable[[], None]] = None, persist_timeout_s: float = 60.0,
-                 agree_group=None, new_group: Optional[Callable[[], Any]] = None):
+                 agree_group=None, new_group: Optional[Callable[[], Any]] = None,
+                 hash_name: str = HASHES[0]):
         """`group`: the gloo group DCP's collectives run on (None: no process group, one rank).
         `agree_group`: the group the training thread agrees on a save in flight over (None: the
         default group); `new_group`: makes a fresh checkpoint group when a stuck save is given up
         (default: `dist.new_group(backend="gloo")`; every rank calls it at the same point).
         `persist_timeout_s`: see `_settle`. `fault`: a fault point called before every write of
         every save (chaos only: a `checkpoint.faults.StorageOutage`'s `check`); None, the
-        default, checks nothing."""
+        default, checks nothing. `hash_name`: the checksum of every file (one of
+        storage.HASHES)."""
+        new_hash(hash_name)  # a bad name fails here, not in the background
+        self.hash_name = hash_name
         self.uri, self.rank, self.group, self.async_ = uri, rank, group, async_
         self.generation = generation
         self.world_size = group.size() if group is not None else 1
@@ -434,7 +439,7 @@ class CheckpointSaver:
             writer = None
             try:
                 writer = self._writer = _Writer(path, self.options, self.thread_count,
-                                                self.fault, p.tick)
+                                                self.fault, p.tick, self.hash_name)
                 dcp.save(staged, storage_writer=writer, process_group=p.group)
                 if poisoned is not None:
                     self._report(p, SaveReport(

@@ -12,6 +12,7 @@ import hashlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import fsspec
+import google_crc32c
 from fsspec.core import url_to_fs
 
 
@@ -41,8 +42,49 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
-def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
+# The checksums a manifest may carry for a file, the default first (`checkpoint.hash`).
+HASHES = ("crc32c", "sha256")
+_CRC_CHUNK = 1 << 20  # google_crc32c takes bytes only: copy through a chunk that stays in cache
+
+
+class _Crc32c:
+    """CRC32C (hardware-accelerated where the CPU has it: ~6 GB/s a core here, sha256 ~1.5)."""
+
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data) -> None:
+        if isinstance(data, bytes):
+            self._crc = google_crc32c.extend(self._crc, data)
+            return
+        view = memoryview(data).cast("B")
+        for i in range(0, view.nbytes, _CRC_CHUNK):
+            self._crc = google_crc32c.extend(self._crc, bytes(view[i:i + _CRC_CHUNK]))
+
+    def hexdigest(self) -> str:
+        return f"{self._crc:08x}"
+
+
+def new_hash(name: str):
+    """A hashlib-like object (update, hexdigest) for one of HASHES."""
+    if name == "crc32c":
+        return _Crc32c()
+    if name == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"checkpoint.hash={name!r}: expected one of {', '.join(HASHES)}")
+
+
+def file_checksum(meta: Dict[str, Any]) -> Tuple[str, str]:
+    """(algorithm, hex digest) a manifest's file entry carries (a manifest from before
+    `checkpoint.hash` carries sha256). Raises ValueError when it carries none."""
+    for name in HASHES:
+        if isinstance(meta.get(name), str):
+            return name, meta[name]
+    raise ValueError(f"no checksum (expected one of {', '.join(HASHES)})")
+
+
+def hash_file(fs: fsspec.AbstractFileSystem, path: str, name: str, chunk: int = 8 << 20) -> str:
+    h = new_hash(name)
     with fs.open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
@@ -54,11 +96,12 @@ class HashingStream:
     cost no second read of the data."""
 
     def __init__(self, stream, before_write: Optional[Callable[[], None]] = None,
-                 progress: Optional[Callable[[], None]] = None):
+                 progress: Optional[Callable[[], None]] = None, algorithm: str = HASHES[0]):
         self._stream = stream
         self._before_write = before_write  # a fault point (chaos only; see checkpoint.faults)
         self._progress = progress  # called each time a write returns: storage answered
-        self._hash = hashlib.sha256()
+        self.algorithm = algorithm
+        self._hash = new_hash(algorithm)
         self._size = 0
 
     def write(self, data) -> int:

@@ -85,6 +85,7 @@ class WorkerSpec:
     nonfinite: str = "rollback"  # failure.nonfinite: skip | rollback | stop
     nonfinite_limit: int = 3  # failure.nonfinite_limit
     checkpoint_persist_timeout_s: float = 60.0  # see CheckpointConfig.persist_timeout_s
+    checkpoint_hash: str = "crc32c"  # see CheckpointConfig.hash
     micro_batch_size: Optional[int] = None  # train.micro_batch_size (see train.step.Recipe)
     precision: str = "fp32"  # train.precision
     max_grad_norm: Optional[float] = None  # train.max_grad_norm
@@ -392,6 +393,7 @@ class TrainWorker:
                 generation=self.generation, reports=self._save_reports,
                 fault=self._fault_point(),
                 persist_timeout_s=self.spec.checkpoint_persist_timeout_s,
+                hash_name=self.spec.checkpoint_hash,
                 agree_group=self._ctl_group,
                 new_group=lambda: dist.new_group(backend="gloo", timeout=timeout))
             # A restored step is on storage already: the final save does not repeat it.

@@ -50,9 +50,15 @@ def check_runnable(cfg: Config) -> None:
     from train.task import make_task
 
     try:
-        make_task(cfg.train.task, dict(cfg.train.task_args))
+        task = make_task(cfg.train.task, dict(cfg.train.task_args))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from train.task import has_eval
+
+    if cfg.train.eval_interval_steps and not has_eval(task):
+        raise ConfigError(f"train.eval_interval_steps={cfg.train.eval_interval_steps}: "
+                          f"{cfg.train.task} has no eval_sample (see train.task.Task), or set "
+                          "train.eval_interval_steps=0")
     from coordinator.checkpoint.storage import filesystem
 
     try:

@@ -129,6 +129,10 @@ class TrainConfig:
     micro_batch_size: Optional[int] = None
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and reductions)
     max_grad_norm: Optional[float] = None  # clip gradients by their global norm; null: off
+    # steps between evaluations of the loss on a fixed held-out set (the task's eval_sample),
+    # and at the last step; 0: off
+    eval_interval_steps: int = 0
+    eval_samples: int = 64  # held-out samples per evaluation, split over the ranks of any world
 
     def __post_init__(self) -> None:
         _check(isinstance(self.task, str) and bool(_TASK_RE.match(self.task)), "train.task",
@@ -149,6 +153,12 @@ class TrainConfig:
         _check(self.max_grad_norm is None or (isinstance(self.max_grad_norm, (int, float))
                                               and self.max_grad_norm > 0),
                "train.max_grad_norm", self.max_grad_norm, "must be > 0, or null for no clipping")
+        for key in ("eval_interval_steps", "eval_samples"):
+            v = getattr(self, key)
+            least = 1 if key == "eval_samples" else 0
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= least, f"train.{key}",
+                   v, f"must be an integer >= {least}" + (", 0 for no evaluation"
+                                                          if key == "eval_interval_steps" else ""))
 
 
 @dataclass

@@ -37,6 +37,7 @@ class Event(str, Enum):
     GROUP_FORMING = "group_forming"
     GROUP_FORMED = "group_formed"
     PROGRESS = "progress"
+    EVAL = "eval"
     CHAOS = "chaos"
     FAILURE_DETECTED = "failure_detected"
     NODE_ISOLATED = "node_isolated"
@@ -92,6 +93,10 @@ SCHEMA: Dict[Event, Spec] = {
     Event.PROGRESS: Spec(
         "every run.log_interval_s while steps complete; step_t: when `step` completed",
         ("step", "step_t", "world_size", "loss", "steps_per_s", "grad_norm")),
+    Event.EVAL: Spec(
+        "the loss over train.eval_samples held-out samples after `step`, computed by the "
+        "current world (the same at any world size); eval_s: how long it took",
+        ("step", "loss", "samples", "world_size", "eval_s")),
     Event.CHAOS: Spec(
         "a planned fault was injected",
         ("action", "rank", "pid", "step", "at_step")),

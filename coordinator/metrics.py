@@ -40,6 +40,8 @@ class JobMetrics:
                              "Background persist time of the last committed checkpoint, seconds",
                              tag_keys=keys)
         self.checkpoints = Counter("elastic_checkpoints", "Checkpoints committed", tag_keys=keys)
+        self.eval_loss = Gauge("elastic_eval_loss", "The newest evaluation's held-out loss "
+                               "(train.eval_interval_steps)", tag_keys=keys)
 
     def progress(self, step: int, world_size: int, steps_per_s: Optional[float],
                  goodput: Optional[float]) -> None:
@@ -49,6 +51,9 @@ class JobMetrics:
             self.steps_per_s.set(steps_per_s, tags=self.tags)
         if goodput is not None:
             self.goodput.set(goodput, tags=self.tags)
+
+    def evaluated(self, loss: float) -> None:
+        self.eval_loss.set(loss, tags=self.tags)
 
     def failure(self, kind: str, count: int) -> None:
         self.failures.inc(count, tags={**self.tags, "kind": kind})

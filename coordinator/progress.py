@@ -20,7 +20,8 @@ def format_progress(p: Progress) -> str:
     loss = f"{p.loss:.4f}" if p.loss is not None else "-"
     rate = f"{p.steps_per_s:.1f}" if p.steps_per_s else "-"
     gnorm = f" | gnorm {p.grad_norm:.3g}" if p.grad_norm is not None else ""
-    return (f"step {p.step}/{p.total} | loss {loss}{gnorm} | {rate} steps/s | "
+    ev = f" | eval {p.eval_loss:.4f}" if p.eval_loss is not None else ""
+    return (f"step {p.step}/{p.total} | loss {loss}{gnorm}{ev} | {rate} steps/s | "
             f"world {p.world_size} | ETA {_fmt_eta(p.eta_s)}")
 
 

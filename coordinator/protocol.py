@@ -111,6 +111,8 @@ class StepReport:
     nonfinite: bool = False  # found non-finite in this run of it (not a replay)
     grad_norm: Optional[float] = None  # the global gradient norm (the same on every rank)
     lr: Optional[float] = None  # the learning rate the step used (first parameter group)
+    eval_loss: Optional[float] = None  # the held-out loss after this step, if evaluated
+    eval_s: Optional[float] = None  # seconds the evaluation took on this rank
 
 
 @dataclass

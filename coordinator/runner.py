@@ -73,6 +73,8 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
             checkpoint_async=cfg.checkpoint.async_,
             checkpoint_persist_timeout_s=cfg.checkpoint.persist_timeout_s,
             checkpoint_hash=cfg.checkpoint.hash,
+            eval_interval_steps=cfg.train.eval_interval_steps,
+            eval_samples=cfg.train.eval_samples,
             checkpoint_final=bool(cfg.checkpoint.interval_steps),
             nonfinite=cfg.failure.nonfinite, nonfinite_limit=cfg.failure.nonfinite_limit,
             micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision,
@@ -190,9 +192,10 @@ def format_summary(s: dict, run_dir: str) -> str:
     g = s.get("goodput") or {}
     loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
     rate = f"{s['steps_per_s']:.1f}" if s.get("steps_per_s") else "-"
+    ev = f", eval loss {s['final_eval_loss']:.4f}" if s.get("final_eval_loss") is not None else ""
     lines = [
         f"== job {s.get('job')} {s['status']}: {s.get('steps', 0)}/{s.get('total_steps', '?')} "
-        f"steps, final loss {loss}, {rate} steps/s",
+        f"steps, final loss {loss}{ev}, {rate} steps/s",
         f"   world sizes {s.get('world_sizes')}, failures {s.get('failures', 0)}, "
         f"recoveries {s.get('recoveries', 0)}" + (
             f", peer state transfers that failed their checksum {s['transfer_mismatches']}"

@@ -1,9 +1,10 @@
 """TensorBoard curves of a run (`run.tensorboard`, on by default), under RUN_DIR/tensorboard/.
 
 An observer of the job's bus (control/observers.py): every poll that saw new steps adds a point
-to train/loss, train/grad_norm, train/lr, perf/steps_per_s and job/world_size at the newest step;
-checkpoint commits add checkpoint/stall_s and checkpoint/persist_s, failures job/failures,
-recoveries recovery/recovery_s and recovery/lost_steps. Written with torch.utils.tensorboard.
+to train/loss, train/grad_norm, train/lr, perf/steps_per_s, perf/goodput (time in completed steps
+over wall time so far, the live figure) and job/world_size at the newest step; evaluations add
+eval/loss at their step, checkpoint commits checkpoint/stall_s and checkpoint/persist_s, failures
+job/failures, recoveries recovery/recovery_s and recovery/lost_steps. Written with torch.utils.tensorboard.
 
 Curves continue across reruns and requeues by step: the writer opens at the step the first
 generation resumed from, with `purge_step` there, so points an earlier attempt wrote past that step
@@ -56,6 +57,8 @@ class TensorBoardObserver(Observer):
                 logger.warning("tensorboard: cannot write %s: %s (run.tensorboard=false turns "
                                "this off)", self.log_dir, e)
                 self._writer = None
+        elif kind == Event.EVAL.value:
+            self._add("eval/loss", record["loss"], record["step"])
         elif kind == Event.CHECKPOINT_COMMITTED.value:
             self._add("checkpoint/stall_s", record["stall_s"], record["step"])
             self._add("checkpoint/persist_s", record["persist_s"], record["step"])
@@ -74,6 +77,8 @@ class TensorBoardObserver(Observer):
         self._add("train/grad_norm", snap.grad_norm, snap.step)
         self._add("train/lr", snap.lr, snap.step)
         self._add("perf/steps_per_s", snap.steps_per_s, snap.step)
+        self._add("perf/goodput", snap.step_time_s / snap.wall_s if snap.wall_s > 0 else None,
+                  snap.step)
         self._add("job/world_size", snap.world_size, snap.step)
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from train import data as data_lib
 from train import parallel
+from train.evaluate import eval_loss
 from train.loop import run_steps
 from train.state import build_state, full_model_state
 from train.step import Recipe
@@ -36,7 +37,7 @@ class SizeCheckedMLP(MLPRegression):
 
 
 def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, seed, skip,
-            recipe=None):
+            recipe=None, evaluate=(0, 0)):
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
@@ -46,12 +47,18 @@ def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, se
                      recipe=Recipe(**(recipe or {})))
     parallel.prime(st.model, t.loss, data_lib.first_pass(t, seed, 0, gbs, world, rank,
                                                          st.recipe.micro_batch_size))
-    losses = []
+    losses, evals = [], []
+    every, samples = evaluate
 
-    def global_loss(step, weighted_loss, t, duration):
+    def global_loss(step, weighted_loss, _t, duration):
         part = torch.tensor([weighted_loss])
         dist.all_reduce(part)
         losses.append(float(part))
+        if every and step % every == 0:
+            batch = st.recipe.micro_batch_size or -(-gbs // world)
+            evals.append(eval_loss(st.model, t, seed=seed, samples=samples, world_size=world,
+                                   rank=rank, device=torch.device("cpu"), batch_size=batch,
+                                   precision=st.recipe.precision))
         return False
 
     skipped = set(skip)
@@ -60,7 +67,8 @@ def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, se
               skip=skipped)
     sd = full_model_state(st)
     if rank == 0:
-        torch.save({"state": sd, "losses": losses, "skipped": sorted(skipped)}, out)
+        torch.save({"state": sd, "losses": losses, "skipped": sorted(skipped), "evals": evals},
+                   out)
     dist.barrier()  # nobody leaves while a peer may still talk to it: gloo aborts on a closed peer
     dist.destroy_process_group()
     _leave()
@@ -76,17 +84,21 @@ def _leave():
 
 
 def run_world(world, parallelism="ddp", steps=3, task="train.tasks.gpt:TinyGPT", task_args=None,
-              gbs=12, seed=0, skip=(), skipped=None, recipe=None):
+              gbs=12, seed=0, skip=(), skipped=None, recipe=None, evaluate=(0, 0), evals=None):
     """Train `steps` steps on `world` processes; returns (full model state, global losses).
     `skip`: steps to skip (see run_steps); `skipped`: a list that receives every step skipped.
-    `recipe`: keyword arguments of `train.step.Recipe` (micro-batches, precision, clipping)."""
+    `recipe`: keyword arguments of `train.step.Recipe` (micro-batches, precision, clipping).
+    `evaluate`: (every, samples): the held-out loss (train.evaluate) after every `every`
+    steps, over `samples` samples, into the list `evals`."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "state.pt")
         _spawn(_worker, world, (out, parallelism, steps, task, task_args or {}, gbs, seed,
-                                tuple(skip), recipe))
+                                tuple(skip), recipe, tuple(evaluate)))
         result = torch.load(out, weights_only=True)
     if skipped is not None:
         skipped.extend(result["skipped"])
+    if evals is not None:
+        evals.extend(result["evals"])
     return result["state"], result["losses"]
 
 

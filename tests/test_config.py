@@ -52,6 +52,9 @@ pytestmark = pytest.mark.unit
     (["train.micro_batch_size=0"], "train.micro_batch_size=0: must be an integer >= 1"),
     (["train.precision=fp16"], "train.precision='fp16': must be one of fp32, bf16"),
     (["train.max_grad_norm=0"], "train.max_grad_norm=0.0: must be > 0"),
+    (["train.eval_interval_steps=-1"], "train.eval_interval_steps=-1: must be an integer >= 0"),
+    (["train.eval_samples=0"], "train.eval_samples=0: must be an integer >= 1"),
+    (["checkpoint.hash=md5"], "checkpoint.hash='md5': must be one of crc32c, sha256"),
     (["train=5"], "train=5: must be a section"),
     (["train.steps"], "override 'train.steps': expected key=value"),
 ])
@@ -120,3 +123,16 @@ def test_cli_exit_2_one_line_no_traceback(args, expect, tmp_path):
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not os.path.exists(tmp_path / "r"), "nothing may be written for a bad config"
+
+
+def test_evaluation_of_a_task_without_eval_sample_is_refused_at_once(tmp_path):
+    (tmp_path / "noeval.py").write_text(
+        "from train.tasks.mlp import MLPRegression\n"
+        "class NoEval(MLPRegression):\n"
+        "    eval_sample = __import__('train.task', fromlist=['Task']).Task.eval_sample\n")
+    proc = run_cli(["run", "configs/local_cpu.yaml", "train.task=noeval:NoEval",
+                    "train.eval_interval_steps=10", f"run.dir={tmp_path}/r"],
+                   env={"PYTHONPATH": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "train.eval_interval_steps=10: noeval:NoEval has no eval_sample" in proc.stderr
+    assert not os.path.exists(tmp_path / "r")

@@ -217,7 +217,10 @@ def test_auto_checkpoint_interval_on_real_workers(tmp_path, reference):
     assert s["checkpoint_interval"]["mtbf_source"] == "observed"
     assert s["checkpoint_interval"]["failures"] == 1
     committed = [e["step"] for e in _of(run_dir, "checkpoint_committed")]
-    assert committed[0] >= 15 and len(committed) >= 5 and len(set(committed)) == len(committed)
+    # the warm-up's, at least one Young/Daly chose (how many depends on the stall measured, so
+    # on the machine's load: 4 on a loaded one), and the last step's; each step once
+    assert committed[0] >= 15 and len(committed) >= 3 and len(set(committed)) == len(committed)
+    assert committed[-1] == STEPS
     assert "checkpoint interval (auto): every" in proc.stdout
     g = s["goodput"]
     assert sum(g["seconds"].values()) == pytest.approx(g["wall_s"], abs=0.01)

@@ -93,7 +93,8 @@ def test_bf16_trains_near_fp32_and_keeps_fp32_master_weights(parallelism):
 def test_a_replacement_keeps_a_micro_batched_bf16_clipped_run_bit_identical(tmp_path):
     """The coordinator on Ray, 4 workers, micro-batches of 2, bf16 and clipping: a SIGKILLed
     worker is replaced and the final weights equal the failure-free run's bit for bit; the
-    gradient norm reaches the progress events."""
+    gradient norm reaches the progress events; evaluations every 20 steps change nothing of
+    training and reach the events, the summary, the progress line and the curves."""
     import os
 
     from conftest import ROOT, run_cli, run_events, run_summary
@@ -104,6 +105,7 @@ def test_a_replacement_keeps_a_micro_batched_bf16_clipped_run_bit_identical(tmp_
     proc = run_cli(["run", os.path.join(ROOT, "configs", "local_cpu.yaml"), "train.steps=60",
                     "train.global_batch_size=16", *(f"train.{k}={v}" for k, v in recipe.items()),
                     "checkpoint.interval_steps=0", f"run.dir={run_dir}",
+                    "train.eval_interval_steps=20", "train.eval_samples=24",
                     "chaos.events=[{at_step: 20, action: kill_worker, target: 2}]"], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = run_summary(run_dir)
@@ -113,14 +115,46 @@ def test_a_replacement_keeps_a_micro_batched_bf16_clipped_run_bit_identical(tmp_
     norms = [e["grad_norm"] for e in run_events(run_dir) if e["event"] == "progress"
              and e["grad_norm"] is not None]
     assert norms and all(n > 0 for n in norms) and "gnorm" in proc.stdout
+    evals = {e["step"]: e for e in run_events(run_dir) if e["event"] == "eval"}
+    # the one after step 20 may be lost with the worker killed there (not redone)
+    assert {40, 60} <= set(evals) <= {20, 40, 60}, evals
+    assert all(e["samples"] == 24 and e["world_size"] == 4 and e["eval_s"] > 0
+               for e in evals.values())
+    assert evals[60]["loss"] < evals[40]["loss"] and s["final_eval_loss"] == evals[60]["loss"]
+    assert "| eval " in proc.stdout and f"eval loss {evals[60]['loss']:.4f}" in proc.stdout
     # ... and the TensorBoard curves, once per step, increasing, through the recovery
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     assert {"train/loss", "train/grad_norm", "train/lr", "job/world_size", "job/failures",
-            "recovery/recovery_s"} <= set(acc.Tags()["scalars"])
+            "recovery/recovery_s", "eval/loss", "perf/goodput"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("eval/loss")] == sorted(evals)
     lrs = [e.value for e in acc.Scalars("train/lr")]
     assert all(0 < x <= 3.0001e-3 for x in lrs) and max(lrs) > 5 * lrs[-1]  # warm-up, then cosine to 10%
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_the_eval_loss_is_the_same_at_world_1_2_and_4(parallelism):
+    """22 held-out samples (unequal slices at 4: FSDP2's spare pass) in passes of 2: the same
+    mean at any world size, and it falls as the model trains."""
+    out = {}
+    for world in (1, 2, 4):
+        evals = []
+        run_world(world, parallelism, steps=4, gbs=12, recipe={"micro_batch_size": 2},
+                  evaluate=(2, 22), evals=evals)
+        out[world] = evals
+    assert len(out[1]) == 2 and out[1][1] < out[1][0]
+    assert out[2] == pytest.approx(out[1], rel=1e-5) and out[4] == pytest.approx(out[1], rel=1e-5)
+
+
+@pytest.mark.e2e
+def test_an_evaluation_after_every_step_leaves_training_as_it_was():
+    evals = []
+    with_eval, losses = run_world(2, "ddp", steps=4, gbs=12, evaluate=(1, 10), evals=evals)
+    without, losses0 = run_world(2, "ddp", steps=4, gbs=12)
+    assert len(evals) == 4 and losses == losses0
+    assert all(torch.equal(with_eval[k], without[k]) for k in without)

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.unit
 
 def _snap(step, loss, world=4):
     return Snapshot(now=0.0, step=step, step_t=None, loss=loss, world_size=world,
-                    steps_per_s=10.0, grad_norm=0.5, lr=1e-3, step_s=0.1, step_time_s=1.0, wall_s=1.0,
-                    incidents=0, exposure_worker_s=0.0)
+                    steps_per_s=10.0, grad_norm=0.5, lr=1e-3, eval_loss=None, step_s=0.1,
+                    step_time_s=0.5, wall_s=1.0, incidents=0, exposure_worker_s=0.0)
 
 
 def _read(log_dir):
@@ -43,12 +43,15 @@ def test_curves_continue_by_step_across_a_rerun_without_duplicates(tmp_path):
         {"event": Event.CHECKPOINT_COMMITTED.value, "step": 20, "stall_s": 0.04, "persist_s": 0.3},
         {"event": Event.FAILURE_DETECTED.value, "step": 15},
         {"event": Event.RECOVERED.value, "resumed_step": 15, "recovery_s": 0.8, "lost_steps": 0},
+        {"event": Event.EVAL.value, "step": 10, "loss": 2.5},
         {"event": Event.FAILURE_DETECTED.value, "step": 25}])
     _attempt(log_dir, 20, list(range(21, 41)) + list(range(35, 41)))  # 35..40 replayed
     curves = _read(log_dir)
     assert {"train/loss", "train/grad_norm", "perf/steps_per_s", "job/world_size",
             "checkpoint/stall_s", "checkpoint/persist_s", "job/failures",
-            "recovery/recovery_s", "recovery/lost_steps"} <= set(curves)
+            "recovery/recovery_s", "recovery/lost_steps", "perf/goodput", "eval/loss"
+            } <= set(curves)
+    assert curves["eval/loss"] == [(10, 2.5)] and curves["perf/goodput"][-1] == (40, 0.5)
     steps = [s for s, _ in curves["train/loss"]]
     assert steps == list(range(1, 41))
     assert curves["train/loss"][-1] == (40, pytest.approx(1 / 40))

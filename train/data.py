@@ -94,3 +94,9 @@ def sample_seed(seed: int, index: int) -> int:
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """A generator seeded from (seed, index) alone: the per-sample randomness of built-in tasks."""
     return torch.Generator().manual_seed(sample_seed(seed, index))
+
+
+def held_out_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of held-out sample `index` (built-in tasks' `eval_sample`): the training
+    stream's sample -1 - index, which no training sample (index >= 0) ever draws."""
+    return sample_generator(seed, -1 - index)

@@ -55,7 +55,7 @@ def _grad_norm(model: nn.Module) -> Optional[torch.Tensor]:
     return full() if full is not None else norm
 
 
-def _is_fsdp(model: nn.Module) -> bool:
+def is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -68,7 +68,7 @@ def _no_sync(model: nn.Module):
     if isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
-    elif _is_fsdp(model):
+    elif is_fsdp(model):
         model.set_requires_gradient_sync(False)
         try:
             yield
@@ -78,10 +78,10 @@ def _no_sync(model: nn.Module):
         yield
 
 
-def _autocast(model: nn.Module, precision: str):
+def autocast(model: nn.Module, precision: str):
     """bf16 compute for DDP (or a plain module): autocast. FSDP2 casts its own parameters
     (MixedPrecisionPolicy), so it runs without."""
-    if precision != "bf16" or _is_fsdp(model):
+    if precision != "bf16" or is_fsdp(model):
         return contextlib.nullcontext()
     device = next(model.parameters()).device
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -121,7 +121,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         with contextlib.ExitStack() as stack:
             if not last:
                 stack.enter_context(_no_sync(model))
-            with _autocast(model, recipe.precision):
+            with autocast(model, recipe.precision):
                 loss = loss_fn(model, micro)
             detached = loss.detach().float()
             poison = torch.where(torch.isfinite(detached), 1.0, float("nan"))

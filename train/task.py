@@ -11,6 +11,7 @@ Rules that keep runs exact and elastic:
 - `loss(model, batch)` returns the *mean* over the samples of `batch`; the coordinator weights it by
   the rank's share of the global batch.
 - `build_model()` runs under `torch.manual_seed(job.seed)` on every rank, so all ranks start equal.
+- `eval_sample(index, seed)` (optional) gives the held-out set `train.eval_interval_steps` uses.
 """
 
 from __future__ import annotations
@@ -48,10 +49,22 @@ class Task:
     def collate(self, samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
+    def eval_sample(self, index: int, seed: int) -> Dict[str, torch.Tensor]:
+        """Held-out sample number `index` (0 .. train.eval_samples - 1), never one `sample`
+        gives, by the same rules as `sample`. Needed only for `train.eval_interval_steps`; the
+        eval loss is `loss` over these samples, in eval mode, without gradients."""
+        raise NotImplementedError
+
     def fsdp_units(self, model: nn.Module) -> Iterable[nn.Module]:
         """Submodules to shard one by one under FSDP2 (e.g. transformer blocks); the root is
         always sharded last."""
         return ()
+
+
+def has_eval(task: Any) -> bool:
+    """Whether `task` overrides `eval_sample` (or, not a `Task`, has one)."""
+    fn = getattr(type(task), "eval_sample", None)
+    return callable(fn) and fn is not Task.eval_sample
 
 
 def load_task_class(path: str) -> type:

@@ -26,6 +26,8 @@ class StepTally:
     nonfinite: bool = False  # found non-finite in this run of it
     grad_norm: Optional[float] = None  # the step's global gradient norm (every rank's)
     lr: Optional[float] = None  # the learning rate it used
+    eval_loss: Optional[float] = None  # the held-out loss after it (the same on every rank)
+    eval_s: float = 0.0  # the slowest rank's evaluation
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Progress:
     world_size: int
     steps_per_s: Optional[float]
     grad_norm: Optional[float] = None
+    eval_loss: Optional[float] = None  # the newest evaluation's
 
     @property
     def eta_s(self) -> Optional[float]:
@@ -55,6 +58,7 @@ class Snapshot:
     steps_per_s: Optional[float]  # recent rate
     grad_norm: Optional[float]  # the newest applied step's global gradient norm
     lr: Optional[float]  # the learning rate the newest step used
+    eval_loss: Optional[float]  # the newest evaluation's held-out loss
     step_s: Optional[float]  # mean recent step time
     step_time_s: float  # time in steps so far (the slowest rank's, summed)
     wall_s: float  # since the controller started
@@ -68,6 +72,7 @@ class Completed:
     step: int
     recovered: Optional[Dict[str, Any]] = None  # the `recovered` event's fields, if it ends one
     nonfinite: bool = False  # the step was found non-finite and skipped
+    eval: Optional[Dict[str, Any]] = None  # {loss, eval_s} when the step was evaluated
 
 
 class StepAccounting:
@@ -80,6 +85,7 @@ class StepAccounting:
         self.last_loss: Optional[float] = None
         self.last_grad_norm: Optional[float] = None
         self.last_lr: Optional[float] = None
+        self.last_eval_loss: Optional[float] = None
         self.max_step_seen = 0  # the highest step any rank reported completing
         self.step_time_s = 0.0  # sum over steps of the slowest rank's step time
         self.recent: Deque[Tuple[int, float]] = collections.deque(maxlen=window)  # (step, t)
@@ -118,6 +124,9 @@ class StepAccounting:
             tally.grad_norm = rep.grad_norm
         if rep.lr is not None:
             tally.lr = rep.lr
+        if rep.eval_loss is not None:
+            tally.eval_loss = rep.eval_loss
+            tally.eval_s = max(tally.eval_s, rep.eval_s or 0.0)
         if tally.ranks < world_size:
             return None
         del self.pending[rep.step]
@@ -137,6 +146,9 @@ class StepAccounting:
         if self._warm is None and rep.step >= self.warmup_steps:
             self._warm = (rep.step, tally.t)
         done = Completed(rep.step, nonfinite=tally.nonfinite)
+        if tally.eval_loss is not None:
+            self.last_eval_loss = tally.eval_loss
+            done.eval = {"loss": tally.eval_loss, "eval_s": round(tally.eval_s, 4)}
         if self._awaiting is not None:
             rec, self._awaiting = self._awaiting, None
             rec["recovery_s"] = round(max(0.0, tally.t - rec.pop("t0")), 3)
@@ -173,11 +185,11 @@ class StepAccounting:
     def snapshot(self, now: float, world_size: int, incidents: int, wall_s: float) -> Snapshot:
         return Snapshot(now=now, step=self.last_step, step_t=self.last_step_t,
                         loss=self.last_loss, world_size=world_size, grad_norm=self.last_grad_norm,
-                        lr=self.last_lr,
+                        lr=self.last_lr, eval_loss=self.last_eval_loss,
                         steps_per_s=self.steps_per_s(), step_s=self.mean_step_s(),
                         step_time_s=self.step_time_s, wall_s=wall_s, incidents=incidents,
                         exposure_worker_s=self.exposure_worker_s)
 
     def progress(self, world_size: int) -> Progress:
         return Progress(self.last_step, self.total_steps, self.last_loss, world_size,
-                        self.steps_per_s(), self.last_grad_norm)
+                        self.steps_per_s(), self.last_grad_norm, self.last_eval_loss)

@@ -510,6 +510,10 @@ class Controller:
                     self.job.nonfinite_run = []
                 if done.recovered is not None:
                     self._recovered(done.recovered)
+                if done.eval is not None:
+                    self.bus.emit(Event.EVAL, step=done.step, loss=done.eval["loss"],
+                                  samples=self.cfg.train.eval_samples,
+                                  world_size=self.job.world_size, eval_s=done.eval["eval_s"])
             for save in hb.saves:
                 if self.committer is not None:
                     self.committer.on_save(save)  # commits are announced on the bus

@@ -102,6 +102,8 @@ class MetricsObserver(Observer):
             self.metrics.failure(record["kind"], len(record["ranks"]))
         elif kind == Event.CHECKPOINT_COMMITTED:
             self.metrics.checkpoint(record["stall_s"], record["persist_s"])
+        elif kind == Event.EVAL:
+            self.metrics.evaluated(record["loss"])
 
     def on_tick(self, snap: Snapshot) -> None:
         if snap.now - self._t < self.interval_s:

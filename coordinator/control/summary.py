@@ -21,6 +21,7 @@ def job_summary(cfg: Config, job: JobRecord, steps: StepAccounting, committer,
         "steps": steps.last_step,
         "total_steps": cfg.train.steps,
         "final_loss": steps.last_loss,
+        "final_eval_loss": steps.last_eval_loss,  # the newest evaluation (train.eval_*)
         "weights_digest": job.digest,
         "world_sizes": job.world_sizes,
         "generations": job.generation,

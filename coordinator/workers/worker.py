@@ -51,6 +51,7 @@ from train.state import (
     weights_digest,
 )
 from train.step import Recipe
+from train.evaluate import eval_loss
 from train.task import make_task
 
 logger = logging.getLogger(__name__)
@@ -86,12 +87,18 @@ class WorkerSpec:
     nonfinite_limit: int = 3  # failure.nonfinite_limit
     checkpoint_persist_timeout_s: float = 60.0  # see CheckpointConfig.persist_timeout_s
     checkpoint_hash: str = "crc32c"  # see CheckpointConfig.hash
+    eval_interval_steps: int = 0  # train.eval_interval_steps (0: no evaluation)
+    eval_samples: int = 64  # train.eval_samples
     micro_batch_size: Optional[int] = None  # train.micro_batch_size (see train.step.Recipe)
     precision: str = "fp32"  # train.precision
     max_grad_norm: Optional[float] = None  # train.max_grad_norm
 
     def recipe(self) -> Recipe:
         return Recipe(self.micro_batch_size, self.precision, self.max_grad_norm)
+
+    def eval_due(self, step: int) -> bool:
+        iv = self.eval_interval_steps
+        return iv > 0 and (step % iv == 0 or step == self.total_steps)
 
 
 def _lr(optimizer) -> Optional[float]:
@@ -479,10 +486,17 @@ class TrainWorker:
             live = step in skipped and step not in known
             # the rate this step used: the scheduler has stepped past it already
             lr_used, lr = lr, _lr(st.optimizer)
+            report = StepReport(step, weighted_loss, t, duration, skipped=step in skipped,
+                                nonfinite=live, grad_norm=st.grad_norm, lr=lr_used)
+            if spec.eval_due(step):
+                try:
+                    report.eval_loss, report.eval_s = self._evaluate()
+                except RuntimeError as e:  # a collective: a peer was lost
+                    error = f"rank {self.rank} evaluating after step {step}: {short_error(e)}"
             # The optimizer has stepped (or skipped): the step is done, whatever the vote does.
-            self._reports.append(StepReport(step, weighted_loss, t, duration,
-                                            skipped=step in skipped, nonfinite=live,
-                                            grad_norm=st.grad_norm, lr=lr_used))
+            self._reports.append(report)
+            if error is not None:
+                return True
             streak = streak + 1 if live else 0
             if limit is not None and streak >= limit:
                 poisoned = True
@@ -521,6 +535,16 @@ class TrainWorker:
             self._teardown()
             raise WorkerError(error)
         return TrainResult(st.step, st.step < until_step, nonfinite=poisoned)
+
+    def _evaluate(self) -> Tuple[float, float]:
+        """(held-out loss, seconds): a collective of the whole group (train.evaluate)."""
+        t0 = time.time()
+        spec, st = self.spec, self.state
+        batch = st.recipe.micro_batch_size or -(-spec.global_batch_size // self.world_size)
+        loss = eval_loss(st.model, self.task, seed=spec.seed, samples=spec.eval_samples,
+                         world_size=self.world_size, rank=self.rank, device=self.device,
+                         batch_size=batch, precision=st.recipe.precision)
+        return loss, time.time() - t0
 
     def _after_vote(self, step: int, decided: int, save: int, busy: int = 0,
                     answering: int = 0) -> bool:

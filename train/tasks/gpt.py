@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.data import sample_generator
+from train.data import held_out_generator, sample_generator
 from train.task import Task
 
 
@@ -95,7 +95,13 @@ class TinyGPT(Task):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def sample(self, index: int, seed: int) -> Dict[str, torch.Tensor]:
-        g = sample_generator(seed, index)
+        return self._walk(sample_generator(seed, index))
+
+    def eval_sample(self, index: int, seed: int) -> Dict[str, torch.Tensor]:
+        return self._walk(held_out_generator(seed, index))
+
+    def _walk(self, g: torch.Generator) -> Dict[str, torch.Tensor]:
+        """A sequence of the chain, drawn from `g`."""
         first = int(torch.randint(self.vocab_size, (1,), generator=g))
         picks = torch.randint(self.branching, (self.seq_len,), generator=g).tolist()
         tokens = [first]

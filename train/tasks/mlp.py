@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.data import sample_generator
+from train.data import held_out_generator, sample_generator
 from train.task import Task
 
 
@@ -35,6 +35,10 @@ class MLPRegression(Task):
         x = torch.randn(self.in_dim, generator=sample_generator(seed, index))
         if index in self.nan_samples:
             x = torch.full_like(x, float("nan"))
+        return {"x": x, "y": torch.sin(x @ self.teacher_w)}
+
+    def eval_sample(self, index: int, seed: int) -> Dict[str, torch.Tensor]:
+        x = torch.randn(self.in_dim, generator=held_out_generator(seed, index))
         return {"x": x, "y": torch.sin(x @ self.teacher_w)}
 
     def loss(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -48,6 +48,20 @@ def _run(st, until, skip=None):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_first_nonfinite_finds_each_kind_in_each_float_dtype(dtype):
+    from train.state import first_nonfinite
+
+    t = torch.randn(100).to(dtype)
+    clean = {"a": t, "empty": torch.empty(0, dtype=dtype), "n": torch.arange(3), "s": 1.5}
+    assert first_nonfinite(clean) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[7] = bad
+        assert first_nonfinite({"x": {"y": [t, u]}, "z": u}) == "x.y.1", bad
+
+
+@pytest.mark.unit
 def test_a_nan_batch_is_skipped_and_the_model_is_untouched():
     """Step 3 draws sample 2*GBS+1, whose inputs are NaN: no optimizer step (weights and optimizer
     state as after step 2), the scheduler-free task's step count still advances, the loss is

@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The demo afresh each time: a finished earlier one is moved aside (never deleted); one whose
+# job still holds its lease, or that crashed, is left for the run to resume or refuse.
 run: install
+	@if [ -e runs/local_cpu/summary.json ] && [ ! -e runs/local_cpu/lease.json ]; then \
+		d=runs/local_cpu.$$(date +%Y%m%d-%H%M%S); mv runs/local_cpu $$d; \
+		echo "make run: the previous demo is now $$d"; fi
 	$(PY) -m coordinator run configs/local_cpu.yaml
 
 test: install

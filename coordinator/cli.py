@@ -105,6 +105,36 @@ def _setup_logging(reporter) -> None:
         log.propagate = False
 
 
+def already_finished(cfg: Config) -> Optional[str]:
+    """Why a rerun of `cfg` would train nothing (its run is done), or None. Read-only: the
+    newest committed checkpoint's manifest (sizes and checksums are checked at a real resume),
+    or, without checkpoints, a finished summary.json."""
+    import json
+
+    from coordinator.checkpoint import manifest as mf
+
+    again = ("raise train.steps to train on, or give a new run.dir (and checkpoint.uri) to "
+             "start afresh")
+    try:
+        chosen, _ = mf.resolve_latest(cfg.checkpoint.uri, cfg.checkpoint.storage_options,
+                                      verify=False)
+    except (OSError, ValueError):  # unreadable here: the run itself will say why
+        chosen = None
+    if chosen is not None and chosen.step >= cfg.train.steps:
+        return (f"job {cfg.job.name} already finished: step {chosen.step} of "
+                f"train.steps={cfg.train.steps} is committed in {cfg.checkpoint.uri}; {again}")
+    if chosen is None:
+        try:
+            with open(os.path.join(cfg.run.dir, "summary.json"), encoding="utf-8") as f:
+                s = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if s.get("status") == "finished" and s.get("total_steps") == cfg.train.steps:
+            return (f"job {cfg.job.name} already finished: {cfg.run.dir}/summary.json says "
+                    f"{s.get('steps')}/{cfg.train.steps} steps; {again}")
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.verb == "run":
@@ -129,9 +159,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_USAGE
         except KeyboardInterrupt:  # while a requeue waits for its previous run's lease
             return 130
-        from coordinator.runner import run_job
-
         with leases:
+            done = already_finished(cfg)
+            if done:  # said before Ray starts: a rerun would restore and end at once
+                print(done)
+                return 0
+            from coordinator.runner import run_job
+
             return run_job(cfg, reporter, leases)
     if args.verb == "inspect":
         from coordinator.inspect_cmd import run_inspect

@@ -79,6 +79,14 @@ def test_sigkill_whole_job_then_rerun_resumes_to_identical_weights(tmp_path):
     assert full["model"]["tok.weight"].shape == (64, 64) and int(full["extra"]["step"]) == 300
     assert all(f"rng/rank{r}" in full for r in range(4))
 
+    # The same command again has nothing to train: said at once, Ray not started.
+    starts = [e["event"] for e in _events(run_dir)].count("job_start")
+    again = run_cli(["run", *args, f"run.dir={run_dir}"], timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already finished: step 300 of train.steps=300 is committed" in again.stdout
+    assert "raise train.steps" in again.stdout and "Traceback" not in again.stderr
+    assert [e["event"] for e in _events(run_dir)].count("job_start") == starts
+
     # A rerun with more steps continues from the final checkpoint.
     more = run_cli(["run", CONFIG, NO_CHAOS, "train.steps=340", "checkpoint.interval_steps=50",
                     f"run.dir={run_dir}"])

@@ -122,6 +122,9 @@ def test_a_replacement_keeps_a_micro_batched_bf16_clipped_run_bit_identical(tmp_
                for e in evals.values())
     assert evals[60]["loss"] < evals[40]["loss"] and s["final_eval_loss"] == evals[60]["loss"]
     assert "| eval " in proc.stdout and f"eval loss {evals[60]['loss']:.4f}" in proc.stdout
+    again = run_cli(["run", os.path.join(ROOT, "configs", "local_cpu.yaml"), "train.steps=60",
+                     f"run.dir={run_dir}", "checkpoint.interval_steps=0"], timeout=60)
+    assert again.returncode == 0 and "summary.json says 60/60 steps" in again.stdout, again.stdout
     # ... and the TensorBoard curves, once per step, increasing, through the recovery
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

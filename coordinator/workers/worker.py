@@ -38,6 +38,7 @@ from train import data as data_lib
 from train import parallel
 from train.errors import short_error
 from train.loop import StepError, run_steps
+from train.evaluate import eval_loss
 from train.state import (
     FullState,
     TrainState,
@@ -51,7 +52,6 @@ from train.state import (
     weights_digest,
 )
 from train.step import Recipe
-from train.evaluate import eval_loss
 from train.task import make_task
 
 logger = logging.getLogger(__name__)

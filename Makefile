@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run run-tokens test test-fast bench clean
 
 install: $(STAMP)
 
@@ -18,11 +18,20 @@ $(STAMP): pyproject.toml
 
 # The demo afresh each time: a finished earlier one is moved aside (never deleted); one whose
 # job still holds its lease, or that crashed, is left for the run to resume or refuse.
+fresh = if [ -e runs/$(1)/summary.json ] && [ ! -e runs/$(1)/lease.json ]; then \
+		d=runs/$(1).$$(date +%Y%m%d-%H%M%S); mv runs/$(1) $$d; \
+		echo "make: the previous demo is now $$d"; fi
+
 run: install
-	@if [ -e runs/local_cpu/summary.json ] && [ ! -e runs/local_cpu/lease.json ]; then \
-		d=runs/local_cpu.$$(date +%Y%m%d-%H%M%S); mv runs/local_cpu $$d; \
-		echo "make run: the previous demo is now $$d"; fi
+	@$(call fresh,local_cpu)
 	$(PY) -m coordinator run configs/local_cpu.yaml
+
+# The same on a real corpus: the project's docs as bytes (scripts/prepare_tokens.py).
+run-tokens: install
+	@test -e runs/corpus/docs.bin || $(PY) scripts/prepare_tokens.py runs/corpus/docs.bin \
+		README.md docs/*.md
+	@$(call fresh,tokens_cpu)
+	$(PY) -m coordinator run configs/tokens_cpu.yaml
 
 test: install
 	$(PY) -m pytest -v tests

@@ -149,3 +149,37 @@ def test_worker_killed_during_persist_leaves_no_manifest(tmp_path):
     per_rank = [sum(f["size"] for n, f in ci.manifest["files"].items()
                     if n.startswith(f"__{r}_")) for r in (0, 1)]
     assert ci.bytes > 100e6 and max(per_rank) / min(per_rank) < 1.2, per_rank
+
+
+def test_the_token_corpus_resumes_bit_identical_after_a_whole_job_sigkill(tmp_path):
+    """train.tasks.tokens on a corpus made from the repo's docs: the whole job is SIGKILLed after
+    a checkpoint, and the rerun ends with the weights and held-out loss of an uninterrupted run."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from prepare_tokens import prepare
+
+    corpus = str(tmp_path / "docs.bin")
+    docs = sorted(os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")))
+    assert prepare(corpus, [os.path.join(ROOT, "README.md"), *docs], progress=None) > 50_000
+    args = [CONFIG, NO_CHAOS, "train.task=train.tasks.tokens:TokenCorpus",
+            f"train.task_args={{path: {corpus}, seq_len: 32, dim: 32, heads: 4}}",
+            "train.steps=120", "checkpoint.interval_steps=30", "train.eval_interval_steps=40",
+            "train.eval_samples=16"]
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    proc = _start(args + [f"run.dir={run_dir}"])
+    try:
+        _wait_for(lambda ev: [e for e in ev if e["event"] == "checkpoint_committed"
+                              and e["step"] >= 60], run_dir)
+    finally:
+        _kill_job(proc, run_dir)
+    assert not os.path.exists(run_dir / "summary.json"), "killed before the end"
+    rerun = run_cli(["run", *args, f"run.dir={run_dir}"])
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    formed = [e for e in _events(run_dir) if e["event"] == "group_formed"]
+    assert formed[-1]["source"] == "checkpoint" and formed[-1]["step"] >= 60
+    ref = run_cli(["run", *args, f"run.dir={ref_dir}"])
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    got, want = _summary(run_dir), _summary(ref_dir)
+    assert got["steps"] == want["steps"] == 120
+    assert got["weights_digest"] == want["weights_digest"]
+    assert got["final_eval_loss"] == want["final_eval_loss"] and got["final_eval_loss"] > 0
+    assert got["final_loss"] < 5.45, "it learned: ln 256 = 5.55 is where a byte model starts"

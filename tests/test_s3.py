@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from conftest import NO_CHAOS, ROOT, free_port, run_cli
-from conftest import run_events as _events
+from conftest import run_events as _events, run_summary as _summary
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(420)]
 
@@ -244,3 +244,26 @@ def test_a_frozen_endpoint_is_given_up_within_the_bound_and_saves_resume(s3, tmp
         assert committed == [1, 4, 5]
     finally:
         dist.destroy_process_group()
+
+
+def test_a_token_corpus_in_s3_trains_as_its_local_copy(s3, tmp_path):
+    """prepare_tokens writes the corpus straight to S3, and a job whose workers read their windows
+    from there (ranged GETs) ends with the weights of the same job on a local copy."""
+    readme = os.path.join(ROOT, "README.md")
+    uri, local = f"s3://{BUCKET}/corpora/readme.bin", str(tmp_path / "readme.bin")
+    script = os.path.join(ROOT, "scripts", "prepare_tokens.py")
+    env = dict(os.environ, **s3.env)
+    for out in (uri, local):
+        made = subprocess.run([sys.executable, script, out, readme], env=env, timeout=120,
+                              capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+    digests = []
+    for path, name in ((uri, "s3"), (local, "local")):
+        run = run_cli(["run", CONFIG, NO_CHAOS, "scaling.max_workers=2", "train.steps=12",
+                       "train.task=train.tasks.tokens:TokenCorpus",
+                       f"train.task_args={{path: '{path}', seq_len: 32, dim: 32}}",
+                       "train.eval_interval_steps=6", "train.eval_samples=8",
+                       f"run.dir={tmp_path / name}"], env=s3.env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        digests.append(_summary(tmp_path / name)["weights_digest"])
+    assert digests[0] == digests[1]

@@ -63,19 +63,19 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-class TinyGPT(Task):
-    def __init__(self, vocab_size: int = 64, seq_len: int = 32, dim: int = 64, layers: int = 2,
-                 heads: int = 4, branching: int = 2, lr: float = 3e-3, warmup_steps: int = 10,
-                 chain_seed: int = 1234):
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-        self.vocab_size, self.seq_len, self.dim = vocab_size, seq_len, dim
-        self.layers, self.heads, self.lr, self.warmup_steps = layers, heads, lr, warmup_steps
-        # The chain is part of the task, not of the job: fixed by chain_seed.
-        g = torch.Generator().manual_seed(chain_seed)
-        self.successors = [torch.randperm(vocab_size, generator=g)[:branching].tolist()
-                           for _ in range(vocab_size)]
-        self.branching = branching
+class CausalLM(Task):
+    """What a GPT task shares, whatever its data: the model, AdamW with a warm-up and cosine
+    schedule, next-token cross-entropy over `batch["tokens"]`, blocks sharded one by one. A
+    subclass sets vocab_size, seq_len, dim, layers, heads, lr and warmup_steps, and says what the
+    samples are."""
+
+    vocab_size: int
+    seq_len: int
+    dim: int
+    layers: int
+    heads: int
+    lr: float
+    warmup_steps: int
 
     def build_model(self) -> nn.Module:
         return GPT(self.vocab_size, self.seq_len, self.dim, self.layers, self.heads)
@@ -94,6 +94,29 @@ class TinyGPT(Task):
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+    def loss(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = batch["tokens"]
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def fsdp_units(self, model: nn.Module):
+        return list(model.blocks)
+
+
+class TinyGPT(CausalLM):
+    def __init__(self, vocab_size: int = 64, seq_len: int = 32, dim: int = 64, layers: int = 2,
+                 heads: int = 4, branching: int = 2, lr: float = 3e-3, warmup_steps: int = 10,
+                 chain_seed: int = 1234):
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.vocab_size, self.seq_len, self.dim = vocab_size, seq_len, dim
+        self.layers, self.heads, self.lr, self.warmup_steps = layers, heads, lr, warmup_steps
+        # The chain is part of the task, not of the job: fixed by chain_seed.
+        g = torch.Generator().manual_seed(chain_seed)
+        self.successors = [torch.randperm(vocab_size, generator=g)[:branching].tolist()
+                           for _ in range(vocab_size)]
+        self.branching = branching
+
     def sample(self, index: int, seed: int) -> Dict[str, torch.Tensor]:
         return self._walk(sample_generator(seed, index))
 
@@ -108,11 +131,3 @@ class TinyGPT(Task):
         for p in picks:
             tokens.append(self.successors[tokens[-1]][p])
         return {"tokens": torch.tensor(tokens, dtype=torch.long)}
-
-    def loss(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = batch["tokens"]
-        logits = model(tokens[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-    def fsdp_units(self, model: nn.Module):
-        return list(model.blocks)

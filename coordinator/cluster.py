@@ -20,6 +20,7 @@ from typing import Dict, Iterable, List, Optional
 import ray
 
 from coordinator.config import Config
+from coordinator.ray_logs import route_ray_logs
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ class Cluster:
         return float(math.ceil(need / max(1, self.cfg.ray.simulated_nodes)))
 
     def connect(self) -> None:
+        # The raylets' notices and gloo's raw errors go to a file, not the terminal.
+        route_ray_logs(os.path.join(self.cfg.run.dir, "logs", "ray.log"))
+        self._connect()
+
+    def _connect(self) -> None:
         quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
         if not self.embedded:
             if self.cfg.ray.simulated_nodes:
@@ -78,6 +84,8 @@ class Cluster:
         if self.cfg.ray.simulated_nodes:
             from ray.cluster_utils import Cluster as SimCluster
 
+            # (its start logs "Overwriting previous Ray address" at INFO: not for the terminal)
+            logging.getLogger("ray").setLevel(logging.WARNING)
             self._sim = SimCluster(initialize_head=True,
                                    head_node_args={"num_cpus": 0, "include_dashboard": False})
             for _ in range(self.cfg.ray.simulated_nodes):

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run run-tokens test test-fast bench clean
+.PHONY: install run run-tokens run-hf test test-fast bench clean
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,hf]"
 	touch $(STAMP)
 
 # The demo afresh each time: a finished earlier one is moved aside (never deleted); one whose
@@ -32,6 +32,13 @@ run-tokens: install
 		README.md docs/*.md
 	@$(call fresh,tokens_cpu)
 	$(PY) -m coordinator run configs/tokens_cpu.yaml
+
+# A Hugging Face GPT-2 (small config) on the same corpus.
+run-hf: install
+	@test -e runs/corpus/docs.bin || $(PY) scripts/prepare_tokens.py runs/corpus/docs.bin \
+		README.md docs/*.md
+	@$(call fresh,hf_cpu)
+	$(PY) -m coordinator run configs/hf_cpu.yaml
 
 test: install
 	$(PY) -m pytest -v tests

@@ -71,6 +71,9 @@ class Cluster:
 
     def _connect(self) -> None:
         quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+        # Ray's own start-up notices ("Overwriting previous Ray address", token authentication)
+        # are not for the terminal: ray.init applies logging_level only once it runs.
+        logging.getLogger("ray").setLevel(logging.ERROR)
         if not self.embedded:
             if self.cfg.ray.simulated_nodes:
                 logger.warning("ray.simulated_nodes=%d ignored: connecting to %s",
@@ -84,8 +87,6 @@ class Cluster:
         if self.cfg.ray.simulated_nodes:
             from ray.cluster_utils import Cluster as SimCluster
 
-            # (its start logs "Overwriting previous Ray address" at INFO: not for the terminal)
-            logging.getLogger("ray").setLevel(logging.WARNING)
             self._sim = SimCluster(initialize_head=True,
                                    head_node_args={"num_cpus": 0, "include_dashboard": False})
             for _ in range(self.cfg.ray.simulated_nodes):

@@ -79,20 +79,17 @@ class _Corpus:
         return np.frombuffer(raw, dtype=self.dtype)
 
 
-class TokenCorpus(CausalLM):
-    """TinyGPT's model on a real corpus. task_args: `path` (required), `seq_len`, `dim`,
-    `layers`, `heads`, `lr`, `warmup_steps`, `eval_fraction`, and `vocab_size` / `dtype` when
-    the corpus has no `.json` beside it."""
+class TokenWindows:
+    """The data side of a corpus task (a mixin before a model's Task class): `sample` and
+    `eval_sample` as windows of the corpus. Call `_open_corpus` from `__init__`."""
 
-    def __init__(self, path: str = "", seq_len: int = 128, dim: int = 128, layers: int = 2,
-                 heads: int = 4, lr: float = 3e-3, warmup_steps: int = 20,
-                 eval_fraction: float = 0.05, vocab_size: Optional[int] = None,
-                 dtype: Optional[str] = None):
+    seq_len: int
+
+    def _open_corpus(self, path: str, seq_len: int, eval_fraction: float,
+                     vocab_size: Optional[int], dtype: Optional[str]) -> None:
         if not path:
             raise ValueError("train.task_args.path is required: the corpus (.bin of token ids; "
                              "scripts/prepare_tokens.py makes one from a text file)")
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if seq_len < 1:
             raise ValueError(f"seq_len ({seq_len}) must be at least 1")
         if not 0.0 <= eval_fraction < 1.0:
@@ -106,8 +103,7 @@ class TokenCorpus(CausalLM):
         if self.vocab_size < 2:
             raise ValueError(f"train.task_args.vocab_size: {path!r} has no .json beside it "
                              "saying its vocabulary size; give one")
-        self.seq_len, self.dim, self.layers, self.heads = seq_len, dim, layers, heads
-        self.lr, self.warmup_steps = lr, warmup_steps
+        self.seq_len = seq_len
         windows = (self.corpus.tokens - 1) // seq_len
         held = int(math.ceil(windows * eval_fraction)) if eval_fraction > 0 else 0
         self.train_windows, self.eval_windows = windows - held, held
@@ -157,3 +153,19 @@ class TokenCorpus(CausalLM):
                              "for train.eval_interval_steps")
         first = self.train_windows * self.seq_len + 1
         return self._window(first + (index % self.eval_windows) * self.seq_len)
+
+
+class TokenCorpus(TokenWindows, CausalLM):
+    """TinyGPT's model on a real corpus. task_args: `path` (required), `seq_len`, `dim`,
+    `layers`, `heads`, `lr`, `warmup_steps`, `eval_fraction`, and `vocab_size` / `dtype` when
+    the corpus has no `.json` beside it."""
+
+    def __init__(self, path: str = "", seq_len: int = 128, dim: int = 128, layers: int = 2,
+                 heads: int = 4, lr: float = 3e-3, warmup_steps: int = 20,
+                 eval_fraction: float = 0.05, vocab_size: Optional[int] = None,
+                 dtype: Optional[str] = None):
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self._open_corpus(path, seq_len, eval_fraction, vocab_size, dtype)
+        self.dim, self.layers, self.heads = dim, layers, heads
+        self.lr, self.warmup_steps = lr, warmup_steps

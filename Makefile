@@ -50,6 +50,7 @@ test-fast: install
 bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) scripts/bench_overhead.py
+	$(PY) scripts/bench_overhead.py --case prefetch
 	$(PY) scripts/bench_recovery.py --json
 	$(PY) scripts/bench_checkpoint.py --json
 

@@ -133,6 +133,9 @@ class TrainConfig:
     # and at the last step; 0: off
     eval_interval_steps: int = 0
     eval_samples: int = 64  # held-out samples per evaluation, split over the ranks of any world
+    # build the next step's batch on a background thread while the current step runs (the same
+    # batches either way); false: on the training thread, for a sample() that is not thread-safe
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         _check(isinstance(self.task, str) and bool(_TASK_RE.match(self.task)), "train.task",

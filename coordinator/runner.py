@@ -74,7 +74,7 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
             checkpoint_persist_timeout_s=cfg.checkpoint.persist_timeout_s,
             checkpoint_hash=cfg.checkpoint.hash,
             eval_interval_steps=cfg.train.eval_interval_steps,
-            eval_samples=cfg.train.eval_samples,
+            eval_samples=cfg.train.eval_samples, prefetch=bool(cfg.train.prefetch),
             checkpoint_final=bool(cfg.checkpoint.interval_steps),
             nonfinite=cfg.failure.nonfinite, nonfinite_limit=cfg.failure.nonfinite_limit,
             micro_batch_size=cfg.train.micro_batch_size, precision=cfg.train.precision,

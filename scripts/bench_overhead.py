@@ -1,10 +1,16 @@
 """Steps/s of our coordinator vs plain DDP launched with torchrun: same model, world and batch.
 
     .venv/bin/python scripts/bench_overhead.py [--world 4] [--steps 400] [--repeats 3]
+    .venv/bin/python scripts/bench_overhead.py --case prefetch [--world 1]
 
 Runs both alternately `--repeats` times in one go (this machine is noisy), takes the median of each,
 and prints one JSON object: steady-state steps/s (after the same warm-up) of both, and
 `ratio` = ours / torchrun (goal >= 0.97). Progress goes to stderr.
+
+`--case prefetch`: our coordinator with an expensive `sample` (scripts/slow_data.py), with and
+without `train.prefetch`. It first measures a step without the cost, then sets each sample's cost
+so that building a rank's batch takes about one step (`--cost-factor` times), and reports
+`ratio` = with / without (goal >= 1.6).
 """
 
 import argparse
@@ -18,14 +24,14 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def ours(world: int, steps: int, gbs: int, run_dir: str) -> dict:
-    env = dict(os.environ)
+def ours(world: int, steps: int, gbs: int, run_dir: str, *extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     subprocess.run([sys.executable, "-m", "coordinator", "run", "configs/local_cpu.yaml", "chaos.events=[]",
                     "ray.simulated_nodes=0", f"scaling.min_workers={world}",
                     f"scaling.max_workers={world}", f"train.steps={steps}",
                     f"train.global_batch_size={gbs}", "checkpoint.interval_steps=0",
-                    f"run.dir={run_dir}"],
+                    "run.tensorboard=false", f"run.dir={run_dir}", *extra],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)
@@ -42,13 +48,57 @@ def torchrun(world: int, steps: int, gbs: int, out: str) -> dict:
         return json.load(f)
 
 
+def prefetch_case(a) -> dict:
+    """With and without train.prefetch, on a sample costing about a step per rank's batch."""
+    task = "train.task=scripts.slow_data:SlowGPT"
+    with tempfile.TemporaryDirectory() as d:
+        free = ours(a.world, a.steps, a.global_batch_size, os.path.join(d, "free"), task,
+                    "train.task_args={cost_ms: 0}", "train.prefetch=false")
+        step_ms = 1000.0 / free["steps_per_s"]
+        per_rank = -(-a.global_batch_size // a.world)
+        cost_ms = a.cost_factor * step_ms / per_rank
+        print(f"a step without the cost: {step_ms:.1f} ms; each sample costs {cost_ms:.2f} ms "
+              f"({per_rank} per rank)", file=sys.stderr)
+        rates = {True: [], False: []}
+        digests = set()
+        for i in range(a.repeats):
+            for on in (False, True):
+                s = ours(a.world, a.steps, a.global_batch_size, os.path.join(d, f"{on}{i}"), task,
+                         f"train.task_args={{cost_ms: {cost_ms:.3f}}}", f"train.prefetch={on}")
+                rates[on].append(s["steps_per_s"])
+                digests.add(s["weights_digest"])
+            print(f"repeat {i + 1}/{a.repeats}: without {rates[False][-1]:.2f} steps/s, with "
+                  f"{rates[True][-1]:.2f} steps/s", file=sys.stderr)
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    return {
+        "benchmark": "prefetch", "world": a.world, "steps": a.steps,
+        "global_batch_size": a.global_batch_size, "task": "scripts.slow_data:SlowGPT",
+        "step_ms_without_cost": round(step_ms, 2), "sample_cost_ms": round(cost_ms, 3),
+        "batch_cost_ms": round(cost_ms * per_rank, 2),
+        "with_prefetch_steps_per_s": round(on, 3), "without_steps_per_s": round(off, 3),
+        "with_all": [round(x, 3) for x in rates[True]],
+        "without_all": [round(x, 3) for x in rates[False]],
+        "ratio": round(on / off, 4), "goal": ">= 1.6", "met": on / off >= 1.6,
+        "same_weights": len(digests) == 1, "cpus": os.cpu_count(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--case", choices=["torchrun", "prefetch"], default="torchrun")
+    p.add_argument("--world", type=int, default=None,
+                   help="4 (torchrun); 1 (prefetch: a core left for the prefetch thread on 2)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cost-factor", type=float, default=1.0,
+                   help="prefetch: a rank's batch costs this many steps")
     a = p.parse_args()
+    if a.case == "prefetch":
+        a.world = a.world or 1
+        print(json.dumps(prefetch_case(a)))
+        return
+    a.world = a.world or 4
     ours_rates, base_rates, digests = [], [], set()
     with tempfile.TemporaryDirectory() as d:
         for i in range(a.repeats):

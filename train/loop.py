@@ -14,6 +14,7 @@ from typing import Callable, Optional, Set
 import torch
 
 from train import data as data_lib
+from train.prefetch import Prefetcher
 from train.state import TrainState
 from train.step import train_step
 
@@ -40,7 +41,8 @@ def _to(batch, device: torch.device):
 
 def run_steps(state: TrainState, *, seed: int, global_batch_size: int, world_size: int,
               rank: int, device: torch.device, until_step: int,
-              after_step: Optional[AfterStep] = None, skip: Optional[Set[int]] = None) -> None:
+              after_step: Optional[AfterStep] = None, skip: Optional[Set[int]] = None,
+              prefetch: bool = False) -> None:
     """Train `state` as `rank` of `world_size` until `state.step == until_step`, or until
     `after_step` returns True.
 
@@ -56,14 +58,34 @@ def run_steps(state: TrainState, *, seed: int, global_batch_size: int, world_siz
     tells the two apart by what it passed in; a skipped step reports a NaN loss.
 
     `state.recipe` says how each step is computed (micro-batches, precision, clipping: see
-    `train.step.Recipe`); `state.grad_norm` holds the last step's gradient norm."""
+    `train.step.Recipe`); `state.grad_norm` holds the last step's gradient norm.
+
+    `prefetch`: build the next step's batch on a background thread while this step runs
+    (train.prefetch); the batches, and so the weights, are the same either way."""
+    task, recipe = state.task, state.recipe
+
+    def build(step: int):
+        return data_lib.local_micro_batches(task, seed, step, global_batch_size, world_size,
+                                            rank, recipe.micro_batch_size)
+
+    if not prefetch:
+        _run(state, build, global_batch_size, world_size, rank, device, until_step,
+             after_step, skip)
+        return
+    with Prefetcher(build, until_step) as ahead:
+        _run(state, ahead.get, global_batch_size, world_size, rank, device, until_step,
+             after_step, skip)
+
+
+def _run(state: TrainState, build: Callable[[int], object], global_batch_size: int,
+         world_size: int, rank: int, device: torch.device, until_step: int,
+         after_step: Optional[AfterStep], skip: Optional[Set[int]]) -> None:
     task, recipe = state.task, state.recipe
     scale = data_lib.loss_scale(global_batch_size, world_size, rank)
     share = data_lib.share(global_batch_size, world_size, rank)
     while state.step < until_step:
         t0 = time.time()
-        batch = data_lib.local_micro_batches(task, seed, state.step, global_batch_size,
-                                             world_size, rank, recipe.micro_batch_size)
+        batch = build(state.step)
         if isinstance(batch, dict):
             batch = _to(batch, device)
         else:

@@ -89,6 +89,7 @@ class WorkerSpec:
     checkpoint_hash: str = "crc32c"  # see CheckpointConfig.hash
     eval_interval_steps: int = 0  # train.eval_interval_steps (0: no evaluation)
     eval_samples: int = 64  # train.eval_samples
+    prefetch: bool = True  # train.prefetch
     micro_batch_size: Optional[int] = None  # train.micro_batch_size (see train.step.Recipe)
     precision: str = "fp32"  # train.precision
     max_grad_norm: Optional[float] = None  # train.max_grad_norm
@@ -513,7 +514,8 @@ class TrainWorker:
         try:
             run_steps(st, seed=spec.seed, global_batch_size=spec.global_batch_size,
                       world_size=self.world_size, rank=self.rank, device=self.device,
-                      until_step=until_step, after_step=after_step, skip=skipped)
+                      until_step=until_step, after_step=after_step, skip=skipped,
+                      prefetch=spec.prefetch)
         except StepError as e:  # a peer died or hung: gloo/nccl raise inside the step
             error = f"rank {self.rank} step {e.step}: {short_error(e.cause)}"
         if error is None:

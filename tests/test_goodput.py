@@ -287,3 +287,37 @@ def test_the_analysis_loads_neither_ray_nor_torch():
     where, loaded = proc.stdout.strip().splitlines()
     assert where.startswith(ROOT)  # this checkout's code, not an installed copy
     assert loaded == "[]"
+
+
+def test_the_timeline_shortens_a_long_gap_between_attempts_and_draws_nothing_across(tmp_path):
+    """A rerun an hour after a crash: the hour is drawn a few seconds wide with its length on it,
+    and neither the workers line nor the step curve crosses it."""
+    import math
+
+    from coordinator.goodput import report
+
+    first = start() + [ev(18.0, "progress", step=60, step_t=T0 + 18.0, world_size=4)]
+    second = start(t=3618.0, formed=3624.0, step=50, source="checkpoint") + [
+        ev(3650.0, "job_end", status="finished", step=100, last_step_t=T0 + 3649.0)]
+    events = first + second
+    runs = accounting.attempts(events)
+    axis = report.GapAxis(runs, T0)
+    assert axis.limit == 2.5  # 5% of the 18 s + 32 s the attempts ran
+    assert axis.gaps == [(T0 + 18.0, T0 + 3618.0)]
+    assert axis(T0 + 18.0) == 18.0 and axis(T0 + 3618.0) == pytest.approx(20.5)
+    assert axis(T0 + 3650.0) == pytest.approx(52.5) and axis(T0 + 1818.0) == pytest.approx(19.25)
+    xs, ys = report.world_line(runs, axis)
+    breaks = [i for i, y in enumerate(ys) if math.isnan(y)]
+    assert len(breaks) == 1 and max(ys[:breaks[0]]) == 4 and xs[breaks[0]] <= 18.0
+    curve = report.step_curve(events, runs, axis)
+    cut = [i for i, (_, s) in enumerate(curve) if math.isnan(s)]
+    assert len(cut) == 1 and curve[cut[0] - 1][1] == 60 and curve[cut[0] + 1][1] == 50
+    # a short gap is drawn as it was
+    near = start() + [ev(18.0, "progress", step=60, step_t=T0 + 18.0, world_size=4)] + \
+        start(t=19.0, formed=25.0)
+    assert report.GapAxis(accounting.attempts(near), T0).gaps == []
+    run = _write_run(tmp_path, events)
+    proc = subprocess.run([sys.executable, "-m", "coordinator", "report", str(run)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "timeline.png").read_bytes()[:4] == b"\x89PNG"

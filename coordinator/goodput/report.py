@@ -8,7 +8,7 @@ import collections
 import os
 import statistics
 import sys
-from typing import Any, Dict, List, TextIO
+from typing import Any, Dict, List, TextIO, Tuple
 
 from coordinator.events import Event, get_field
 from coordinator.goodput import accounting, availability
@@ -186,6 +186,69 @@ def _step_point(e: Dict[str, Any]):
     return None if step is None else (step_t or e["t"], step)
 
 
+class GapAxis:
+    """The timeline's x: seconds since the first attempt started, with each gap between attempts
+    longer than `limit` (5% of the attempts' own time, at least 2 s) drawn `limit` wide. A
+    rerun a day later would otherwise squeeze every attempt into the picture's edges."""
+
+    def __init__(self, runs: List[accounting.Attempt], t0: float):
+        self.t0 = t0
+        active = sum(max(0.0, a.end - a.start) for a in runs)
+        self.limit = max(2.0, 0.05 * active)
+        self.gaps = [(p.end, n.start) for p, n in zip(runs, runs[1:])
+                     if n.start - p.end > self.limit]
+
+    def __call__(self, t: float) -> float:
+        t = float(t)
+        x = t - self.t0
+        for g0, g1 in self.gaps:
+            if t >= g1:
+                x -= (g1 - g0) - self.limit
+            elif t > g0:
+                x -= (t - g0) * (1.0 - self.limit / (g1 - g0))
+        return x
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}min"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def world_line(runs: List[accounting.Attempt], rel) -> Tuple[List[float], List[float]]:
+    """(x, workers) of the workers line: each generation's size while it runs, 0 between
+    generations, and a break (NaN) between attempts, so nothing is drawn across a gap."""
+    xs: List[float] = []
+    ys: List[float] = []
+    for i, a in enumerate(runs):
+        if i and xs:
+            xs.append(xs[-1])
+            ys.append(float("nan"))
+        for sp in a.spans:
+            w = sp.world_size if sp.phase == "running" else 0
+            xs += [rel(sp.t0), rel(sp.t1)]
+            ys += [w, w]
+    return xs, ys
+
+
+def step_curve(events: List[Dict[str, Any]], runs: List[accounting.Attempt],
+               rel) -> List[Tuple[float, float]]:
+    """(x, step) of the completed-step curve, with a break (NaN) between attempts."""
+    pts = sorted(p for p in map(_step_point, events) if p is not None)
+    out: List[Tuple[float, float]] = []
+    bounds = [a.start for a in runs[1:]]
+    for t, step in pts:
+        while bounds and t >= bounds[0]:
+            if out:
+                out.append((out[-1][0], float("nan")))
+            bounds.pop(0)
+        out.append((rel(t), step))
+    return out
+
+
 def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
     import matplotlib
 
@@ -195,7 +258,7 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
 
     runs = accounting.attempts(events)
     t0 = runs[0].start if runs else float(events[0]["t"])
-    rel = lambda t: float(t) - t0  # noqa: E731
+    rel = GapAxis(runs, t0)
     fig, (ax_w, ax_s) = plt.subplots(2, 1, figsize=(12, 6.5), sharex=True,
                                      gridspec_kw={"height_ratios": [1, 1.3]})
     seen_phases = set()
@@ -209,14 +272,15 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
             for ax in (ax_w, ax_s):
                 ax.axvspan(rel(prev.end), rel(nxt.start), facecolor="none", hatch="//",
                            edgecolor="#90a4ae", lw=0)
+            if (prev.end, nxt.start) in rel.gaps:  # drawn shortened: say how long it was
+                ax_s.annotate(f"{_duration(nxt.start - prev.end)}\nbetween attempts",
+                              ((rel(prev.end) + rel(nxt.start)) / 2, 0.5),
+                              xycoords=("data", "axes fraction"), ha="center", va="center",
+                              fontsize=7, color="#546e7a",
+                              bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
 
     # world size: the size of each generation while it runs, 0 between generations
-    xs, ys = [], []
-    for a in runs:
-        for sp in a.spans:
-            w = sp.world_size if sp.phase == "running" else 0
-            xs += [rel(sp.t0), rel(sp.t1)]
-            ys += [w, w]
+    xs, ys = world_line(runs, rel)
     ax_w.plot(xs, ys, color="#1b5e20", lw=2, drawstyle="steps-post", label="workers training")
     top = max([get_field(e, Event.GROUP_FORMED, "world_size", 0)
                for e in _of(events, Event.GROUP_FORMED)] + [1])
@@ -225,13 +289,13 @@ def plot_timeline(events: List[Dict[str, Any]], path: str, title: str) -> None:
 
     # steps: at each group formation, progress line, failure and job end (with the time of the
     # step itself where the event has it), so a rollback shows as a drop
-    pts = sorted(p for p in map(_step_point, events) if p is not None)
-    pts = [(rel(t), step) for t, step in pts]
+    pts = step_curve(events, runs, rel)
     if pts:
         ax_s.plot([p[0] for p in pts], [p[1] for p in pts], color="#1b5e20", lw=1.5,
                   marker=".", ms=3, label="completed step")
     ax_s.set_ylabel("step")
-    ax_s.set_xlabel("seconds since the job started")
+    ax_s.set_xlabel("seconds since the job started" + (
+        " (gaps between attempts shortened, their length written on them)" if rel.gaps else ""))
 
     # Few events: each is labelled where it happens; many: colours and the legend say it all.
     n_fail = len(_of(events, Event.FAILURE_DETECTED))

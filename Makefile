@@ -41,7 +41,7 @@ run-hf: install
 	$(PY) -m coordinator run configs/hf_cpu.yaml
 
 test: install
-	$(PY) -m pytest -v tests
+	$(PY) -m pytest -v --durations=25 tests
 
 # the unit tier, for the edit loop (under 2 minutes); `make test` stays what CI runs
 test-fast: install

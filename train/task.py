@@ -89,4 +89,6 @@ def make_task(path: str, task_args: Dict[str, Any]) -> Task:
     try:
         return cls(**task_args)
     except (TypeError, ValueError) as e:
+        if str(e).startswith("train.task_args"):  # it names the setting already
+            raise ValueError(f"{path}: {e}") from None
         raise ValueError(f"train.task_args={task_args!r}: {path} rejected them ({e})") from None

@@ -48,18 +48,25 @@ def _wait_for(pred, run_dir, timeout=120, poll=0.05):
     raise AssertionError(f"timed out; events: {[e['event'] for e in _events(run_dir)]}")
 
 
-def test_sigkill_whole_job_then_rerun_resumes_to_identical_weights(tmp_path):
-    args = [CONFIG, NO_CHAOS, "train.steps=300", "checkpoint.interval_steps=50"]
-    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed run"
+def _kill_after_commit_and_rerun(args, run_dir, step):
+    """Start the job, SIGKILL all of it once a checkpoint at `step` or later is committed, and
+    run the same command again; returns the rerun (it must have succeeded)."""
     proc = _start(args + [f"run.dir={run_dir}"])
     try:
         _wait_for(lambda ev: [e for e in ev if e["event"] == "checkpoint_committed"
-                              and e["step"] >= 100], run_dir)
+                              and e["step"] >= step], run_dir)
     finally:
         _kill_job(proc, run_dir)
     assert not os.path.exists(run_dir / "summary.json"), "killed before the end"
     rerun = run_cli(["run", *args, f"run.dir={run_dir}"])
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    return rerun
+
+
+def test_sigkill_whole_job_then_rerun_resumes_to_identical_weights(tmp_path):
+    args = [CONFIG, NO_CHAOS, "train.steps=300", "checkpoint.interval_steps=50"]
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed run"
+    rerun = _kill_after_commit_and_rerun(args, run_dir, 100)
     assert "resuming from checkpoint step" in rerun.stdout
     events = _events(run_dir)
     assert [e["event"] for e in events].count("job_start") == 2, "events.jsonl is appended"
@@ -165,15 +172,7 @@ def test_the_token_corpus_resumes_bit_identical_after_a_whole_job_sigkill(tmp_pa
             "train.steps=120", "checkpoint.interval_steps=30", "train.eval_interval_steps=40",
             "train.eval_samples=16"]
     run_dir = tmp_path / "killed"
-    proc = _start(args + [f"run.dir={run_dir}"])
-    try:
-        _wait_for(lambda ev: [e for e in ev if e["event"] == "checkpoint_committed"
-                              and e["step"] >= 60], run_dir)
-    finally:
-        _kill_job(proc, run_dir)
-    assert not os.path.exists(run_dir / "summary.json"), "killed before the end"
-    rerun = run_cli(["run", *args, f"run.dir={run_dir}"])
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    rerun = _kill_after_commit_and_rerun(args, run_dir, 60)
     formed = [e for e in _events(run_dir) if e["event"] == "group_formed"]
     assert formed[-1]["source"] == "checkpoint" and formed[-1]["step"] >= 60
     # the uninterrupted run: plain torch processes, the same task, batch and steps

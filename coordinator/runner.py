@@ -44,7 +44,7 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
     from coordinator.checkpoint.faults import StorageOutage
     from coordinator.checkpoint.committer import Committer, absolute_uri
     from coordinator.metrics import JobMetrics
-    from coordinator.workers.worker import WorkerSpec
+    from coordinator.workers.spec import WorkerSpec
     from coordinator.workers.worker_group import RayWorkerGroup
 
     auto = cfg.checkpoint.interval_steps == "auto"

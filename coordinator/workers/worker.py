@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Dict, Optional, Tuple
 
@@ -34,6 +33,8 @@ from coordinator.checkpoint.fence import GenerationFence
 from coordinator.checkpoint.restore import StateTransferMismatch, broadcast_full_state, flip_bit
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
+from coordinator.workers.spec import WorkerSpec
+from coordinator.workers.vote import StopVote
 from train import data as data_lib
 from train import parallel
 from train.errors import short_error
@@ -51,55 +52,11 @@ from train.state import (
     load_template,
     weights_digest,
 )
-from train.step import Recipe
 from train.task import make_task
 
 logger = logging.getLogger(__name__)
 
 CONCURRENCY_GROUPS = {"control": 2, "train": 1}
-
-# Stop requests, agreed by all ranks after every step (a MAX all-reduce of each rank's request), so
-# every rank stops after the same step whichever of them heard the controller first.
-# The vote's second element carries checkpoint requests (`checkpoint.interval_steps: auto`): the
-# highest request number any rank has heard. Every rank saves after the step where the agreed number
-# first exceeds the last one it saved for; that count is reset on every join, so it is the same on
-# all members of a generation and they save at the same step.
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What every worker of a job is told at creation (no Ray or config objects inside)."""
-    task: str
-    task_args: Dict[str, Any]
-    seed: int
-    total_steps: int
-    global_batch_size: int
-    parallelism: str
-    use_gpu: bool
-    torch_threads: int
-    collective_timeout_s: float
-    checkpoint_uri: str = ""
-    checkpoint_options: Dict[str, Any] = field(default_factory=dict)
-    checkpoint_interval: int = 0  # 0 = no periodic saves
-    checkpoint_async: bool = True
-    checkpoint_final: bool = False  # save at the last step (so a longer rerun can continue)
-    nonfinite: str = "rollback"  # failure.nonfinite: skip | rollback | stop
-    nonfinite_limit: int = 3  # failure.nonfinite_limit
-    checkpoint_persist_timeout_s: float = 60.0  # see CheckpointConfig.persist_timeout_s
-    checkpoint_hash: str = "crc32c"  # see CheckpointConfig.hash
-    eval_interval_steps: int = 0  # train.eval_interval_steps (0: no evaluation)
-    eval_samples: int = 64  # train.eval_samples
-    prefetch: bool = True  # train.prefetch
-    micro_batch_size: Optional[int] = None  # train.micro_batch_size (see train.step.Recipe)
-    precision: str = "fp32"  # train.precision
-    max_grad_norm: Optional[float] = None  # train.max_grad_norm
-
-    def recipe(self) -> Recipe:
-        return Recipe(self.micro_batch_size, self.precision, self.max_grad_norm)
-
-    def eval_due(self, step: int) -> bool:
-        iv = self.eval_interval_steps
-        return iv > 0 and (step % iv == 0 or step == self.total_steps)
 
 
 def _lr(optimizer) -> Optional[float]:
@@ -115,40 +72,6 @@ class WorkerError(RuntimeError):
 class RestoreError(WorkerError):
     """Storage failed while this worker restored a checkpoint (a read error, a shard gone): not
     the user's code; the driver retries or restores an older checkpoint."""
-
-
-class _StopVote:
-    """The stop vote, agreed by all ranks after every step (see the top of this module). The vote
-    of step k runs asynchronously during step k+1 and is read after it, so its latency hides
-    behind compute; every rank reads the same result after the same step. Besides (stop, save)
-    it carries the saver's `flags` (is a save in flight, does storage answer it), so a save
-    stuck on storage that stopped answering is given up at the same step on every rank, whether
-    or not another save is due."""
-
-    SIZE = 4  # stop, save, save in flight, save answered
-
-    def __init__(self, group):
-        self._group = group  # None: the default (training) group, gloo
-        self._buf = torch.zeros(self.SIZE, dtype=torch.int64)
-        self._work = None
-
-    def cast(self, votes: Tuple[int, ...], again: bool) -> Tuple[int, ...]:
-        """Read the previous step's agreed votes (all 0 after the first step of a call); then
-        cast this step's `votes`, unless no step follows (`again` false)."""
-        agreed: Tuple[int, ...] = (0,) * self.SIZE
-        if self._work is not None:
-            self._work.wait()
-            agreed = tuple(int(v) for v in self._buf)
-        for i, v in enumerate(votes):
-            self._buf[i] = int(v)
-        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self._group,
-                                     async_op=True) if again else None
-        return agreed
-
-    def finish(self) -> None:
-        """Wait for a vote still in flight (the loop stopped before reading it)."""
-        if self._work is not None:
-            self._work.wait()
 
 
 class _ChaosTask:
@@ -475,7 +398,7 @@ class TrainWorker:
         assert self.state is not None and self.rank is not None, "join_group first"
         st, spec = self.state, self.spec
         st.task = _ChaosTask(self.task, self._poisoned_loss)
-        vote = _StopVote(self._ctl_group)
+        vote = StopVote(self._ctl_group)
         error: Optional[str] = None
         known, skipped = frozenset(skip), set(skip)
         limit = {"stop": 1, "rollback": spec.nonfinite_limit}.get(spec.nonfinite)

@@ -35,7 +35,8 @@ from coordinator.protocol import (
     WorkerInfo,
 )
 from coordinator.checkpoint.restore import StateTransferMismatch
-from coordinator.workers.worker import RestoreError, TrainWorker, WorkerError, WorkerSpec
+from coordinator.workers.spec import WorkerSpec
+from coordinator.workers.worker import RestoreError, TrainWorker, WorkerError
 from coordinator.workers.nodes import kill_ray_process, node_reachable, reap
 from train.errors import first_sentence, last_line
 

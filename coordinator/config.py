@@ -99,9 +99,10 @@ class ScalingConfig:
     use_gpu: bool = False  # one GPU per worker, nccl backend; otherwise CPU with gloo
     cpus_per_worker: float = 1.0  # logical CPUs reserved per worker (also its torch thread count)
     grow: bool = True  # add workers (up to max_workers) at a step boundary when capacity appears
-    # idle workers kept started (torch imported, task built) beyond max_workers when capacity
-    # allows: a lost worker is then replaced in well under a second instead of a process start
-    spare_workers: int = 0
+    # idle workers kept started (torch imported, task and DDP model built) beyond max_workers
+    # when the cluster has room, from the first step on: a lost worker is then replaced in a few
+    # hundred ms instead of a process start (seconds); 0 = none
+    spare_workers: int = 1
     grow_check_s: float = 2.0  # seconds between a running job's looks for capacity to grow into
 
     def __post_init__(self) -> None:

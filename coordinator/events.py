@@ -112,9 +112,10 @@ SCHEMA: Dict[Event, Spec] = {
         ("reason", "step")),
     Event.RECOVERED: Spec(
         "the first step completed after a failure (source: peer, memory or checkpoint); "
-        "recovery_s: from detection to that step",
+        "recovery_s: from detection to that step; phases: where that time went "
+        "(control/recovery_profile.py)",
         ("generation", "world_size", "source", "resumed_step", "lost_steps", "recovery_s",
-         "last_step_t")),
+         "last_step_t"), ("phases",)),
     Event.STATE_TRANSFER_MISMATCH: Spec(
         "a peer's state failed its checksum on a receiver while `generation` formed: nobody "
         "applied it and the state comes from another source (expected, got: crc32, 8 hex digits)",

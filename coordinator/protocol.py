@@ -179,6 +179,9 @@ class WorkerGroup(Protocol):
     newcomers are spawned while the others train and take a rank at the next `assign`."""
 
     last_restore_s: float  # after a generation formed: the slowest member's restore time
+    # after a generation formed: seconds per part of the join (leave_s, rendezvous_s, build_s,
+    # transfer_s, prime_s), each the slowest member's
+    last_join_parts: Dict[str, float]
 
     # ---- membership (newcomers start in the background) ----
     def spawn(self, n: int, exclude: Iterable[str] = ()) -> int:
@@ -208,9 +211,9 @@ class WorkerGroup(Protocol):
     def launch(self, until_step: int, skip: Iterable[int] = ()) -> None:
         """Every member trains until `until_step` or an agreed stop, skipping the steps in
         `skip` (non-finite before)."""
-    def poll(self, fresh: bool = False) -> PollResult:
-        """One round of heartbeats (about a second at most; `fresh`: current answers from
-        every member, bounded by the RPC timeout)."""
+    def poll(self, fresh: bool = False, wait_s: Optional[float] = None) -> PollResult:
+        """One round of heartbeats (about a second at most, `wait_s` if given; `fresh`: current
+        answers from every member, bounded by the RPC timeout)."""
     def busy(self) -> Set[int]:
         """Ranks whose train (or final digest) call has not returned."""
     def wait(self, timeout_s: float) -> None:

@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 from typing import Optional
 
+from coordinator import STARTED_T
 from coordinator.cluster import Cluster
 from coordinator.config import Config
 from coordinator.control.controller import Controller
@@ -54,6 +55,7 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
     status = "failed"
     error = None
     try:
+        t_ray = time.time()
         cluster.connect()
         # The rendezvous store lives in the driver: losing any worker, rank 0 included, leaves it up.
         store = dist.TCPStore(cluster.driver_ip(), 0, is_master=True, wait_for_workers=False,
@@ -98,6 +100,7 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
                              storage_outage=outage.start if outage else lambda s: None,
                              freeze_node=cluster.freeze_node_of)
         controller = Controller(cfg, group, bus, cluster.capacity, committer)
+        controller.job.startup.update(start=STARTED_T, ray_init=t_ray)
         standard_observers(cfg, bus, group, controller.steps.warmup_steps, hooks,
                            JobMetrics(cfg.job.name))
         restore_signals = _install_preemption_handlers(controller, reporter)
@@ -110,6 +113,10 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
             if tr.before == tr.after and not controller.done:
                 if tr.after in (Phase.RUNNING, Phase.PAUSING):
                     group.wait(POLL_INTERVAL_S)
+                elif tr.after == Phase.FORMING and tr.note.startswith("forming generation"):
+                    pass  # poll_form itself waits for the joins (50 ms at most)
+                elif tr.after == Phase.RECOVERING and tr.note != "waiting for capacity":
+                    group.wait(0.05)  # wakes as soon as a survivor's train call returns
                 else:
                     # capacity is asked of Ray's state API: once a second is enough
                     time.sleep(1.0 if tr.note == "waiting for capacity" else 0.05)

@@ -32,6 +32,7 @@ class FakeGroup:
         self.save_requests = []  # (request number, the group's step when it was asked)
         self.saved_number = 0
         self.last_restore_s = 0.0
+        self.last_join_parts = {}
         self.faults = []  # [at_step, ranks, kind]
         self.lag = {}  # rank -> steps behind when a fault stops the group
         self.shut = False
@@ -136,7 +137,7 @@ class FakeGroup:
     def busy(self):
         return {r for r, m in self.members.items() if m["busy"] and m["alive"]}
 
-    def poll(self, fresh=False):
+    def poll(self, fresh=False, wait_s=None):
         late, self._late = self._late, []
         for entry in self.pending_new:
             entry[1] -= 1

@@ -2,7 +2,8 @@
 
 The fault is injected from the test side, by the task itself (no production code path knows of
 it): rank 1's process SIGKILLs itself once per job at the named moment, while the generation
-forms (building its model), while DDP's buckets are primed, inside its first step, inside the
+forms (its first batch is taken: a DDP worker built its model when it started), while DDP's
+buckets are primed, inside its first step, inside the
 last step, or while the final digest is taken. A replacement takes rank 1 and the final weights
 equal plain torch DDP's on 4 processes.
 """
@@ -39,6 +40,7 @@ class Killer(TinyGPT):
         super().__init__(**kw)
         self.at, self.rank, self.marker, self.last_call = at, rank, marker, last_call
         self.calls = 0
+        self.sampled = False
 
     def _die(self):
         if not dist.is_initialized() or dist.get_rank() != self.rank:
@@ -49,11 +51,15 @@ class Killer(TinyGPT):
             return  # once per job: the replacement trains on
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def sample(self, index, seed):
+        if self.at == "forming" and not self.sampled and dist.is_initialized():
+            self.sampled = True  # the first batch taken in a group: the join's priming batch
+            self._die()
+        return super().sample(index, seed)
+
     def build_model(self):
         model = super().build_model()
-        if self.at == "forming":
-            self._die()
-        elif self.at == "digest":  # the final digest is the first full state dict taken
+        if self.at == "digest":  # the final digest is the first full state dict taken
             model.register_state_dict_pre_hook(lambda *args, **kwargs: self._die())
         return model
 

@@ -12,6 +12,7 @@ import collections
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, Optional, Tuple
 
+from coordinator.control import recovery_profile
 from coordinator.protocol import StepReport
 
 
@@ -95,6 +96,7 @@ class StepAccounting:
         # then too): the exposure behind the observed failure rate of the auto interval
         self.exposure_worker_s = 0.0
         self._awaiting: Optional[Dict[str, Any]] = None
+        self.first_step_t: Optional[float] = None  # when this run's first step completed
 
     def new_generation(self, resumed_step: int) -> None:
         """A generation formed with state at `resumed_step`: partial tallies of the old one go."""
@@ -104,10 +106,10 @@ class StepAccounting:
     def resume_at(self, step: int) -> None:
         self.last_step = self.max_step_seen = step
 
-    def expect_recovery(self, fields: Dict[str, Any], t0: float) -> None:
-        """The next completed step ends a recovery detected at `t0`: it yields `fields` with
-        `recovery_s` added."""
-        self._awaiting = dict(fields, t0=t0)
+    def expect_recovery(self, fields: Dict[str, Any], t0: float, formed_t: float) -> None:
+        """The next completed step ends a recovery detected at `t0` whose generation formed at
+        `formed_t`: it yields `fields` with `recovery_s` (and the first step's phase) added."""
+        self._awaiting = dict(fields, t0=t0, formed_t=formed_t)
 
     def saw(self, step: int) -> None:
         self.max_step_seen = max(self.max_step_seen, step)
@@ -143,6 +145,8 @@ class StepAccounting:
         if self.recent and self.recent[-1][1] < tally.t and rep.step == self.recent[-1][0] + 1:
             self.exposure_worker_s += world_size * (tally.t - self.recent[-1][1])
         self.recent.append((rep.step, tally.t))
+        if self.first_step_t is None:
+            self.first_step_t = tally.t
         if self._warm is None and rep.step >= self.warmup_steps:
             self._warm = (rep.step, tally.t)
         done = Completed(rep.step, nonfinite=tally.nonfinite)
@@ -152,6 +156,9 @@ class StepAccounting:
         if self._awaiting is not None:
             rec, self._awaiting = self._awaiting, None
             rec["recovery_s"] = round(max(0.0, tally.t - rec.pop("t0")), 3)
+            formed_t = rec.pop("formed_t")
+            if "phases" in rec:
+                rec["phases"] = recovery_profile.first_step(rec["phases"], formed_t, tally.t)
             done.recovered = rec
         return done
 

@@ -23,6 +23,7 @@ from coordinator.checkpoint.committer import log_resume
 from coordinator.checkpoint.errors import StorageError
 from coordinator.config import Config
 from coordinator.control import failure_policy as fp
+from coordinator.control import recovery_profile as profile
 from coordinator.control import scaling_policy as sp
 from coordinator.control.accounting import Progress, StepAccounting
 from coordinator.control.incidents import Incidents
@@ -105,13 +106,14 @@ class Controller:
             return f"starting {st.world_size} workers ({ready} ready)", None
         for info in self.group.assign({}, list(range(st.world_size))):
             self._worker_started(info)
+        self.job.startup.update(placed=st.placed_at, ready=now)
         self.job.world_size = st.world_size
         self._enter_forming(st.plan, "start")
         return f"started {st.world_size} workers", None
 
     def _place_initial(self, st: Starting, now: float) -> str:
-        """Size the first generation from capacity and place its workers (and spares, where
-        capacity is left, so they are ready early). Returns a note while it cannot."""
+        """Size the first generation from capacity and place its workers. Returns a note while
+        it cannot."""
         exclude = self.incidents.isolation.isolated
         cap = self.capacity(exclude=exclude)
         decision = self.scaling.initial(cap)
@@ -135,15 +137,13 @@ class Controller:
         except StorageError as e:
             return self._unreadable(st, e, now)
         logger.info(decision.reason)
-        spares = max(0, min(self.cfg.scaling.spare_workers, cap - n))
-        placed = self.group.spawn(n + spares, exclude=exclude)
+        # Spares start once training runs (see _grow): at start-up they would only compete with
+        # the members for CPU.
+        placed = self.group.spawn(n, exclude=exclude)
         if placed < n:
             self.group.drop_newcomers()
             return self._end(Phase.FAILED, f"could not place {n} workers: only {placed} placed "
                                            f"({self.group.capacity_note(exclude)})")
-        if spares:
-            logger.info("starting %d spare worker(s) (scaling.spare_workers=%d)", spares,
-                        self.cfg.scaling.spare_workers)
         st.world_size, st.placed_at = n, now
         return ""
 
@@ -193,7 +193,7 @@ class Controller:
         if rec is not None and now < rec.not_before:
             return "backing off", None
         if not st.began:
-            st.began = True
+            st.began, st.began_at = True, now
             job.generation += 1
             self.bus.emit(Event.GROUP_FORMING, generation=job.generation,
                           world_size=plan.world_size, source=plan.source, cause=st.cause)
@@ -216,6 +216,7 @@ class Controller:
         if self.committer is not None:
             self.committer.end_generation(job.generation - 1)
         job.world_sizes.append(plan.world_size)
+        job.startup.setdefault("formed", now)
         self.steps.new_generation(plan.resumed_step)
         self.bus.emit(Event.GROUP_FORMED, generation=job.generation, world_size=plan.world_size,
                       ranks=self.group.ranks(), source=plan.source, step=plan.resumed_step,
@@ -223,14 +224,17 @@ class Controller:
         logger.info("generation %d formed: %d workers, state from %s at step %d",
                     job.generation, plan.world_size, plan.source, plan.resumed_step)
         if rec is not None:
+            phases = profile.formed(rec.t0, rec.settled_at, rec.planned_at, now,
+                                    self.group.last_join_parts)
             recovered = {"generation": job.generation, "world_size": plan.world_size,
                          "source": plan.source, "resumed_step": plan.resumed_step,
                          "lost_steps": max(0, rec.step_before - plan.resumed_step),
-                         "last_step_t": rec.progress_t}
+                         "last_step_t": rec.progress_t, "phases": phases}
             if plan.resumed_step >= self.cfg.train.steps:  # lost at the end: no step follows
-                self._recovered(dict(recovered, recovery_s=round(max(0.0, now - rec.t0), 3)))
+                self._recovered(dict(recovered, recovery_s=round(max(0.0, now - rec.t0), 3),
+                                     phases=profile.first_step(phases, now, now)))
             else:
-                self.steps.expect_recovery(recovered, t0=rec.t0)
+                self.steps.expect_recovery(recovered, t0=rec.t0, formed_t=now)
         self._launch(now)
         return f"generation {job.generation} formed", None
 
@@ -431,7 +435,10 @@ class Controller:
             return self._end(Phase.INTERRUPTED, (
                 f"{self.preempt_signal} received while recovering at step "
                 f"{self.steps.last_step}: stopping without a new checkpoint")), None
-        poll = self.group.poll()
+        # Until the survivors have left the failed group, a poll only looks for more losses and
+        # returned train calls: heartbeats are not awaited (a survivor tearing its group down
+        # answers late), settling asks every survivor for a current one.
+        poll = self.group.poll(wait_s=None if rec.settled else 0.0)
         self._absorb(poll)
         more = [f for f in poll.failures if f.kind.lost or f.kind == FailureKind.TASK_ERROR]
         if more:
@@ -488,6 +495,7 @@ class Controller:
                            "re-forming (failure.backoff_s=%g)", self.job.streak, plan.backoff_s,
                            cfg.failure.backoff_s)
         logger.info("recovery plan: %s", plan.reason)
+        rec.planned_at = now
         self._enter_forming(plan, "recovery", rec, checkpoint)
         return plan.reason, None
 

@@ -178,7 +178,7 @@ class Incidents:
             self.record([WorkerFailure(r, FailureKind.HANG, self.group.pid(r), "no answer")
                          for r in sorted(missing)], now, rec)
             return "survivors did not answer"
-        rec.settled = True
+        rec.settled, rec.settled_at = True, now
         # The last moment any survivor completed a step: the lost worker's own last reports
         # died with it, so failure_detected's last_step_t can be up to a poll earlier.
         rec.progress_t = self.steps.newest_report_t()

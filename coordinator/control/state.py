@@ -66,6 +66,8 @@ class Recovering:
     nodes_hit: Set[str] = field(default_factory=set)  # nodes counted toward isolation
     unexplained: List[WorkerFailure] = field(default_factory=list)  # errors without a lost worker
     settled: bool = False  # every survivor left the failed group and reported its step
+    settled_at: Optional[float] = None  # when it settled
+    planned_at: Optional[float] = None  # when the new generation's plan was made
     survivors: Dict[int, int] = field(default_factory=dict)  # rank -> completed step
     spawned_at: Optional[float] = None
     wait_since: Optional[float] = None
@@ -84,6 +86,7 @@ class Forming:
     cause: str  # start | recovery | grow
     recovery: Optional[Recovering] = None  # the recovery this generation ends
     began: bool = False
+    began_at: Optional[float] = None  # when its members were asked to join
 
 
 @dataclass
@@ -126,3 +129,5 @@ class JobRecord:
     skipped: Set[int] = field(default_factory=set)  # steps found non-finite: never applied
     nonfinite_run: List[int] = field(default_factory=list)  # the latest ones in a row
     rollbacks: int = 0  # failure.nonfinite=rollback restores so far
+    # start-up: unix times of its moments (placed, ready, formed), see summary.startup
+    startup: Dict[str, float] = field(default_factory=dict)

@@ -11,6 +11,19 @@ from coordinator.control.state import JobRecord, Phase
 STATUS = {Phase.DONE: "finished", Phase.INTERRUPTED: "interrupted"}  # anything else: failed
 
 
+def startup(marks: Dict[str, float], first_step_t: Optional[float]) -> Dict[str, Any]:
+    """startup_s: from the command's start to the first completed step; `startup`: its parts.
+    `marks`: unix times of start, ray (connected), placed, ready, formed (None: not reached)."""
+    order = [("launch_s", "start", "ray_init"), ("ray_s", "ray_init", "placed"),
+             ("workers_s", "placed", "ready"), ("form_s", "ready", "formed"),
+             ("first_step_s", "formed", "first_step")]
+    t = dict(marks, first_step=first_step_t)
+    parts = {name: round(t[b] - t[a], 3) for name, a, b in order
+             if t.get(a) is not None and t.get(b) is not None}
+    total = first_step_t - marks["start"] if first_step_t and marks.get("start") else None
+    return {"startup_s": None if total is None else round(total, 3), "startup": parts}
+
+
 def job_summary(cfg: Config, job: JobRecord, steps: StepAccounting, committer,
                 isolated: List[str], phase: Phase, error: Optional[str], wall_s: float,
                 extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -39,6 +52,7 @@ def job_summary(cfg: Config, job: JobRecord, steps: StepAccounting, committer,
         "wall_s": round(wall_s, 3),
         "step_s": round(steps.step_time_s, 3),  # time in steps (the slowest rank's, summed)
         "checkpoint_interval": cfg.checkpoint.interval_steps,
+        **startup(job.startup, steps.first_step_t),
         "error": error,
         **extra,
     }

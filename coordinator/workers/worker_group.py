@@ -88,6 +88,7 @@ class RayWorkerGroup:
         self._node_id = ray.get_runtime_context().get_node_id()  # the driver's Ray node
         self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
         self.last_restore_s = 0.0  # see WorkerGroup
+        self.last_join_parts: Dict[str, float] = {}  # see WorkerGroup
 
     # ---- membership -----------------------------------------------------------------------
     def capacity_note(self, exclude: Iterable[str] = ()) -> str:
@@ -116,6 +117,7 @@ class RayWorkerGroup:
             actor = TrainWorker.options(num_cpus=self.cpus_per_worker,
                                         num_gpus=1 if self.spec.use_gpu else 0,
                                         scheduling_strategy=strategy).remote(self.spec)
+            actor.warm.remote()  # builds its state once started (see TrainWorker.warm)
             self._spawning.append(_Newcomer(actor, actor.info.remote(), node, time.monotonic()))
             ours[node] = ours.get(node, 0) + 1
             slots[node] -= 1
@@ -199,6 +201,7 @@ class RayWorkerGroup:
         self._form_failures: List[WorkerFailure] = []
         self._form_aborted = False
         self.last_restore_s = 0.0
+        self.last_join_parts: Dict[str, float] = {}
         self._hb_refs, self._last_heard = {}, {r: time.monotonic() for r in self.actors}
 
     def poll_form(self) -> Optional[List[WorkerFailure]]:
@@ -215,6 +218,8 @@ class RayWorkerGroup:
             joined, fs = self._collect(finished, timeout=0)
             for res in joined.values():
                 self.last_restore_s = max(self.last_restore_s, float(res["restore_s"]))
+                for part, s in res.get("parts", {}).items():  # the slowest member's, per part
+                    self.last_join_parts[part] = max(self.last_join_parts.get(part, 0.0), s)
             # A member frozen while joining (SIGSTOP) blocks the others: find it by its silence.
             self._heartbeats(self._stash, 0.0)  # its reports reach the controller's next poll
             now = time.monotonic()
@@ -262,14 +267,16 @@ class RayWorkerGroup:
         else:
             time.sleep(timeout_s)
 
-    def poll(self, fresh: bool = False) -> PollResult:
+    def poll(self, fresh: bool = False, wait_s: Optional[float] = None) -> PollResult:
         """One round of heartbeats. A worker whose previous heartbeat is still unanswered (a
         frozen process) gets no new one; `silent_s` says how long each has not answered. A lost
         worker is reported once; a train call is reported once, when it returns. `fresh`: wait
-        (up to the RPC timeout) for answers to heartbeats sent now, so each step is current."""
+        (up to the RPC timeout) for answers to heartbeats sent now, so each step is current.
+        `wait_s`: how long to wait for heartbeats otherwise (default heartbeat_wait_s)."""
         result, self._stash = self._stash, PollResult()
         result.failures = []  # failures seen while forming were reported by form()
-        self._heartbeats(result, self.rpc_timeout_s if fresh else self.heartbeat_wait_s)
+        self._heartbeats(result, self.rpc_timeout_s if fresh else (
+            self.heartbeat_wait_s if wait_s is None else wait_s))
         if fresh:
             self._heartbeats(result, self.rpc_timeout_s)
         now = time.monotonic()

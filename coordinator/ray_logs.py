@@ -28,10 +28,15 @@ PEER_NOISE = re.compile(r"gloo|GLHF|Connection reset by peer|Connection closed b
                         r"c10d|TCPStore|ProcessGroup", re.IGNORECASE)
 
 
+# Ray's own processes (their "pid" is a name): the raylets' notices, the GCS's complaints about a
+# node that went away ("Failed to kill actor NIL_ID ... GRPC client is shut down").
+RAY_SYSTEM = frozenset({"raylet", "gcs_server", "autoscaler", "monitor", "dashboard"})
+
+
 def is_noise(data: Dict, line: str) -> bool:
-    """Whether one forwarded line goes to the file: everything a raylet says, and the
+    """Whether one forwarded line goes to the file: everything Ray's own processes say, and the
     collective layer's complaints about a lost peer."""
-    return data.get("pid") == "raylet" or bool(PEER_NOISE.search(line))
+    return data.get("pid") in RAY_SYSTEM or bool(PEER_NOISE.search(line))
 
 
 class _Router:

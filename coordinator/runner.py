@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from datetime import timedelta
 from typing import Optional
@@ -38,16 +39,10 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
     events = EventLog(os.path.join(run_dir, "events.jsonl"))
     events.emit(Event.JOB_START, job=cfg.job.name, config_hash=cfg.config_hash(), pid=os.getpid())
 
-    # Imported here so that config errors are reported before torch and Ray load.
-    import torch.distributed as dist
-
-    from coordinator.chaos import ClusterHooks
-    from coordinator.checkpoint.faults import StorageOutage
-    from coordinator.checkpoint.committer import Committer, absolute_uri
-    from coordinator.metrics import JobMetrics
-    from coordinator.workers.spec import WorkerSpec
-    from coordinator.workers.worker_group import RayWorkerGroup
-
+    # torch and the driver's modules (~2 s) are imported while Ray starts (its processes come up
+    # meanwhile); after the config was checked, so that its errors come first.
+    importer = threading.Thread(target=_import_driver_modules, name="imports", daemon=True)
+    importer.start()
     auto = cfg.checkpoint.interval_steps == "auto"
     cluster = Cluster(cfg)
     group = bus = None
@@ -57,6 +52,16 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
     try:
         t_ray = time.time()
         cluster.connect()
+        importer.join()
+        import torch.distributed as dist
+
+        from coordinator.chaos import ClusterHooks
+        from coordinator.checkpoint.faults import StorageOutage
+        from coordinator.checkpoint.committer import Committer, absolute_uri
+        from coordinator.metrics import JobMetrics
+        from coordinator.workers.spec import WorkerSpec
+        from coordinator.workers.worker_group import RayWorkerGroup
+
         # The rendezvous store lives in the driver: losing any worker, rank 0 included, leaves it up.
         store = dist.TCPStore(cluster.driver_ip(), 0, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=cfg.train.collective_timeout_s))
@@ -167,6 +172,18 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     reporter.message(format_summary(summary, run_dir))
     return {"finished": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILED)
+
+
+def _import_driver_modules() -> None:
+    """What the driver needs once Ray is up (see run_job). An import that fails here is raised
+    again, with its traceback, by the same import in run_job."""
+    try:
+        import torch.distributed  # noqa: F401
+
+        import coordinator.checkpoint.committer  # noqa: F401
+        import coordinator.workers.worker_group  # noqa: F401
+    except Exception:
+        pass
 
 
 def _install_preemption_handlers(controller: Controller, reporter: ProgressReporter):

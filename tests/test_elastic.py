@@ -35,9 +35,12 @@ def _of(run_dir, kind):
 
 
 def _run(tmp_path, *overrides, chaos="[]"):
+    """The make-run config on 2 simulated nodes of exactly 2 workers each (no room for a spare:
+    these tests are about what a lost worker or node does to the members)."""
     run_dir = tmp_path / "run"
     proc = run_cli(["run", CONFIG, f"chaos.events={chaos}", f"train.steps={STEPS}",
-                    "failure.hang_timeout_s=5", f"run.dir={run_dir}", *overrides], timeout=300)
+                    "ray.cpus_per_node=2", "failure.hang_timeout_s=5", f"run.dir={run_dir}",
+                    *overrides], timeout=300)
     return proc, run_dir
 
 

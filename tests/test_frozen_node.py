@@ -25,6 +25,7 @@ def _state(pid):
 def test_a_frozen_node_is_detected_in_seconds_and_the_job_finishes(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(["run", CONFIG, "train.steps=200", "checkpoint.interval_steps=20",
+                    "ray.cpus_per_node=2",
                     "chaos.events=[{at_step: 40, action: freeze_node, target: 0, seconds: 6}]",
                     f"run.dir={run_dir}"], timeout=360)
     assert proc.returncode == 0, proc.stdout + proc.stderr

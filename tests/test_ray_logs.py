@@ -15,6 +15,10 @@ def test_raylet_notices_and_gloo_errors_go_to_the_file_a_task_s_prints_stay(tmp_
     path = tmp_path / "logs" / "ray.log"
     router = ray_logs._Router(str(path), lambda data, *a, **k: printed.append((data, a, k)))
     router({"lines": [NOTICE], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    router({"lines": ["[2026-12-03 16:54:02,251 E 14751 14751] (gcs_server) "
+                      "gcs_actor_scheduler.cc:538: Failed to kill actor NIL_ID, return status: "
+                      "Disconnected: GRPC client is shut down."], "pid": "gcs_server",
+            "is_err": True}, ignore_prefix=False)
     router({"lines": ["epoch 3 done", "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] "
                       "Read error [10.0.0.2]:4242: Connection reset by peer",
                       "terminate called: GLHF"],
@@ -23,9 +27,10 @@ def test_raylet_notices_and_gloo_errors_go_to_the_file_a_task_s_prints_stay(tmp_
     assert [(d["pid"], d["lines"]) for d, _, _ in printed] == [(4321, ["epoch 3 done"])]
     assert printed[0][2] == {"ignore_prefix": False} and printed[0][0]["is_err"]
     text = path.read_text().splitlines()
-    assert len(text) == 3 and router.routed == 3
+    assert len(text) == 4 and router.routed == 4
     assert "(pid=raylet) A worker died or was killed" in text[0]
-    assert "(TrainWorker pid=4321 ip=10.0.0.1)" in text[1] and "Connection reset" in text[1]
+    assert "(pid=gcs_server)" in text[1] and "Failed to kill actor" in text[1]
+    assert "(TrainWorker pid=4321 ip=10.0.0.1)" in text[2] and "Connection reset" in text[2]
 
 
 def test_lines_stay_on_the_terminal_when_the_file_cannot_be_written(tmp_path):

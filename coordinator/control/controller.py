@@ -137,8 +137,8 @@ class Controller:
         except StorageError as e:
             return self._unreadable(st, e, now)
         logger.info(decision.reason)
-        # Spares start once training runs (see _grow): at start-up they would only compete with
-        # the members for CPU.
+        # Spares start once training runs (_grow): before, they would only compete for CPU with
+        # the members' own start-up and the first generation's formation.
         placed = self.group.spawn(n, exclude=exclude)
         if placed < n:
             self.group.drop_newcomers()

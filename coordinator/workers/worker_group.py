@@ -143,7 +143,8 @@ class RayWorkerGroup:
             try:
                 info = ray.get(nc.info_ref, timeout=0)
             except (RayActorError, RayTaskError) as e:
-                logger.warning("a new worker failed to start: %s", first_sentence(e))
+                logger.warning("a starting worker (newcomer or spare) on node %s was lost: %s",
+                               nc.node_id[:8], first_sentence(e))
                 continue
             nc.info = WorkerInfo(-1, info["pid"], info["node_id"], info["host"])
             self._ready.append(nc)

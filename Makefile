@@ -47,12 +47,16 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m unit tests
 
+# each benchmark's JSON goes to docs/bench/, and docs/benchmarks.md's tables are rebuilt from it
 bench: install
-	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) scripts/bench_overhead.py
-	$(PY) scripts/bench_overhead.py --case prefetch
-	$(PY) scripts/bench_recovery.py --json
-	$(PY) scripts/bench_checkpoint.py --json
+	$(PY) -m pip install --quiet -e ".[dev,hf,bench]"
+	mkdir -p docs/bench
+	$(PY) scripts/bench_overhead.py > docs/bench/overhead.json.tmp && mv docs/bench/overhead.json.tmp docs/bench/overhead.json
+	$(PY) scripts/bench_overhead.py --case prefetch > docs/bench/prefetch.json.tmp && mv docs/bench/prefetch.json.tmp docs/bench/prefetch.json
+	$(PY) scripts/bench_recovery.py --json > docs/bench/recovery.json.tmp && mv docs/bench/recovery.json.tmp docs/bench/recovery.json
+	$(PY) scripts/bench_checkpoint.py --json > docs/bench/checkpoint.json.tmp && mv docs/bench/checkpoint.json.tmp docs/bench/checkpoint.json
+	$(PY) scripts/bench_tables.py
+	cat docs/bench/*.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -37,6 +37,9 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import benchlib  # noqa: E402
 
 from coordinator.checkpoint.saver import CheckpointSaver  # noqa: E402
 from coordinator.checkpoint.manifest import step_name  # noqa: E402
@@ -104,10 +107,6 @@ def time_verify(uri: str, options, step: int, hash_name: str) -> float:
     return time.perf_counter() - t0
 
 
-def _spread(xs) -> list:
-    return [round(min(xs), 4), round(max(xs), 4)]
-
-
 def bench_target(name: str, uri: str, options, sd, group, repeats: int,
                  hashes=HASHES) -> dict:
     """Medians over `repeats` interleaved runs of each measurement (this machine is noisy): in
@@ -160,8 +159,8 @@ def bench_target(name: str, uri: str, options, sd, group, repeats: int,
             "persist_MBps": round(size / persist / 1e6, 1),
             "throughput_ratio": round(raw / persist, 4),
             "verify_s": round(verify, 4), "verify_GBps": round(size / verify / 1e9, 2),
-            "spread": {"async_stall_s": _spread(stalls[h]), "persist_s": _spread(persists[h]),
-                       "verify_s": _spread(verifies[h])},
+            "spread": {"async_stall_s": benchlib.spread(stalls[h]), "persist_s": benchlib.spread(persists[h]),
+                       "verify_s": benchlib.spread(verifies[h])},
         }
     default = by_hash[hashes[0]]
     out = {
@@ -170,7 +169,7 @@ def bench_target(name: str, uri: str, options, sd, group, repeats: int,
         "raw_write_s": round(raw, 4), "raw_write_MBps": round(size / raw / 1e6, 1),
         **{k: v for k, v in default.items() if k != "spread"},
         "by_hash": by_hash,
-        "spread": {"sync_save_s": _spread(sync_times), "raw_write_s": _spread(raws),
+        "spread": {"sync_save_s": benchlib.spread(sync_times), "raw_write_s": benchlib.spread(raws),
                    **default["spread"]},
         "goals": {"stall_ratio": "<= 0.05", "stall_vs_memcpy": "<= 2",
                   "throughput_ratio": ">= 0.8"},
@@ -182,15 +181,7 @@ def bench_target(name: str, uri: str, options, sd, group, repeats: int,
 
 
 def machine() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def v(pkg):
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return None
-    return {"cores": os.cpu_count(), "torch": torch.__version__, "ray": v("ray"),
-            "google_crc32c": v("google-crc32c")}
+    return benchlib.machine("google-crc32c")
 
 
 def start_moto():

@@ -1,17 +1,20 @@
-"""Recovery from a lost worker: our coordinator vs Ray Train V2's TorchTrainer, in one run.
+"""Recovery from a lost worker: ours vs torchft vs Ray Train V2, the same job, in one run.
 
-The same job on both sides: 4 CPU workers, the built-in TinyGPT, global batch 16, a checkpoint
-every 20 steps, and worker rank 1 SIGKILLed at step 30.
+The same job on every side: 4 CPU workers, the built-in TinyGPT, global batch 16, seed 0, and
+worker (or replica group) 1 SIGKILLed after step 100; where a side checkpoints, every 20 steps.
 
-  recovery_s  from the kill to the next completed training step
-  lost_steps  steps trained before the kill that had to be trained again
+  recovery_s  from the kill to the next step completed by the job (the survivors)
+  lost_steps  steps completed before the kill that had to be trained again
+  phases      ours: where the time went (the `recovered` event; control/recovery_profile.py)
 
-Ours is measured three times: with the defaults (`failure.replace=true`: a replacement is
-started and takes the vacant rank, so the run stays bit-identical), with `failure.replace=false`
-(the survivors re-form at once; the job grows back when the replacement is ready), and with
-`scaling.spare_workers=1` (a worker started ahead takes the vacant rank: bit-identical and fast;
-it occupies the fifth CPU, which Ray Train's run also has). Ray Train restarts every worker and
-resumes from the last reported checkpoint. `recovery_ratio*` are ours / Ray Train's.
+Ours runs in three modes: the defaults (a spare worker, started ahead where the cluster has room,
+takes the vacant rank: bit-identical), `scaling.spare_workers=0` (a replacement process starts
+and takes the rank), and `failure.replace=false` with no spare (the survivors re-form at once and
+grow back later). torchft (scripts/torchft_replica.py) runs 4 replica groups of one worker with
+its Lighthouse on 127.0.0.1 and restarts the killed group at once, as torchrun would; `rejoin_s`
+is the kill to the restarted group's first step. Ray Train restarts every worker and resumes from
+its last reported checkpoint. Every side runs `--repeats` times, interleaved; figures are medians
+with their spread, and each ratio sits next to its goal.
 
     python scripts/bench_recovery.py --json      (needs `pip install -e ".[bench]"`)
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,8 +32,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-WORKERS, GBS, INTERVAL, KILL_AT, STEPS = 4, 16, 20, 30, 80
+import benchlib  # noqa: E402
+
+WORKERS, GBS, INTERVAL, KILL_AT, STEPS = 4, 16, 20, 100, 160
 TASK = "train.tasks.gpt:TinyGPT"
 
 
@@ -55,6 +62,7 @@ def ours(run_dir: str, *extra: str) -> dict:
     next_step_t = detected["t"] + get_field(rec, Event.RECOVERED, "recovery_s")
     return {"recovery_s": round(next_step_t - kill["t"], 3),
             "detect_s": round(detected["t"] - kill["t"], 3),
+            "phases": get_field(rec, Event.RECOVERED, "phases"),
             "lost_steps": get_field(rec, Event.RECOVERED, "lost_steps"),
             "killed_at_step": get_field(kill, Event.CHAOS, "step"),
             "world_size_after": get_field(rec, Event.RECOVERED, "world_size"),
@@ -150,35 +158,186 @@ def ray_train(tmp: str) -> dict:
             "killed_at_step": before, "resumed_step": first["start"]}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Lighthouse:
+    """torchft's Lighthouse on 127.0.0.1, with the settings of its train_ddp.py example."""
+
+    def __init__(self, log_path: str):
+        self.addr = f"127.0.0.1:{_free_port()}"
+        binary = os.path.join(os.path.dirname(sys.executable), "torchft_lighthouse")
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [binary, "--min_replicas", "1", "--quorum_tick_ms", "100",
+             "--join_timeout_ms", "10000", "--bind", self.addr],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def torchft_job(tmp: str, kill_at: int = 0, steps: int = STEPS, timeout_s: float = 600) -> list:
+    """4 torchft replica groups of one worker (scripts/torchft_replica.py); with `kill_at`,
+    replica 1 is SIGKILLed after that step and restarted at once, as torchrun would. Returns the
+    committed-step rows of every replica."""
+    os.makedirs(tmp, exist_ok=True)
+    log = os.path.join(tmp, "steps.jsonl")
+    lighthouse = Lighthouse(os.path.join(tmp, "lighthouse.log"))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def start(replica: int) -> subprocess.Popen:
+        out = open(os.path.join(tmp, f"replica{replica}.log"), "a")
+        return subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "scripts", "torchft_replica.py"),
+             "--replica", str(replica), "--replicas", str(WORKERS), "--lighthouse",
+             lighthouse.addr, "--steps", str(steps), "--global-batch-size", str(GBS),
+             "--task", TASK, "--log", log, "--kill-at", str(kill_at)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    procs = {r: start(r) for r in range(WORKERS)}
+    deadline = time.time() + timeout_s
+    try:
+        while procs and time.time() < deadline:
+            for r, proc in list(procs.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                if rc == -9 and kill_at and os.path.exists(log + ".killed") \
+                        and not os.path.exists(log + ".restarted"):
+                    open(log + ".restarted", "w").close()
+                    procs[r] = start(r)
+                elif rc != 0:
+                    raise RuntimeError(f"torchft replica {r} exited with {rc}: see "
+                                       f"{tmp}/replica{r}.log")
+                else:
+                    del procs[r]
+            time.sleep(0.01)
+        if procs:
+            raise RuntimeError(f"torchft replicas {sorted(procs)} still running after "
+                               f"{timeout_s:.0f}s")
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(timeout=10)
+        lighthouse.close()
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+def torchft(tmp: str) -> dict:
+    """torchft's recovery from the same kill: to the survivors' next step, and to the restarted
+    replica group healed from a peer and training."""
+    rows = torchft_job(tmp, kill_at=KILL_AT)
+    with open(os.path.join(tmp, "steps.jsonl.killed")) as f:
+        t_kill = float(f.read())
+    killed_pid = {r["pid"] for r in rows if r["replica"] == 1 and r["step"] == KILL_AT}
+    # The survivors may log step KILL_AT just after the kill (they commit it with the killed one)
+    after = [r for r in rows if r["t"] > t_kill and r["replica"] != 1 and r["step"] > KILL_AT]
+    first = min(after, key=lambda r: r["t"])
+    # a survivor that commits a step it had committed before would have lost steps
+    seen, lost = {}, 0
+    for r in sorted(rows, key=lambda r: r["t"]):
+        if r["replica"] != 1:
+            lost = max(lost, seen.get(r["replica"], 0) + 1 - r["step"])
+            seen[r["replica"]] = max(seen.get(r["replica"], 0), r["step"])
+    back = [r for r in rows if r["replica"] == 1 and r["pid"] not in killed_pid]
+    healed = min(back, key=lambda r: r["t"]) if back else None
+    return {"recovery_s": round(first["t"] - t_kill, 3),
+            "rejoin_s": round(healed["t"] - t_kill, 3) if healed else None,
+            "lost_steps": lost,
+            "killed_at_step": KILL_AT, "rejoined_at_step": healed["step"] if healed else None,
+            "config": "ProcessGroupGloo(timeout=5s), Manager(min_replica_size=1, timeout=10s), "
+                      "lighthouse --min_replicas 1 --quorum_tick_ms 100 --join_timeout_ms 10000"}
+
+
+MODES = {  # ours: mode -> overrides
+    "ours": [],
+    "ours_no_spare": ["scaling.spare_workers=0"],
+    "ours_shrink_first": ["scaling.spare_workers=0", "failure.replace=false"],
+}
+
+
+def ray_train_subprocess(tmp: str) -> dict:
+    """Ray Train in a process of its own (its own Ray instance, its env)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--ray-train-only", tmp],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError(f"the Ray Train run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list, errors: list) -> dict:
+    """One side's repeated runs: recovery_s (and rejoin_s) as median and spread, the worst
+    lost_steps, and every run; a side that could not be measured says why."""
+    if not runs:
+        return {"recovery_s": None, "error": errors[0] if errors else "not run"}
+    out = {"recovery_s": benchlib.figure([r["recovery_s"] for r in runs]),
+           "lost_steps_max": max(r["lost_steps"] for r in runs), "runs": runs}
+    rejoin = [r["rejoin_s"] for r in runs if r.get("rejoin_s") is not None]
+    if rejoin:
+        out["rejoin_s"] = benchlib.figure(rejoin)
+    if runs and "phases" in runs[0] and runs[0]["phases"]:
+        out["phases_median"] = {k: round(statistics.median(r["phases"][k] for r in runs), 3)
+                                for k in runs[0]["phases"]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of every side")
     ap.add_argument("--ray-train-only", metavar="DIR",
                     help="run only the Ray Train side, keeping its files in DIR")
+    ap.add_argument("--torchft-only", metavar="DIR",
+                    help="run only the torchft side, keeping its files in DIR")
     args = ap.parse_args()
     if args.ray_train_only:
         os.makedirs(args.ray_train_only, exist_ok=True)
         print(json.dumps(ray_train(args.ray_train_only)))
         return
+    if args.torchft_only:
+        print(json.dumps(torchft(args.torchft_only)))
+        return
+    runs = {name: [] for name in list(MODES) + ["torchft", "ray_train"]}
+    errors = {name: [] for name in runs}
+    peers = {"torchft": torchft, "ray_train": ray_train_subprocess}
     with tempfile.TemporaryDirectory() as tmp:
-        print("ours (defaults: replacement in the vacant rank)...", file=sys.stderr)
-        a = ours(os.path.join(tmp, "ours"))
-        print("ours (failure.replace=false: survivors re-form at once)...", file=sys.stderr)
-        b = ours(os.path.join(tmp, "ours_shrink"), "failure.replace=false")
-        print("ours (scaling.spare_workers=1: a started spare takes the rank)...", file=sys.stderr)
-        c = ours(os.path.join(tmp, "ours_spare"), "scaling.spare_workers=1")
-        print("Ray Train V2 TorchTrainer...", file=sys.stderr)
-        rt = ray_train(tmp)
-    result = {"ours": a, "ours_shrink_first": b, "ours_spare": c, "ray_train": rt,
-              "recovery_ratio": round(a["recovery_s"] / rt["recovery_s"], 3),
-              "recovery_ratio_shrink_first": round(b["recovery_s"] / rt["recovery_s"], 3),
-              "recovery_ratio_spare": round(c["recovery_s"] / rt["recovery_s"], 3),
-              "job": {"workers": WORKERS, "global_batch_size": GBS, "task": TASK,
-                      "checkpoint_interval": INTERVAL, "kill_at_step": KILL_AT}}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(json.dumps(result, indent=2))
+        for i in range(args.repeats):
+            for name, extra in MODES.items():
+                print(f"[{i + 1}/{args.repeats}] {name} {' '.join(extra)}...", file=sys.stderr)
+                runs[name].append(ours(os.path.join(tmp, f"{name}{i}"), *extra))
+            for name, measure in peers.items():
+                print(f"[{i + 1}/{args.repeats}] {name}...", file=sys.stderr)
+                try:  # a peer that cannot be measured here is said so in the JSON, with why
+                    runs[name].append(measure(os.path.join(tmp, f"{name}{i}")))
+                except Exception as e:
+                    errors[name].append(f"{type(e).__name__}: {str(e)[-500:]}")
+                    print(f"  {name} failed: {errors[name][-1]}", file=sys.stderr)
+    sides = {name: summarize(rs, errors[name]) for name, rs in runs.items()}
+    med = {name: side["recovery_s"]["median"] if side["recovery_s"] else None
+           for name, side in sides.items()}
+    ratio = {f"{name}_vs_{peer}": round(med[name] / med[peer], 3) if med[peer] else None
+             for name in MODES for peer in peers}
+    result = {
+        "benchmark": "recovery", "machine": benchlib.machine("torchft"),
+        "repeats": args.repeats, "sides": sides, "ratios": ratio,
+        "goals": {
+            "ours_vs_torchft": benchlib.goal(ratio["ours_vs_torchft"], "<=", 0.5),
+            "ours_recovery_s": benchlib.goal(med["ours"], "<=", 1.0),
+            "ours_lost_steps": benchlib.goal(sides["ours"]["lost_steps_max"], "<=", 0),
+        },
+        "job": {"workers": WORKERS, "global_batch_size": GBS, "task": TASK, "seed": 0,
+                "checkpoint_interval": INTERVAL, "kill_after_step": KILL_AT, "steps": STEPS}}
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

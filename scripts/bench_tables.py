@@ -1,0 +1,184 @@
+"""Regenerate the figure tables of docs/benchmarks.md from the benchmarks' JSON (docs/bench/).
+
+`make bench` writes each benchmark's JSON object to docs/bench/NAME.json and then runs this; each
+table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in docs/benchmarks.md, so no
+figure there is copied by hand. A JSON file that is missing leaves its table as it is.
+
+    python scripts/bench_tables.py [--check]     (--check: exit 1 if a table is out of date)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+BENCH_DIR = os.path.join(ROOT, "docs", "bench")
+
+
+def _s(x: Optional[float], unit: str = " s", digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def _met(g: Dict) -> str:
+    if g.get("met") is None:
+        return "not measured"
+    return "met" if g["met"] else "**not met**"
+
+
+def _spread(fig: Dict, unit: str = " s", digits: int = 2) -> str:
+    lo, hi = fig["spread"]
+    return f"{_s(fig['median'], unit, digits)} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def _machine(m: Dict) -> str:
+    parts = [f"{m.get('cores')} cores", f"torch {m.get('torch')}", f"ray {m.get('ray')}"]
+    parts += [f"{k.replace('_', '-')} {v}" for k, v in m.items()
+              if k not in ("cores", "torch", "ray") and v]
+    return ", ".join(parts)
+
+
+def table(header: List[str], rows: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def overhead(j: Dict) -> List[str]:
+    sps = j["steps_per_s"]
+    names = {"ours": "ours (coordinator on Ray)", "torchrun": "plain DDP under torchrun",
+             "torchft": "torchft (4 replica groups of 1, Lighthouse)"}
+    rows = []
+    for k, label in names.items():
+        if k not in sps:
+            continue
+        ratio = "1" if k == "ours" else f"{sps['ours']['median'] / sps[k]['median']:.3f}"
+        rows.append([label, _spread(sps[k], "", 2), ratio])
+    g = j["goals"]
+    return table(["", "steps/s, median (spread)", "ours / this"], rows) + [
+        "", f"Goals: ours / torchrun {g['vs_torchrun']['goal']}: {g['vs_torchrun']['value']} "
+            f"({_met(g['vs_torchrun'])}); ours / torchft {g['vs_torchft']['goal']}: "
+            f"{g['vs_torchft']['value']} ({_met(g['vs_torchft'])}). Same weights as torchrun: "
+            f"{'yes' if j['same_weights'] else 'no'}. World {j['world']}, {j['steps']} steps, "
+            f"global batch {j['global_batch_size']}, {j['repeats']} interleaved repeats; "
+            f"{_machine(j['machine'])}."]
+
+
+def prefetch(j: Dict) -> List[str]:
+    rows = [[str(j["world"]), _s(j["step_ms_without_cost"], " ms", 1),
+             f"{j['batch_cost_ms']:.1f} ms", _spread(j["without"], " steps/s", 1),
+             _spread(j["with"], " steps/s", 1), f"**{j['ratio']:.2f}** ({_met(j['goals']['ratio'])})"]]
+    return table(["world", "step without the cost", "a rank's batch costs", "without prefetch",
+                  "with prefetch", f"ratio ({j['goals']['ratio']['goal']})"], rows) + [
+        "", f"{j['repeats']} interleaved repeats; same weights with and without: "
+            f"{'yes' if j['same_weights'] else 'no'}; {_machine(j['machine'])}."]
+
+
+RECOVERY_SIDES = {
+    "ours": "ours, defaults (a spare takes rank 1)",
+    "ours_no_spare": "ours, `scaling.spare_workers=0` (a replacement process starts)",
+    "ours_shrink_first": "ours, `failure.replace=false`, no spare (3 survivors go on)",
+    "torchft": "torchft (4 replica groups of 1; the killed one restarted at once)",
+    "ray_train": "Ray Train V2 `TorchTrainer` (every worker restarted)",
+}
+PHASES = ("settle_s", "replace_s", "form_s", "first_step_s")
+
+
+def recovery(j: Dict) -> List[str]:
+    sides = j["sides"]
+    rows = []
+    for k, label in RECOVERY_SIDES.items():
+        if k not in sides:
+            continue
+        s = sides[k]
+        if s.get("recovery_s") is None:
+            rows.append([label, f"not measured: {s.get('error')}", "-", "-", "-"])
+            continue
+        ft = (sides.get("torchft") or {}).get("recovery_s")
+        rows.append([label, _spread(s["recovery_s"]), str(s["lost_steps_max"]),
+                     _spread(s["rejoin_s"]) if "rejoin_s" in s else "-",
+                     f"{s['recovery_s']['median'] / ft['median']:.3f}" if ft else "-"])
+    out = table(["", "kill to next step, median (spread)", "lost steps (worst)",
+                 "kill to the restarted one training", "/ torchft"], rows)
+    out += ["", "Where our time went (medians, seconds; `phases` of the `recovered` event):", ""]
+    prow = []
+    for k in ("ours", "ours_no_spare", "ours_shrink_first"):
+        ph = sides.get(k, {}).get("phases_median")
+        if ph:
+            detect = sorted(r["detect_s"] for r in sides[k]["runs"])[len(sides[k]["runs"]) // 2]
+            prow.append([k, f"{detect:.3f}"] + [f"{ph[p]:.3f}" for p in PHASES]
+                        + [f"{ph['rendezvous_s']:.3f} / {ph['transfer_s']:.3f} / "
+                           f"{ph['prime_s']:.3f}"])
+    out += table(["mode", "detect", "settle", "replace", "form", "first step",
+                  "form: rendezvous / transfer / prime"], prow)
+    g = j["goals"]
+    out += ["", "Goals: " + "; ".join(f"{k} {v['goal']}: {v['value']} ({_met(v)})"
+                                       for k, v in g.items())
+            + f". {j['repeats']} interleaved repeats; {_machine(j['machine'])}."]
+    return out
+
+
+def checkpoint(j: Dict) -> List[str]:
+    rows = []
+    for r in j["results"]:
+        for h, b in r["by_hash"].items():
+            first = h == r["hash"]
+            rows.append([f"{r['target']}, {h}" + (" (default)" if first else ""),
+                         _s(r["sync_save_s"]) if first else "", _s(b["async_stall_s"], " s", 3),
+                         f"{b['stall_ratio']:.3f}", f"{b['stall_vs_memcpy']:.2f}",
+                         _s(b["persist_s"]), _s(r["raw_write_s"]) if first else "",
+                         f"{b['throughput_ratio']:.2f}", f"{b['verify_GBps']:.1f} GB/s"])
+    out = table(["target", "sync save", "async stall", "stall ratio (<= 0.05)",
+                 "stall / memcpy (<= 2)", "persist", "raw write", "throughput ratio (>= 0.8)",
+                 "verify"], rows)
+    for r in j["results"]:
+        met = ", ".join(f"{k} {'met' if v else '**not met**'}" for k, v in r["met"].items())
+        out += ["", f"{r['target']}: {r['bytes'] / 1e9:.2f} GB, median of {r['repeats']} "
+                    f"interleaved runs; {met}."]
+    out += ["", f"{_machine(j['machine'])}."]
+    return out
+
+
+TABLES: Dict[str, Callable[[Dict], List[str]]] = {
+    "overhead": overhead, "prefetch": prefetch, "recovery": recovery, "checkpoint": checkpoint}
+
+
+def render(doc: str, bench_dir: str = BENCH_DIR) -> str:
+    for name, make in TABLES.items():
+        path = os.path.join(bench_dir, f"{name}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            body = "\n".join(make(json.load(f)))
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)",
+                             re.S)
+        if not pattern.search(doc):
+            raise SystemExit(f"{DOC} has no <!-- bench:{name} --> block for {path}")
+        doc = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), doc)
+    return doc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if a table is out of date")
+    a = p.parse_args()
+    with open(DOC) as f:
+        doc = f.read()
+    new = render(doc)
+    if a.check:
+        if new != doc:
+            print(f"{DOC} is out of date: run python scripts/bench_tables.py", file=sys.stderr)
+            sys.exit(1)
+        return
+    if new != doc:
+        with open(DOC, "w") as f:
+            f.write(new)
+        print(f"wrote {DOC}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

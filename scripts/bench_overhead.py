@@ -74,8 +74,8 @@ def torchft_rate(world: int, steps: int, gbs: int, tmp: str) -> float:
     """torchft's steady steps/s: replica 0's committed steps after the same warm-up."""
     import bench_recovery
 
-    bench_recovery.WORKERS, bench_recovery.GBS = world, gbs
-    rows = [r for r in bench_recovery.torchft_job(tmp, steps=steps, timeout_s=900)
+    rows = [r for r in bench_recovery.torchft_job(tmp, steps=steps, timeout_s=900,
+                                                  workers=world, gbs=gbs)
             if r["replica"] == 0]
     t = {r["step"]: r["t"] for r in rows}
     warm = max(1, min(steps // 10, 50))  # the coordinator's warm-up (controller.py)

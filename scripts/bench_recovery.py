@@ -184,8 +184,9 @@ class Lighthouse:
         self.log.close()
 
 
-def torchft_job(tmp: str, kill_at: int = 0, steps: int = STEPS, timeout_s: float = 600) -> list:
-    """4 torchft replica groups of one worker (scripts/torchft_replica.py); with `kill_at`,
+def torchft_job(tmp: str, kill_at: int = 0, steps: int = STEPS, timeout_s: float = 600,
+                workers: int = WORKERS, gbs: int = GBS) -> list:
+    """`workers` torchft replica groups of one worker (scripts/torchft_replica.py); with `kill_at`,
     replica 1 is SIGKILLed after that step and restarted at once, as torchrun would. Returns the
     committed-step rows of every replica."""
     os.makedirs(tmp, exist_ok=True)
@@ -197,12 +198,12 @@ def torchft_job(tmp: str, kill_at: int = 0, steps: int = STEPS, timeout_s: float
         out = open(os.path.join(tmp, f"replica{replica}.log"), "a")
         return subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "scripts", "torchft_replica.py"),
-             "--replica", str(replica), "--replicas", str(WORKERS), "--lighthouse",
-             lighthouse.addr, "--steps", str(steps), "--global-batch-size", str(GBS),
+             "--replica", str(replica), "--replicas", str(workers), "--lighthouse",
+             lighthouse.addr, "--steps", str(steps), "--global-batch-size", str(gbs),
              "--task", TASK, "--log", log, "--kill-at", str(kill_at)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
-    procs = {r: start(r) for r in range(WORKERS)}
+    procs = {r: start(r) for r in range(workers)}
     deadline = time.time() + timeout_s
     try:
         while procs and time.time() < deadline:

@@ -35,6 +35,8 @@ class FakeGroup:
         self.last_join_parts = {}
         self.faults = []  # [at_step, ranks, kind]
         self.lag = {}  # rank -> steps behind when a fault stops the group
+        self.hold_last = set()  # ranks whose last step's report comes a poll after a fault
+        self._held = {}  # rank -> reports held back
         self.shut = False
         self.form_polls = 0  # polls a formation takes before it answers
         self.aborted = []  # generations whose formation was aborted
@@ -146,6 +148,7 @@ class FakeGroup:
         res.failures.extend(late)
         running = {r: m for r, m in alive.items() if m["busy"]}
         old = {r: m["step"] for r, m in alive.items()}
+        faulted = False
         if running:
             step = max(m["step"] for m in running.values())
             target = min(self.until, step + self.steps_per_poll)
@@ -154,6 +157,7 @@ class FakeGroup:
             fault = next((f for f in self.faults if f[0] <= target), None)
             if fault is not None:
                 self.faults.remove(fault)
+                faulted = True
                 at, ranks, kind = fault[:3]
                 if len(fault) > 3:
                     self.slots = fault[3]  # e.g. a node went away with its slots
@@ -194,6 +198,9 @@ class FakeGroup:
                                skipped=s in self.skip or self._live_nonfinite(s),
                                nonfinite=self._live_nonfinite(s))
                     for s in range(old[r] + 1, m["step"] + 1)]
+            reps = self._held.pop(r, []) + reps
+            if faulted and r in self.hold_last and m["alive"] and reps:
+                self._held[r] = [reps.pop()]
             res.heartbeats[r] = Heartbeat(r, self.generation, m["step"], reps,
                                           [x for x in saves if x.rank == r])
             if not m["alive"]:

@@ -252,6 +252,17 @@ def test_a_user_code_error_fails_at_once(tmp_path):
     assert c.phase == Phase.FAILED and "task error" in c.error
 
 
+def test_a_step_every_rank_completed_counts_though_its_report_comes_after_the_error(tmp_path):
+    """Rank 0's report of step 5 arrives a poll after rank 2's error in step 6: the job still
+    failed at step 5, not 4 (the last reports are taken before the job ends)."""
+    group = FakeGroup()
+    group.faults = [[5, [2], "task_error"]]
+    group.hold_last = {0}
+    c, _ = _controller(tmp_path, group)
+    _run(c)
+    assert c.phase == Phase.FAILED and c.summary()["steps"] == 5
+
+
 def test_grows_at_a_step_boundary_when_capacity_appears(tmp_path):
     """(h) a job started with 2 of max 4 workers grows when capacity appears: newcomers are
     started while training goes on, then the group pauses and re-forms with rank 0's state."""

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from coordinator.checkpoint.manifest import resolve_latest
 from conftest import NO_CHAOS, ROOT, cli_process, run_cli
 from conftest import run_events as _events, run_summary as _summary
 from test_checkpoint_e2e import _kill_job, _start, _wait_for
@@ -69,7 +70,9 @@ def test_the_same_checkpoint_uri_from_another_run_dir_is_refused_then_taken_over
     finally:
         _kill_job(first, first_dir)  # SIGKILL: its leases stay behind, their pid dead
     assert (uri / "lease.json").exists()
-    last = max(e["step"] for e in _events(first_dir) if e["event"] == "checkpoint_committed")
+    # The newest commit in storage: the kill can land between a manifest and its event.
+    newest, _ = resolve_latest(str(uri), {}, verify=False)
+    last = newest.step
     again = run_cli(["run", *common, f"train.steps={last + 20}", f"run.dir={second_dir}"],
                     timeout=240)
     assert again.returncode == 0, again.stdout + again.stderr

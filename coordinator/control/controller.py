@@ -426,6 +426,7 @@ class Controller:
         current = self.state if isinstance(self.state, Recovering) else None
         rec, note = self.incidents.record(failures, now, current, during, carry)
         if rec is None:
+            self._last_reports()
             return self._end(Phase.FAILED, note)
         self.state = rec
         return note
@@ -505,6 +506,14 @@ class Controller:
         self.bus.emit(Event.CAPACITY_WAIT, reason=reason, step=self.steps.last_step)
 
     # ---- what the workers report ----------------------------------------------------------
+    def _last_reports(self) -> None:
+        """Before the job fails: the steps and saves the others reported after the failing one
+        (a step every rank completed counts, though its report came after the error)."""
+        try:
+            self._absorb(self.group.poll(fresh=True))
+        except Exception as e:  # the job is failing already: its error is the one reported
+            logger.debug("last reports before failing not taken: %s", e)
+
     def _absorb(self, poll: PollResult) -> None:
         for hb in poll.heartbeats.values():
             for rep in hb.reports:

@@ -106,6 +106,8 @@ def test_a_replacement_keeps_a_micro_batched_bf16_clipped_run_bit_identical(tmp_
                     "train.global_batch_size=16", *(f"train.{k}={v}" for k, v in recipe.items()),
                     "checkpoint.interval_steps=0", f"run.dir={run_dir}",
                     "train.eval_interval_steps=20", "train.eval_samples=24",
+                    # 60 steps take ~2 s: the default 5 s interval may see no progress at all
+                    "run.log_interval_s=0.2",
                     "chaos.events=[{at_step: 20, action: kill_worker, target: 2}]"], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = run_summary(run_dir)

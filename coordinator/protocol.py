@@ -222,6 +222,9 @@ class WorkerGroup(Protocol):
     def request_checkpoint(self, number: int) -> None: ...
     def chaos(self, rank: int, action: str, arg: Optional[float] = None) -> None: ...
     def kill(self, rank: int) -> None: ...
+    def release(self, ranks: Iterable[int], generation: int) -> None:
+        """Ask members still in generation `generation`'s failed group to leave it in place
+        (their process stays); fire and forget."""
     def begin_digest(self) -> None:
         """Start taking the weights digest (a collective under FSDP2)."""
     def poll_digest(self) -> Tuple[Optional[str], List[WorkerFailure]]:

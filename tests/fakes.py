@@ -27,6 +27,9 @@ class FakeGroup:
         self.sources = []  # (generation, Source) per form
         self.form_failures = []  # failures to return from the next forms, in order
         self.killed = []
+        self.blocked = set()  # survivors that stay in the failed collective until released
+        self.stuck = set()  # ... and do not leave it even then (only a kill frees them)
+        self.released = []  # (ranks, generation) per release
         self.silent = {}  # rank -> seconds without a heartbeat, reported by poll
         self.stop_mode = 0
         self.save_requests = []  # (request number, the group's step when it was asked)
@@ -146,7 +149,7 @@ class FakeGroup:
         alive = {r: m for r, m in self.members.items() if m["alive"]}
         res = PollResult(silent_s={r: self.silent.get(r, 0.0) for r in alive})
         res.failures.extend(late)
-        running = {r: m for r, m in alive.items() if m["busy"]}
+        running = {r: m for r, m in alive.items() if m["busy"] and not m.get("blocked")}
         old = {r: m["step"] for r, m in alive.items()}
         faulted = False
         if running:
@@ -164,6 +167,9 @@ class FakeGroup:
                 for r, m in running.items():
                     m["step"] = max(m["step"], at - self.lag.get(r, 0))
                     m["busy"] = False
+                    if r not in ranks and r in self.blocked:
+                        m["busy"] = m["blocked"] = True  # waits on a peer that waits on the lost
+                        continue
                     if r in ranks:
                         m["alive"] = False
                         f = WorkerFailure(r, kind.replace("_late", ""), m["pid"], "boom")
@@ -240,13 +246,21 @@ class FakeGroup:
     def node_of(self, rank):
         return self.members[rank]["node"] if rank in self.members else None
 
+    def release(self, ranks, generation):
+        """Released members leave the failed collective, unless `stuck` (ranks whose process
+        cannot answer) says otherwise."""
+        self.released.append((sorted(ranks), generation))
+        for r in ranks:
+            if r in self.members and r not in self.stuck:
+                self.members[r]["busy"] = self.members[r]["blocked"] = False
+
     def kill(self, rank):
         self.killed.append(rank)
         m = self.members[rank]
         m["alive"], m["busy"] = False, False
         self.silent.pop(rank, None)
         for r, other in self.members.items():  # its peers leave the collective
-            other["busy"] = False
+            other["busy"] = other["blocked"] = False
 
     def shutdown(self):
         self.shut = True

@@ -235,6 +235,40 @@ def test_a_silent_worker_is_killed_as_hung_and_replaced(tmp_path):
     assert c.phase == Phase.DONE and c.summary()["recoveries"] == 1
 
 
+def test_survivors_blocked_in_the_failed_group_are_released_in_place(tmp_path):
+    """Survivors still in the failed collective after a loss (an FSDP2 peer waiting on one that
+    waits on the lost rank) are released, not killed: their pids stay in the next generation."""
+    group = FakeGroup()
+    group.blocked = {0, 1}
+    group.faults = [[7, [3], "process_exit"]]
+    c, events = _controller(tmp_path, group, overrides=["train.parallelism=fsdp"])
+    c.step(), c.step()
+    pids = {r: group.pid(r) for r in range(3)}
+    while c.phase != Phase.RECOVERING:
+        c.step()
+    c.step()
+    assert group.released == [([0, 1], 1)] and group.killed == []
+    _run(c)
+    assert c.phase == Phase.DONE and group.killed == []
+    assert {r: group.pid(r) for r in range(3)} == pids
+    (rec,) = _events(events, "recovered")
+    assert rec["release_s"] >= 0
+
+
+def test_a_survivor_that_stays_stuck_after_its_release_is_killed_after_the_grace(tmp_path):
+    group = FakeGroup()
+    group.blocked, group.stuck = {0, 1}, {1}
+    group.faults = [[7, [3], "process_exit"]]
+    c, _ = _controller(tmp_path, group, overrides=["failure.hang_timeout_s=5"])
+    while c.phase != Phase.RECOVERING:
+        c.step()
+    for _ in range(8):  # one second per step of the clock: inside the 10 s grace
+        c.step()
+    assert group.released and group.killed == []
+    _run(c)
+    assert group.killed == [1] and c.phase == Phase.DONE
+
+
 def test_nobody_answering_is_not_a_hang(tmp_path):
     group = FakeGroup()
     c, _ = _controller(tmp_path, group, overrides=["failure.hang_timeout_s=5"])

@@ -171,8 +171,7 @@ def test_failure_budget_spent_exits_3_with_a_message(tmp_path):
 def test_fsdp_rank_lost_is_restored_from_the_checkpoint_resharded(tmp_path, reference):
     """(g) FSDP2: a lost rank takes its shards, so the job restores the step-20 checkpoint
     written by 4 workers onto a group of another size (resharded); the loss stays within 1%.
-    (FSDP2 survivors may stay blocked in the failed collective and are then killed after
-    failure.hang_timeout_s: their shards are discarded anyway; see docs/fault-tolerance.md's known gaps.)"""
+    The survivors keep their processes (released in place; see the test below)."""
     proc, run_dir = _run(tmp_path, "train.parallelism=fsdp", "checkpoint.interval_steps=20",
                          "failure.replace=false", "scaling.grow=false", "scaling.min_workers=1",
                          chaos="[{at_step: 30, action: kill_worker, target: 3}]")
@@ -187,6 +186,41 @@ def test_fsdp_rank_lost_is_restored_from_the_checkpoint_resharded(tmp_path, refe
         os.path.join(run_dir, "checkpoints"), {}) if c.status == "committed"}
     assert ckpt_world[max(ckpt_world)] == s["world_sizes"][1]
     assert abs(s["final_loss"] - reference[1][-1]) / reference[1][-1] < 0.01
+
+
+@pytest.mark.parametrize("sig, kind", [(signal.SIGKILL, "process_exit"),
+                                       (signal.SIGSTOP, "hang")], ids=["sigkill", "sigstop"])
+def test_fsdp_survivors_are_released_in_place_not_restarted(tmp_path, reference, sig, kind):
+    """Issue 11 (4), (7e): an FSDP2 worker SIGKILLed or frozen (SIGSTOP) from outside. Its
+    survivors wait in queued collectives on peers that wait on it; the controller releases them
+    in place (their group's connections shut down), so the only new process is the victim's
+    replacement: no survivor is killed or restarted. The state comes from the checkpoint
+    (resharded by DCP) and the loss stays within 1% of the failure-free run."""
+    run_dir = tmp_path / "run"
+    with cli_process(["run", CONFIG, "chaos.events=[]", f"train.steps={STEPS}",
+                      "train.parallelism=fsdp", "checkpoint.interval_steps=20",
+                      "failure.hang_timeout_s=5", f"run.dir={run_dir}"]) as proc:
+        deadline = time.monotonic() + 120
+        while not any(e["step"] >= 30 for e in _of(run_dir, "checkpoint_committed")) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        starts = {e["rank"]: e["pid"] for e in _of(run_dir, "worker_start")}
+        assert len(starts) == 4, "the group never trained"
+        os.kill(starts[1], sig)
+        out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    (f,) = _of(run_dir, "failure_detected")
+    assert f["kind"] == kind and f["ranks"] == [1] and f["pids"] == [starts[1]]
+    (rec,) = _of(run_dir, "recovered")
+    assert rec["source"] == "checkpoint" and rec["world_size"] == 4
+    assert rec["release_s"] < 10, "released, not waited out to the kill of a stuck survivor"
+    newcomers = [e for e in _of(run_dir, "worker_start") if e["generation"] == 2]
+    assert [e["rank"] for e in newcomers] == [1], "every survivor kept its process"
+    assert "did not leave the failed group" not in out
+    s = _summary(run_dir)
+    assert s["status"] == "finished" and s["world_sizes"] == [4, 4] and s["failures"] == 1
+    assert abs(s["final_loss"] - reference[1][-1]) / reference[1][-1] < 0.01
+    _no_worker_left(run_dir)
 
 
 def test_preemption_checkpoints_exits_130_and_the_rerun_matches(tmp_path, reference):

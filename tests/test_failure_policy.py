@@ -110,13 +110,11 @@ def test_hang_rule_needs_a_peer_that_answers():
     assert hung({}, limit_s=10) == []
 
 
-def test_settle_grace_is_short_only_for_fsdp():
-    from coordinator.control.failure_policy import FSDP_SETTLE_S, settle_grace_s
+def test_settle_grace_is_long_whatever_the_parallelism():
+    from coordinator.control.failure_policy import SETTLE_MIN_S, settle_grace_s
 
-    assert settle_grace_s("ddp", 10.0) == 10.0 and settle_grace_s("ddp", 3.0) == 10.0
-    assert settle_grace_s("ddp", 30.0) == 30.0
-    assert settle_grace_s("fsdp", 10.0) == FSDP_SETTLE_S
-    assert settle_grace_s("fsdp", 1.0) == 1.0
+    assert settle_grace_s(10.0) == SETTLE_MIN_S and settle_grace_s(3.0) == SETTLE_MIN_S
+    assert settle_grace_s(30.0) == 30.0
 
 
 def test_replacements_restore_the_size_before_the_failure():

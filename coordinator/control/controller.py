@@ -229,7 +229,9 @@ class Controller:
             recovered = {"generation": job.generation, "world_size": plan.world_size,
                          "source": plan.source, "resumed_step": plan.resumed_step,
                          "lost_steps": max(0, rec.step_before - plan.resumed_step),
-                         "last_step_t": rec.progress_t, "phases": phases}
+                         "last_step_t": rec.progress_t, "phases": phases,
+                         # detection -> every survivor out of the failed group, step reported
+                         "release_s": round(phases.get("settle_s", 0.0), 3)}
             if plan.resumed_step >= self.cfg.train.steps:  # lost at the end: no step follows
                 self._recovered(dict(recovered, recovery_s=round(max(0.0, now - rec.t0), 3),
                                      phases=profile.first_step(phases, now, now)))
@@ -274,7 +276,11 @@ class Controller:
         if self.steps.last_step != step:
             self._progress_t = now
         failures = poll.failures or self.incidents.kill_hung(poll, now - self._progress_t)
-        return poll, (self._failure(failures, now) if failures else None)
+        if not failures:
+            return poll, None
+        # A poll waits up to a second for heartbeats (a frozen worker never answers): what it
+        # found was found when it returned, not when this step began.
+        return poll, self._failure(failures, max(now, self.clock()))
 
     def _begin_pause(self, reason: str) -> str:
         if reason == "preempt":

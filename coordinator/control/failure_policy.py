@@ -21,8 +21,9 @@ The rules, in order:
 5. Hang: a worker silent past `failure.hang_timeout_s` while some peer still answers is hung
    (`hung`); when nobody answers, all are hung only if no step completed for as long either
    (`all_frozen`).
-6. Settling: survivors leave the failed collective within moments; one still in it after the
-   grace (`settle_grace_s`) is stuck and killed.
+6. Settling: survivors leave the failed collective within moments (those still in it are
+   released in place: their group's connections are shut down); one still in it after the grace
+   (`settle_grace_s`) is stuck and killed.
 7. Backoff: the first failure after progress re-forms at once; each further failure without a
    completed step in between waits twice as long (`failure.backoff_s`, capped at
    `failure.backoff_max_s`), so a crash loop does not spin.
@@ -36,8 +37,7 @@ from typing import Dict, List, Optional, Set
 
 from coordinator.protocol import FailureKind, PlanAction, SourceKind, WorkerFailure
 
-FSDP_SETTLE_S = 2.0  # how long FSDP2 survivors get to leave a failed group (see settle_grace_s)
-DDP_SETTLE_MIN_S = 10.0  # the least DDP survivors get (see settle_grace_s)
+SETTLE_MIN_S = 10.0  # the least survivors get to leave a failed group (see settle_grace_s)
 
 
 @dataclass
@@ -180,17 +180,15 @@ def all_frozen(silent_s: Dict[int, float], stalled_s: float, limit_s: float) -> 
     return []
 
 
-def settle_grace_s(parallelism: str, hang_timeout_s: float) -> float:
+def settle_grace_s(hang_timeout_s: float) -> float:
     """How long survivors get to leave their failed collective before they count as stuck.
-    A DDP survivor leaves as soon as the lost peer's process is gone, and a hung peer on another
-    node is killed by a task that node must start first (seconds on a loaded node): give it at
-    least DDP_SETTLE_MIN_S, as killing it would throw its replica away. Under FSDP2 a survivor's
-    shards are discarded anyway (the group restores a checkpoint), and gloo can keep an FSDP2
-    survivor waiting on queued collectives of its peers until they exit: give it FSDP_SETTLE_S
-    at most."""
-    if parallelism == "fsdp":
-        return min(hang_timeout_s, FSDP_SETTLE_S)
-    return max(hang_timeout_s, DDP_SETTLE_MIN_S)
+    A survivor leaves as soon as its group's connections close: the lost peer's when its process
+    is gone, every one when the controller releases it (a survivor of an FSDP2 group can wait on
+    queued collectives of a peer that itself waits on the lost one). A hung peer on another node
+    is killed by a task that node must start first (seconds on a loaded node). So the grace is
+    long, at least SETTLE_MIN_S: killing a survivor would throw its process, its state and its
+    warm imports away, and a released one is out in well under a second."""
+    return max(hang_timeout_s, SETTLE_MIN_S)
 
 
 def by_kind(failures: List[WorkerFailure]) -> Dict[FailureKind, List[WorkerFailure]]:

@@ -151,9 +151,14 @@ class Incidents:
         Returns a note while not settled, None once settled."""
         busy = self.group.busy() - rec.lost
         if busy:
-            # Survivors leave their broken collective within moments (their peers close the
-            # group); one that does not within the grace is stuck: kill it.
-            grace = fp.settle_grace_s(self.cfg.train.parallelism, self.cfg.failure.hang_timeout_s)
+            # Survivors still in the failed collective (one waits on a peer that waits on the
+            # lost one, or on a frozen peer) are released in place: their group's connections
+            # are shut down, their process stays. One still in it after the grace is stuck
+            # (its process does not answer): kill it.
+            if not rec.released:
+                self.group.release(sorted(busy), self.job.generation)
+                rec.released = True
+            grace = fp.settle_grace_s(self.cfg.failure.hang_timeout_s)
             if now - rec.t0 <= grace:
                 return "waiting for survivors to leave the failed group"
             stuck = [WorkerFailure(r, FailureKind.HANG, self.group.pid(r),

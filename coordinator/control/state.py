@@ -65,6 +65,7 @@ class Recovering:
     lost_on_live_node: bool = False  # some lost worker's node is up: its slot will be freed
     nodes_hit: Set[str] = field(default_factory=set)  # nodes counted toward isolation
     unexplained: List[WorkerFailure] = field(default_factory=list)  # errors without a lost worker
+    released: bool = False  # survivors still in the failed group were asked to leave it
     settled: bool = False  # every survivor left the failed group and reported its step
     settled_at: Optional[float] = None  # when it settled
     planned_at: Optional[float] = None  # when the new generation's plan was made

@@ -33,6 +33,7 @@ from coordinator.checkpoint.fence import GenerationFence
 from coordinator.checkpoint.restore import StateTransferMismatch, broadcast_full_state, flip_bit
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
+from coordinator.workers.release import GroupSockets
 from coordinator.workers.spec import WorkerSpec
 from coordinator.workers.vote import StopVote
 from train import data as data_lib
@@ -63,6 +64,16 @@ def _lr(optimizer) -> Optional[float]:
     groups = optimizer.param_groups
     lr = groups[0].get("lr") if groups else None
     return float(lr) if isinstance(lr, (int, float)) or torch.is_tensor(lr) else None
+
+
+def _abort_nccl() -> None:
+    """NCCL's own release: abort the default group's communicators, which makes a kernel
+    blocked on a lost peer return with an error (gloo is released through its sockets)."""
+    try:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cuda"))
+        backend.abort()
+    except Exception as e:  # already destroyed, or a torch without it: the sockets remain
+        logger.warning("aborting the NCCL group: %s", short_error(e))
 
 
 class WorkerError(RuntimeError):
@@ -110,6 +121,7 @@ class TrainWorker:
         self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
         self._poison = False  # chaos: this rank's next loss is made NaN
         self._fence: Optional[GenerationFence] = None  # this generation's (see checkpoint/fence)
+        self._sockets = GroupSockets()  # this generation's group connections (see release)
         # Every object so far (torch, the task's modules: hundreds of thousands) is kept for the
         # process's life: the collections a teardown runs (to close a failed group's sockets)
         # then scan only what came since, ~15 ms instead of ~200 ms on the recovery's path.
@@ -138,6 +150,17 @@ class TrainWorker:
             saves.append(self._save_reports.popleft())
         step = self.state.step if self.state is not None else 0
         return Heartbeat(self.rank, self.generation, step, reports, saves)
+
+    @ray.method(concurrency_group="control")
+    def release(self, generation: int) -> int:
+        """Release this worker from generation `generation`'s failed process group in place:
+        shut its group connections down, so a collective blocked on a lost or frozen peer (or on
+        a survivor waiting for one) fails now and the train call returns; the process, its
+        imported modules and its memory stay. Nothing happens if the worker is in another
+        generation by now. Returns how many connections were shut down."""
+        if self.spec.use_gpu and self.generation == generation and dist.is_initialized():
+            _abort_nccl()
+        return self._sockets.release(generation)
 
     @ray.method(concurrency_group="control")
     def request_stop(self, mode: int) -> None:
@@ -259,13 +282,17 @@ class TrainWorker:
         prefix = f"gen{generation}/"
         self._arrive(store, prefix, world_size)
         backend = "nccl" if self.spec.use_gpu else "gloo"
-        dist.init_process_group(backend, store=dist.PrefixStore(prefix, store),
-                                rank=rank, world_size=world_size, timeout=timeout)
-        # Checkpoint collectives get their own gloo group: they run on the persist thread and must
-        # never interleave with the training group's collectives.
-        ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
-        self._ctl_group = dist.new_group(backend="gloo", timeout=timeout) \
-            if backend != "gloo" else None
+        # Every connection the groups open is recorded, so a failure can release this worker in
+        # place (see release).
+        self._sockets.begin(generation, store_port)
+        with self._sockets.track():
+            dist.init_process_group(backend, store=dist.PrefixStore(prefix, store),
+                                    rank=rank, world_size=world_size, timeout=timeout)
+            # Checkpoint collectives get their own gloo group: they run on the persist thread
+            # and must never interleave with the training group's collectives.
+            ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
+            self._ctl_group = dist.new_group(backend="gloo", timeout=timeout) \
+                if backend != "gloo" else None
         self._broken = False
         self.generation, self.rank, self.world_size = generation, rank, world_size
         self._fence = GenerationFence(store_host, store_port, generation)
@@ -280,7 +307,8 @@ class TrainWorker:
         fresh = self.state is None
         t_build = time.monotonic()
         if fresh:
-            self.state = self._build()
+            with self._sockets.track():  # an FSDP2 mesh may open groups of its own
+                self.state = self._build()
         st = self.state
         t_restore = time.monotonic()
         build_s = t_restore - t_build
@@ -355,9 +383,14 @@ class TrainWorker:
                 persist_timeout_s=self.spec.checkpoint_persist_timeout_s,
                 hash_name=self.spec.checkpoint_hash,
                 agree_group=self._ctl_group,
-                new_group=lambda: dist.new_group(backend="gloo", timeout=timeout))
+                new_group=lambda: self._tracked_group(timeout))
             # A restored step is on storage already: the final save does not repeat it.
             self.saver.last_step = st.step if source.kind == "checkpoint" else None
+
+    def _tracked_group(self, timeout: timedelta):
+        """A gloo side group of this generation (the saver's), released with the others."""
+        with self._sockets.track():
+            return dist.new_group(backend="gloo", timeout=timeout)
 
     def _fault_point(self):
         """What every checkpoint write checks first: the generation fence, then (chaos only) an
@@ -492,6 +525,7 @@ class TrainWorker:
             st = vote = after_step = None
             self._broken = True
             self._teardown()
+
             raise WorkerError(error)
         return TrainResult(st.step, st.step < until_step, nonfinite=poisoned)
 

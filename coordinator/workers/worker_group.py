@@ -70,6 +70,7 @@ class RayWorkerGroup:
         self.actors: Dict[int, ray.actor.ActorHandle] = {}
         self.infos: Dict[int, WorkerInfo] = {}
         self.dead: Set[int] = set()  # ranks whose process is gone (reported once)
+        self.killed: Set[int] = set()  # ranks killed by the controller: no heartbeat awaited
         self._spawning: List[_Newcomer] = []  # placed, not yet answering
         self._ready: List[_Newcomer] = []  # answering, waiting for a rank
         self._train_refs: Dict[int, ray.ObjectRef] = {}
@@ -176,7 +177,7 @@ class RayWorkerGroup:
             added.append(infos[new])
         self.actors = {r: actors[r] for r in sorted(actors)}
         self.infos = {r: infos[r] for r in sorted(infos)}
-        self.dead = set()
+        self.dead, self.killed = set(), set()
         self._train_refs, self._hb_refs, self._last_heard = {}, {}, {}
         self._digest_refs = {}
         return added
@@ -281,7 +282,8 @@ class RayWorkerGroup:
         if fresh:
             self._heartbeats(result, self.rpc_timeout_s)
         now = time.monotonic()
-        result.silent_s = {r: now - t for r, t in self._last_heard.items() if r not in self.dead}
+        result.silent_s = {r: now - t for r, t in self._last_heard.items()
+                           if r not in self.dead and r not in self.killed}
         if self._train_refs:
             done, _ = ray.wait(list(self._train_refs.values()),
                                num_returns=len(self._train_refs), timeout=0)
@@ -305,7 +307,7 @@ class RayWorkerGroup:
 
     def _heartbeats(self, result: PollResult, wait_s: float) -> None:
         for r, a in self.actors.items():
-            if r not in self._hb_refs and r not in self.dead:
+            if r not in self._hb_refs and r not in self.dead and r not in self.killed:
                 self._hb_refs[r] = a.heartbeat.remote()
         if self._hb_refs:
             ray.wait(list(self._hb_refs.values()), num_returns=len(self._hb_refs),
@@ -342,10 +344,21 @@ class RayWorkerGroup:
     def chaos(self, rank: int, action: str, arg: Optional[float] = None) -> None:
         self.actors[rank].chaos.remote(action, arg)
 
+    def release(self, ranks: Iterable[int], generation: int) -> None:
+        """Survivors blocked in the failed group are released in place (TrainWorker.release).
+        Not awaited: a survivor answers on its control thread, and one that cannot (a frozen
+        process) is found by its heartbeat."""
+        for r in ranks:
+            if r in self.actors and r not in self.dead:
+                self.actors[r].release.remote(generation)
+
     def kill(self, rank: int) -> None:
         """Kill one worker (a hung one: its peers are then released from their collective).
         ray.kill asks the worker to exit, which a frozen (SIGSTOPped) process cannot do; so a
-        SIGKILL is also sent by a small task placed on the worker's node."""
+        SIGKILL is also sent by a small task placed on the worker's node. Its heartbeats are
+        no longer awaited (a poll would wait for Ray to notice the process gone)."""
+        self.killed.add(rank)
+        self._hb_refs.pop(rank, None)
         self._kill(self.actors[rank])
         info = self.infos.get(rank)
         if info is not None and info.node_id == self._node_id:

@@ -188,10 +188,18 @@ class CheckpointConfig:
     # botocore waits 5 s to connect and 20 s for an answer) yet a small share of an interval
     # between checkpoints; a save due meanwhile waits at most this long for its predecessor.
     persist_timeout_s: float = 60.0
+    # FSDP2: steps between in-memory snapshots of every rank's shard (model, optimizer,
+    # scheduler, RNG, step), each copied to a buddy rank on another node, so a lost rank's shards
+    # come back from memory with no storage read (docs/fault-tolerance.md). null: 1 under fsdp
+    # (every step), off under ddp (every rank holds a replica already); 0: off
+    memory_interval_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check(self.persist_timeout_s > 0, "checkpoint.persist_timeout_s",
                self.persist_timeout_s, "must be > 0 (seconds)")
+        mi = self.memory_interval_steps
+        _check(mi is None or (isinstance(mi, int) and not isinstance(mi, bool) and mi >= 0),
+               "checkpoint.memory_interval_steps", mi, "must be an integer >= 0, or null")
         iv = self.interval_steps
         ok = iv == "auto" or (isinstance(iv, int) and not isinstance(iv, bool) and iv >= 0)
         _check(ok, "checkpoint.interval_steps", iv, "must be an integer >= 0 or 'auto'")
@@ -441,3 +449,12 @@ def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
     assert isinstance(cfg, Config)
     return cfg
+
+
+def memory_interval(cfg: "Config") -> int:
+    """Steps between in-memory shard snapshots (checkpoint.memory_interval_steps resolved):
+    every step under fsdp unless set, never under ddp (its replicas are the copies)."""
+    if cfg.train.parallelism != "fsdp":
+        return 0
+    mi = cfg.checkpoint.memory_interval_steps
+    return 1 if mi is None else int(mi)

@@ -87,9 +87,10 @@ SCHEMA: Dict[Event, Spec] = {
         "a generation starts forming (cause: start, recovery, grow or rollback)",
         ("generation", "world_size", "source", "cause")),
     Event.GROUP_FORMED: Spec(
-        "a generation formed and took its state (source: init, peer or checkpoint) at `step`; "
-        "restore_s: the slowest worker's restore",
-        ("generation", "world_size", "ranks", "source", "step", "restore_s")),
+        "a generation formed and took its state (source: init, peer, memory or checkpoint) at "
+        "`step`; restore_s: the slowest worker's restore; buddies: rank -> the rank holding "
+        "copies of its in-memory snapshots (FSDP2)",
+        ("generation", "world_size", "ranks", "source", "step", "restore_s"), ("buddies",)),
     Event.PROGRESS: Spec(
         "every run.log_interval_s while steps complete; step_t: when `step` completed",
         ("step", "step_t", "world_size", "loss", "steps_per_s", "grad_norm")),
@@ -113,9 +114,11 @@ SCHEMA: Dict[Event, Spec] = {
     Event.RECOVERED: Spec(
         "the first step completed after a failure (source: peer, memory or checkpoint); "
         "recovery_s: from detection to that step; phases: where that time went "
-        "(control/recovery_profile.py)",
+        "(control/recovery_profile.py); release_s: detection to every survivor out of the "
+        "failed group; transfer_s, transfer_bytes: the state taken from peers (memory source: "
+        "every member's received rows summed)",
         ("generation", "world_size", "source", "resumed_step", "lost_steps", "recovery_s",
-         "last_step_t"), ("phases",)),
+         "last_step_t"), ("phases", "release_s", "transfer_s", "transfer_bytes")),
     Event.STATE_TRANSFER_MISMATCH: Spec(
         "a peer's state failed its checksum on a receiver while `generation` formed: nobody "
         "applied it and the state comes from another source (expected, got: crc32, 8 hex digits)",

@@ -139,6 +139,12 @@ class Heartbeat:
     step: int  # completed steps
     reports: List[StepReport] = field(default_factory=list)  # completed steps since last poll
     saves: List[SaveReport] = field(default_factory=list)  # finished checkpoint writes since then
+    # in-memory shard snapshots held (its own and its buddies' copies): the generation that
+    # took them, owner rank -> steps, and that generation's world size (see workers/snapshots)
+    memory_generation: Optional[int] = None
+    memory: Dict[int, List[int]] = field(default_factory=dict)
+    memory_world: int = 0
+    memory_bytes: int = 0  # the most host memory its snapshots have held at once
 
 
 @dataclass
@@ -156,6 +162,13 @@ class Source:
     path: Optional[str] = None  # checkpoint: the step directory to load
     src: Optional[int] = None  # peer: the new-generation rank that sends its full state
     gather: bool = False  # peer under FSDP2: gather the shards over the old group first
+    # memory: the snapshots of generation `generation` at `step`; old rank -> the new-generation
+    # rank holding its shard (the owner itself, or its buddy); `handles` (set by the group):
+    # old rank -> the holder's actor
+    generation: Optional[int] = None
+    step: Optional[int] = None
+    holders: Dict[int, int] = field(default_factory=dict)
+    handles: Dict[int, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.kind = SourceKind(self.kind)
@@ -182,6 +195,8 @@ class WorkerGroup(Protocol):
     # after a generation formed: seconds per part of the join (leave_s, rendezvous_s, build_s,
     # transfer_s, prime_s), each the slowest member's
     last_join_parts: Dict[str, float]
+    last_transfer_bytes: int  # after a generation formed: bytes its members took from peers
+    buddies: Dict[int, int]  # rank -> the rank holding copies of its in-memory snapshots
 
     # ---- membership (newcomers start in the background) ----
     def spawn(self, n: int, exclude: Iterable[str] = ()) -> int:

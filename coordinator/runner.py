@@ -12,7 +12,7 @@ from typing import Optional
 
 from coordinator import STARTED_T
 from coordinator.cluster import Cluster
-from coordinator.config import Config
+from coordinator.config import Config, memory_interval
 from coordinator.control.controller import Controller
 from coordinator.control.observers import Bus, standard_observers
 from coordinator.control.state import Phase
@@ -80,6 +80,7 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
             checkpoint_async=cfg.checkpoint.async_,
             checkpoint_persist_timeout_s=cfg.checkpoint.persist_timeout_s,
             checkpoint_hash=cfg.checkpoint.hash,
+            memory_interval=memory_interval(cfg),
             eval_interval_steps=cfg.train.eval_interval_steps,
             eval_samples=cfg.train.eval_samples, prefetch=bool(cfg.train.prefetch),
             checkpoint_final=bool(cfg.checkpoint.interval_steps),

@@ -36,6 +36,9 @@ class FakeGroup:
         self.saved_number = 0
         self.last_restore_s = 0.0
         self.last_join_parts = {}
+        self.last_transfer_bytes = 0
+        self.buddies = {}
+        self.memory = {}  # rank -> (generation, {owner: [steps]}, world) its heartbeats report
         self.faults = []  # [at_step, ranks, kind]
         self.lag = {}  # rank -> steps behind when a fault stops the group
         self.hold_last = set()  # ranks whose last step's report comes a poll after a fault
@@ -208,10 +211,15 @@ class FakeGroup:
             if faulted and r in self.hold_last and m["alive"] and reps:
                 self._held[r] = [reps.pop()]
             res.heartbeats[r] = Heartbeat(r, self.generation, m["step"], reps,
-                                          [x for x in saves if x.rank == r])
+                                          [x for x in saves if x.rank == r],
+                                          *self._memory_of(r))
             if not m["alive"]:
                 res.silent_s.pop(r, None)
         return res
+
+    def _memory_of(self, r):
+        gen, held, world = self.memory.get(r, (None, {}, 0))
+        return gen, held, world, 0
 
     def _live_nonfinite(self, step):
         return step in self.poisoned and step not in self.skip

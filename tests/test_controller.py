@@ -241,7 +241,8 @@ def test_survivors_blocked_in_the_failed_group_are_released_in_place(tmp_path):
     group = FakeGroup()
     group.blocked = {0, 1}
     group.faults = [[7, [3], "process_exit"]]
-    c, events = _controller(tmp_path, group, overrides=["train.parallelism=fsdp"])
+    c, events = _controller(tmp_path, group, overrides=["train.parallelism=fsdp",
+                                                        "checkpoint.memory_interval_steps=0"])
     c.step(), c.step()
     pids = {r: group.pid(r) for r in range(3)}
     while c.phase != Phase.RECOVERING:
@@ -253,6 +254,62 @@ def test_survivors_blocked_in_the_failed_group_are_released_in_place(tmp_path):
     assert {r: group.pid(r) for r in range(3)} == pids
     (rec,) = _events(events, "recovered")
     assert rec["release_s"] >= 0
+
+
+def _lose_rank3_with_memory(tmp_path, memory, committer=None):
+    """FSDP2, 4 workers, rank 3 lost at step 7; the survivors' heartbeats then report the
+    in-memory snapshots `memory` (rank -> (generation, owner -> steps, world))."""
+    group = FakeGroup()
+    group.faults = [[7, [3], "process_exit"]]
+    c, events = _controller(tmp_path, group, overrides=["train.parallelism=fsdp"],
+                            committer=committer)
+    while c.phase != Phase.RECOVERING:
+        c.step()
+    group.memory = memory
+    _run(c)
+    return c, group, events
+
+
+def test_fsdp_shards_come_back_from_the_survivors_and_the_buddy_copy(tmp_path):
+    """Issue 11 (2): every old rank's shard is held at step 7 (rank 3's by its buddy, rank 0):
+    the generation forms from memory at step 7, rank 3's rows from rank 0."""
+    memory = {0: (1, {0: [6, 7], 3: [6, 7]}, 4), 1: (1, {1: [6, 7], 0: [6]}, 4),
+              2: (1, {2: [6, 7], 1: [6, 7]}, 4)}
+    c, group, events = _lose_rank3_with_memory(tmp_path, memory)
+    assert c.phase == Phase.DONE
+    gen, source = group.sources[1]
+    assert source.kind == "memory" and source.step == 7 and source.generation == 1
+    assert source.holders == {0: 0, 1: 1, 2: 2, 3: 0}
+    (rec,) = _events(events, "recovered")
+    assert rec["source"] == "memory" and rec["lost_steps"] == 0 and rec["resumed_step"] == 7
+
+
+def test_fsdp_takes_the_newest_step_every_shard_is_held_at(tmp_path):
+    """Rank 3's copy reached its buddy only up to step 6: every shard comes back at step 6,
+    never a mix of 6 and 7."""
+    memory = {0: (1, {0: [6, 7], 3: [5, 6]}, 4), 1: (1, {1: [6, 7]}, 4),
+              2: (1, {2: [6, 7]}, 4)}
+    c, group, events = _lose_rank3_with_memory(tmp_path, memory)
+    _, source = group.sources[1]
+    assert source.kind == "memory" and source.step == 6
+    (rec,) = _events(events, "recovered")
+    assert rec["lost_steps"] == 1
+
+
+def test_fsdp_shard_and_its_copy_lost_falls_back_to_the_checkpoint_or_exits(tmp_path):
+    """No survivor holds rank 3's shard: the checkpoint is restored, and without one the job
+    ends (exit 3) with a reason that names the rank."""
+    memory = {0: (1, {0: [6, 7]}, 4), 1: (1, {1: [6, 7]}, 4), 2: (1, {2: [6, 7]}, 4)}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    c, group, _ = _lose_rank3_with_memory(tmp_path / "a", memory)
+    assert c.phase == Phase.FAILED
+    assert "the shards of rank 3 and every copy of them were lost" in c.state.error
+    assert "no committed checkpoint" in c.state.error
+    c, group, _ = _lose_rank3_with_memory(
+        tmp_path / "b", memory, committer=lambda bus: FakeCommitter(5, bus, resume=False))
+    assert c.phase == Phase.DONE
+    _, source = group.sources[1]
+    assert source.kind == "checkpoint" and source.path.endswith("step-00000005")
 
 
 def test_a_survivor_that_stays_stuck_after_its_release_is_killed_after_the_grace(tmp_path):

@@ -175,6 +175,9 @@ class Controller:
         """Enter FORMING with `plan`; `checkpoint` is what a recovery restores."""
         source = Source(plan.source, src=plan.src, gather=(
             plan.source == SourceKind.PEER and self.cfg.train.parallelism == "fsdp"))
+        if plan.source == SourceKind.MEMORY:  # the snapshots of the generation that failed
+            source.generation, source.step = self.job.generation, plan.resumed_step
+            source.holders = dict(plan.holders)
         if plan.source == SourceKind.CHECKPOINT:
             source.path = (checkpoint or self.job.resume).path
         self.state = Forming(plan, source, cause, rec)
@@ -218,9 +221,11 @@ class Controller:
         job.world_sizes.append(plan.world_size)
         job.startup.setdefault("formed", now)
         self.steps.new_generation(plan.resumed_step)
+        extra = {"buddies": {str(r): b for r, b in self.group.buddies.items()}} \
+            if self.group.buddies else {}
         self.bus.emit(Event.GROUP_FORMED, generation=job.generation, world_size=plan.world_size,
                       ranks=self.group.ranks(), source=plan.source, step=plan.resumed_step,
-                      restore_s=round(self.group.last_restore_s, 4))
+                      restore_s=round(self.group.last_restore_s, 4), **extra)
         logger.info("generation %d formed: %d workers, state from %s at step %d",
                     job.generation, plan.world_size, plan.source, plan.resumed_step)
         if rec is not None:
@@ -231,7 +236,9 @@ class Controller:
                          "lost_steps": max(0, rec.step_before - plan.resumed_step),
                          "last_step_t": rec.progress_t, "phases": phases,
                          # detection -> every survivor out of the failed group, step reported
-                         "release_s": round(phases.get("settle_s", 0.0), 3)}
+                         "release_s": round(phases.get("settle_s", 0.0), 3),
+                         "transfer_s": round(phases.get("transfer_s", 0.0), 3),
+                         "transfer_bytes": self.group.last_transfer_bytes}
             if plan.resumed_step >= self.cfg.train.steps:  # lost at the end: no step follows
                 self._recovered(dict(recovered, recovery_s=round(max(0.0, now - rec.t0), 3),
                                      phases=profile.first_step(phases, now, now)))

@@ -57,6 +57,9 @@ class Facts:
     waited_s: float = 0.0  # how long this recovery has waited for capacity so far
     wait_limit_s: float = 60.0
     bad_sources: Set[int] = field(default_factory=set)  # ranks whose sent state failed its check
+    # FSDP2 in-memory snapshots of the failed generation (None: snapshots are off): owner rank ->
+    # step -> the survivors holding that owner's shard at that step (itself, or its buddy)
+    memory: Optional[Dict[int, Dict[int, List[int]]]] = None
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Plan:
     src: Optional[int] = None  # peer: the new rank of the sender
     resumed_step: int = 0
     backoff_s: float = 0.0
+    holders: Dict[int, int] = field(default_factory=dict)  # memory: old rank -> holder's new rank
 
 
 def backoff(streak: int, base_s: float, cap_s: float) -> float:
@@ -114,11 +118,23 @@ def decide(f: Facts) -> Plan:
         plan.source, plan.src, plan.resumed_step = SourceKind.PEER, ranks[best], f.survivors[best]
         plan.reason = (f"{failed}{len(keep)} survivors keep their state; rank {best} (step "
                        f"{f.survivors[best]}) sends it to the others")
+    elif f.parallelism == "fsdp" and (held := from_memory(f, ranks)) is not None \
+            and held[0] >= (f.checkpoint_step or 0):
+        step, plan.holders = held
+        plan.source, plan.resumed_step = SourceKind.MEMORY, step
+        copies = sorted(o for o, h in plan.holders.items() if o not in ranks)
+        plan.reason = (f"shards rebuilt in memory at step {step}"
+                       + (f" (lost ranks {copies} from their buddies' copies)" if copies else ""))
     elif f.checkpoint_step is not None:
         plan.source, plan.resumed_step = SourceKind.CHECKPOINT, f.checkpoint_step
         why = ("shards were lost" if f.parallelism == "fsdp"
                else f"no {'other ' if bad else ''}survivor holds a newer state")
+        if f.parallelism == "fsdp" and f.memory is not None:
+            why = unheld(f)
         plan.reason = f"{failed}{why}: restoring checkpoint step {f.checkpoint_step}"
+    elif f.parallelism == "fsdp" and f.memory is not None:
+        return Plan(PlanAction.ABORT, f"{unheld(f)} and there is no committed checkpoint "
+                                      "(set checkpoint.interval_steps to have one)")
     else:
         plan.source, plan.resumed_step = SourceKind.INIT, 0
         plan.reason = "state lost and no committed checkpoint: starting over from step 0"
@@ -178,6 +194,35 @@ def all_frozen(silent_s: Dict[int, float], stalled_s: float, limit_s: float) -> 
     if silent_s and stalled_s > limit_s and all(s > limit_s for s in silent_s.values()):
         return sorted(silent_s)
     return []
+
+
+def from_memory(f: Facts, ranks: Dict[int, int]):
+    """(step, old rank -> new rank of its holder) for the newest step at which every old
+    rank's shard is held by a survivor that stays (its owner preferred), or None."""
+    if not f.memory:
+        return None
+    owners = range(f.world_size)
+    steps = set.intersection(*(
+        {s for s, hs in f.memory.get(o, {}).items() if any(h in ranks for h in hs)}
+        for o in owners))
+    if not steps:
+        return None
+    step = max(steps)
+    holders = {}
+    for o in owners:
+        hs = [h for h in f.memory[o][step] if h in ranks]
+        holders[o] = ranks[o if o in hs else hs[0]]
+    return step, holders
+
+
+def unheld(f: Facts) -> str:
+    """Why the in-memory snapshots cannot rebuild the state, in words."""
+    held = f.memory or {}
+    gone = [o for o in range(f.world_size) if not held.get(o)]
+    if gone:
+        return (f"the shards of rank{'s' if len(gone) > 1 else ''} "
+                f"{gone[0] if len(gone) == 1 else gone} and every copy of them were lost")
+    return "no step is held in memory for every shard"
 
 
 def settle_grace_s(hang_timeout_s: float) -> float:

@@ -12,10 +12,10 @@ worker: the recovery goes on without that sender.
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from coordinator.events import Event
-from coordinator.config import Config
+from coordinator.config import Config, memory_interval
 from coordinator.control import failure_policy as fp
 from coordinator.control.accounting import StepAccounting
 from coordinator.control.state import JobRecord, Recovering
@@ -176,6 +176,8 @@ class Incidents:
             self.record(lost_now, now, rec)
             return "a survivor was lost while settling"
         rec.survivors = {r: hb.step for r, hb in fresh.heartbeats.items() if r not in rec.lost}
+        rec.memory = {r: (hb.memory_generation, hb.memory, hb.memory_world)
+                      for r, hb in fresh.heartbeats.items() if r in rec.survivors}
         missing = set(self.group.ranks()) - rec.lost - set(rec.survivors)
         if missing:  # no answer: treat as lost
             for r in sorted(missing):
@@ -207,4 +209,19 @@ class Incidents:
                         waited_s=(now - rec.wait_since) if rec.wait_since is not None else 0.0,
                         wait_limit_s=fc.wait_for_workers_s,
                         bad_sources={r for r in rec.survivors
-                                     if self.group.pid(r) in rec.bad_sources})
+                                     if self.group.pid(r) in rec.bad_sources},
+                        memory=self._memory(rec))
+
+    def _memory(self, rec: Recovering) -> Optional[Dict[int, Dict[int, List[int]]]]:
+        """owner -> step -> survivors holding its shard, from the snapshots of the generation
+        that failed (None when snapshots are off, or the parallelism has no shards)."""
+        if self.cfg.train.parallelism != "fsdp" or not memory_interval(self.cfg):
+            return None
+        out: Dict[int, Dict[int, List[int]]] = {}
+        for r, (gen, held, world) in sorted(rec.memory.items()):
+            if gen != self.job.generation or world != rec.world_size:
+                continue  # another generation's shards (a failure while forming)
+            for owner, steps in held.items():
+                for s in steps:
+                    out.setdefault(owner, {}).setdefault(s, []).append(r)
+        return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from coordinator.control.failure_policy import Plan
 from coordinator.protocol import Source, WorkerFailure
@@ -70,6 +70,9 @@ class Recovering:
     settled_at: Optional[float] = None  # when it settled
     planned_at: Optional[float] = None  # when the new generation's plan was made
     survivors: Dict[int, int] = field(default_factory=dict)  # rank -> completed step
+    # rank -> (generation, owner -> steps, world size) of the snapshots each survivor holds
+    memory: Dict[int, Tuple[Optional[int], Dict[int, List[int]], int]] = \
+        field(default_factory=dict)
     spawned_at: Optional[float] = None
     wait_since: Optional[float] = None
     not_before: float = 0.0  # backoff: do not re-form before this time

@@ -23,6 +23,7 @@ class WorkerSpec:
     checkpoint_uri: str = ""
     checkpoint_options: Dict[str, Any] = field(default_factory=dict)
     checkpoint_interval: int = 0  # 0 = no periodic saves
+    memory_interval: int = 0  # steps between in-memory shard snapshots (0: none; FSDP2 only)
     checkpoint_async: bool = True
     checkpoint_final: bool = False  # save at the last step (so a longer rerun can continue)
     nonfinite: str = "rollback"  # failure.nonfinite: skip | rollback | stop

@@ -13,6 +13,7 @@ away from nodes the failure policy has isolated.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from coordinator.protocol import (
     WorkerInfo,
 )
 from coordinator.checkpoint.restore import StateTransferMismatch
+from coordinator.workers import snapshots
 from coordinator.workers.spec import WorkerSpec
 from coordinator.workers.worker import RestoreError, TrainWorker, WorkerError
 from coordinator.workers.nodes import kill_ray_process, node_reachable, reap
@@ -90,6 +92,8 @@ class RayWorkerGroup:
         self.heartbeat_wait_s = 1.0  # how long one poll waits for heartbeats
         self.last_restore_s = 0.0  # see WorkerGroup
         self.last_join_parts: Dict[str, float] = {}  # see WorkerGroup
+        self.last_transfer_bytes = 0  # see WorkerGroup
+        self.buddies: Dict[int, int] = {}  # rank -> the rank holding its snapshots' copies
 
     # ---- membership -----------------------------------------------------------------------
     def capacity_note(self, exclude: Iterable[str] = ()) -> str:
@@ -192,9 +196,19 @@ class RayWorkerGroup:
         world = len(self.actors)
         # Workers of older generations stop writing checkpoints from now on (checkpoint/fence).
         self.store.set(FENCE_KEY, str(generation))
-        self._form_refs = {r: a.join_group.remote(generation, r, world, self.store_host,
-                                                  self.store_port, source)
-                           for r, a in self.actors.items()}
+        if source.kind == SourceKind.MEMORY:
+            source = dataclasses.replace(source, handles={
+                owner: self.actors[r] for owner, r in source.holders.items()})
+        buddies: Dict[int, int] = {}
+        if self.spec.memory_interval:  # copies go to another node wherever there is one
+            ranks = sorted(self.actors)
+            buddies = {ranks[i]: ranks[b] for i, b in snapshots.buddies(
+                [self.infos[r].node_id if r in self.infos else "" for r in ranks]).items()}
+        self.buddies = buddies
+        self._form_refs = {r: a.join_group.remote(
+            generation, r, world, self.store_host, self.store_port, source,
+            self.actors[buddies[r]] if r in buddies else None)
+            for r, a in self.actors.items()}
         timeout = self.spec.collective_timeout_s + self.rpc_timeout_s
         if source.kind == SourceKind.CHECKPOINT:
             timeout += 600
@@ -204,6 +218,7 @@ class RayWorkerGroup:
         self._form_aborted = False
         self.last_restore_s = 0.0
         self.last_join_parts: Dict[str, float] = {}
+        self.last_transfer_bytes = 0
         self._hb_refs, self._last_heard = {}, {r: time.monotonic() for r in self.actors}
 
     def poll_form(self) -> Optional[List[WorkerFailure]]:
@@ -220,6 +235,7 @@ class RayWorkerGroup:
             joined, fs = self._collect(finished, timeout=0)
             for res in joined.values():
                 self.last_restore_s = max(self.last_restore_s, float(res["restore_s"]))
+                self.last_transfer_bytes += int(res.get("transfer_bytes", 0))
                 for part, s in res.get("parts", {}).items():  # the slowest member's, per part
                     self.last_join_parts[part] = max(self.last_join_parts.get(part, 0.0), s)
             # A member frozen while joining (SIGSTOP) blocks the others: find it by its silence.

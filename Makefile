@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run run-tokens run-hf test test-fast bench clean
+.PHONY: install run run-fsdp run-tokens run-hf test test-fast bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ fresh = if [ -e runs/$(1)/summary.json ] && [ ! -e runs/$(1)/lease.json ]; then 
 run: install
 	@$(call fresh,local_cpu)
 	$(PY) -m coordinator run configs/local_cpu.yaml
+
+# The same story with a sharded model (FSDP2): lost shards come back from peers' memory.
+run-fsdp: install
+	@$(call fresh,local_cpu_fsdp)
+	$(PY) -m coordinator run configs/local_cpu_fsdp.yaml
 
 # The same on a real corpus: the project's docs as bytes (scripts/prepare_tokens.py).
 run-tokens: install

@@ -9,6 +9,11 @@ of each, and prints one JSON object: steady-state steps/s (after the same warm-u
 torchft runs `world` replica groups of one worker with its Lighthouse (scripts/torchft_replica.py,
 configured as its train_ddp.py example; needs the `bench` extra). Progress goes to stderr.
 
+`--parallelism fsdp`: our coordinator on FSDP2 with in-memory shard snapshots every step
+(`checkpoint.memory_interval_steps=1`, the default) against snapshots off, alternately; reports
+`ratio` = with / without (goal >= 0.97) and the peak host memory the snapshots held on one rank
+(`memory_snapshot_bytes`, its own shard and its buddies' copies) beside one shard's size.
+
 `--case prefetch`: our coordinator with an expensive `sample` (scripts/slow_data.py), with and
 without `train.prefetch`. It first measures a step without the cost, then sets each sample's cost
 so that building a rank's batch takes about one step (`--cost-factor` times), and reports
@@ -119,6 +124,38 @@ def prefetch_case(a) -> dict:
     }
 
 
+def snapshot_case(a) -> dict:
+    """FSDP2 with in-memory snapshots every step and without, interleaved (no spare: its
+    start-up would compete with the measured steps on 2 cores)."""
+    rates = {"on": [], "off": []}
+    peak, digests = [], set()
+    fsdp = ("train.parallelism=fsdp", "scaling.spare_workers=0")
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(a.repeats):
+            for mode, every in (("off", 0), ("on", 1)):
+                s = ours(a.world, a.steps, a.global_batch_size, os.path.join(d, f"{mode}{i}"),
+                         *fsdp, f"checkpoint.memory_interval_steps={every}")
+                rates[mode].append(s["steps_per_s"])
+                digests.add(s["weights_digest"])
+                if mode == "on":
+                    peak.append(s["memory_snapshot_bytes"])
+            print(f"repeat {i + 1}/{a.repeats}: off {rates['off'][-1]:.2f} steps/s, on "
+                  f"{rates['on'][-1]:.2f} steps/s", file=sys.stderr)
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    ratio = round(on / off, 4)
+    return {
+        "benchmark": "snapshots", "machine": benchlib.machine(), "world": a.world,
+        "steps": a.steps, "repeats": a.repeats, "global_batch_size": a.global_batch_size,
+        "task": "train.tasks.gpt:TinyGPT", "parallelism": "fsdp",
+        "with": benchlib.figure(rates["on"]), "without": benchlib.figure(rates["off"]),
+        "ratio": ratio, "goals": {"ratio": benchlib.goal(ratio, ">=", 0.97)},
+        # the peak over the run of one rank's snapshots: up to 2 steps of its own shard and 2
+        # of each shard it is buddy for
+        "memory_snapshot_bytes": max(peak) if peak else None,
+        "same_weights": len(digests) == 1,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", choices=["torchrun", "prefetch"], default="torchrun")
@@ -129,7 +166,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cost-factor", type=float, default=1.0,
                    help="prefetch: a rank's batch costs this many steps")
+    p.add_argument("--parallelism", choices=["ddp", "fsdp"], default="ddp",
+                   help="fsdp: in-memory snapshots every step against none")
     a = p.parse_args()
+    if a.parallelism == "fsdp":
+        a.world = a.world or 4
+        print(json.dumps(snapshot_case(a)))
+        return
     if a.case == "prefetch":
         a.world = a.world or 1
         print(json.dumps(prefetch_case(a)))

@@ -548,6 +548,8 @@ class Controller:
                 if self.committer is not None:
                     self.committer.on_save(save)  # commits are announced on the bus
             self.steps.saw(hb.step)
+            self.job.memory_snapshot_bytes = max(self.job.memory_snapshot_bytes,
+                                                 hb.memory_bytes)
 
     def _recovered(self, rec: Dict[str, Any]) -> None:
         self.job.recoveries.append(rec)

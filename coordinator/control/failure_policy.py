@@ -218,6 +218,8 @@ def from_memory(f: Facts, ranks: Dict[int, int]):
 def unheld(f: Facts) -> str:
     """Why the in-memory snapshots cannot rebuild the state, in words."""
     held = f.memory or {}
+    if not held:
+        return "no survivor holds an in-memory snapshot of the generation that failed"
     gone = [o for o in range(f.world_size) if not held.get(o)]
     if gone:
         return (f"the shards of rank{'s' if len(gone) > 1 else ''} "

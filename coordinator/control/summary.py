@@ -42,6 +42,9 @@ def job_summary(cfg: Config, job: JobRecord, steps: StepAccounting, committer,
         "recoveries": len(job.recoveries),
         "lost_steps": sum(r["lost_steps"] for r in job.recoveries),
         "transfer_mismatches": job.transfer_mismatches,
+        # FSDP2 in-memory snapshots: the peak host memory they held on one rank (its own and
+        # its buddies' copies; checkpoint.memory_interval_steps)
+        "memory_snapshot_bytes": job.memory_snapshot_bytes,
         "resumed_from_step": job.resume.step if job.resume else None,
         "checkpoints_committed": len(committer.committed) if committer else 0,
         "checkpoints_failed": len(committer.failed) if committer else 0,

@@ -67,7 +67,7 @@ def model_check(b: Dict[str, Any], events: List[Dict[str, Any]]) -> Dict[str, An
         # downtime per failure: its detection plus detection -> training again
         "recovery_s": sec["detection"] / b["failures"]
         + statistics.mean(get_field(e, Event.RECOVERED, "recovery_s") for e in rec),
-        "peer_fraction": sum(get_field(e, Event.RECOVERED, "source") == "peer"
+        "peer_fraction": sum(get_field(e, Event.RECOVERED, "source") in ("peer", "memory")
                              for e in rec) / len(rec),
         "step_s": step_s,
     }
@@ -121,6 +121,7 @@ def format_table(b: Dict[str, Any], events: List[Dict[str, Any]], run_dir: str) 
         line += f" (detection to training again: median {statistics.median(rs):.2f}s, " \
                 f"max {max(rs):.2f}s)"
     lines.append(line + f"; lost steps {b['lost_steps']}")
+    lines += [f"  {line}" for line in recovery_sources(rec)]
     commits = _of(events, Event.CHECKPOINT_COMMITTED)
     failed = _of(events, Event.CHECKPOINT_FAILED)
     line = f"checkpoints: {len(commits)} committed, {len(failed)} not committed"
@@ -383,3 +384,27 @@ def run_report(run_dir: str, out: TextIO = sys.stdout) -> int:
     plot_timeline(events, path, title)
     print(f"timeline: {path}", file=out)
     return 0
+
+
+def recovery_sources(rec: List[Dict[str, Any]]) -> List[str]:
+    """One line per state source of the recoveries (peer, memory, checkpoint): how many, the
+    steps they lost, and the medians of release (detection -> survivors out of the failed
+    group) and transfer time, with the bytes moved."""
+    out = []
+    by: Dict[str, List[Dict[str, Any]]] = collections.defaultdict(list)
+    for e in rec:
+        by[str(get_field(e, Event.RECOVERED, "source"))].append(e)
+    for source, es in sorted(by.items()):
+        lost = sum(get_field(e, Event.RECOVERED, "lost_steps") for e in es)
+        line = f"from {source}: {len(es)}, lost steps {lost}"
+        rel = [v for v in (get_field(e, Event.RECOVERED, "release_s") for e in es) if v is not None]
+        if rel:
+            line += f", release median {statistics.median(rel):.3f}s"
+        tr = [v for v in (get_field(e, Event.RECOVERED, "transfer_s") for e in es) if v is not None]
+        if tr:
+            moved = sum(get_field(e, Event.RECOVERED, "transfer_bytes", 0) or 0 for e in es)
+            line += f", transfer median {statistics.median(tr):.3f}s"
+            if moved:
+                line += f" ({moved / 1e6:.1f} MB in all)"
+        out.append(line)
+    return out

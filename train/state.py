@@ -140,6 +140,12 @@ def checkpoint_state(state: TrainState, rank: int) -> Dict[str, object]:
     """The state dict to save. Keys shared by all ranks hold equal values (DCP writes each once);
     `rng/rank<r>` is this rank's own."""
     model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
+    return {"model": model_sd, "optim": optim_sd, **checkpoint_extras(state, rank)}
+
+
+def checkpoint_extras(state: TrainState, rank: int) -> Dict[str, object]:
+    """The entries of the checkpoint state that are made afresh at every call: the step, the
+    scheduler (as JSON bytes) and this rank's RNG."""
     extra = {"step": torch.tensor(state.step, dtype=torch.int64)}
     if state.scheduler is not None:
         try:
@@ -147,8 +153,7 @@ def checkpoint_state(state: TrainState, rank: int) -> Dict[str, object]:
         except TypeError as e:
             raise ValueError(f"the task's LR scheduler state is not JSON-serialisable ({e}); "
                              "checkpoints hold tensors and JSON only") from None
-    return {"model": model_sd, "optim": optim_sd, "extra": extra,
-            _rng_key(rank): torch.get_rng_state()}
+    return {"extra": extra, _rng_key(rank): torch.get_rng_state()}
 
 
 def load_template(state: TrainState, rank: int,

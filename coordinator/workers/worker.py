@@ -34,6 +34,7 @@ from coordinator.checkpoint.restore import StateTransferMismatch, broadcast_full
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
 from coordinator.workers import snapshots as snap_lib
+from coordinator.workers.buddy_link import BuddyLink
 from coordinator.workers.release import GroupSockets
 from coordinator.workers.spec import WorkerSpec
 from coordinator.workers.vote import StopVote
@@ -48,6 +49,7 @@ from train.state import (
     apply_full_state,
     apply_loaded,
     build_state,
+    checkpoint_extras,
     checkpoint_state,
     full_model_state,
     full_state,
@@ -124,7 +126,11 @@ class TrainWorker:
         self._fence: Optional[GenerationFence] = None  # this generation's (see checkpoint/fence)
         self._sockets = GroupSockets()  # this generation's group connections (see release)
         self._snaps = snap_lib.SnapshotStore()  # in-memory shard snapshots (see snapshots)
-        self._buddy = None  # the actor holding copies of this rank's snapshots
+        self._link: Optional[BuddyLink] = None  # copies to and from the buddies
+        self._link_group = None  # the gloo group the copies travel on
+        self._link_sockets = GroupSockets()  # its connections (shut down at teardown)
+        self._snap_cache: Dict[str, Any] = {}  # this generation's snapshot layout (see take)
+        self._live: Optional[snap_lib.LiveLeaves] = None  # this generation's leaf map
         self._transfer_bytes = 0  # what the last restore from memory received
         # Every object so far (torch, the task's modules: hundreds of thousands) is kept for the
         # process's life: the collections a teardown runs (to close a failed group's sockets)
@@ -157,11 +163,6 @@ class TrainWorker:
         return Heartbeat(self.rank, self.generation, step, reports, saves,
                          memory_generation=gen, memory=held, memory_world=world,
                          memory_bytes=self._snaps.peak_bytes)
-
-    @ray.method(concurrency_group="control")
-    def hold(self, generation: int, owner: int, snap: "snap_lib.Snapshot") -> None:
-        """Keep a copy of rank `owner`'s snapshot (this worker is its buddy)."""
-        self._snaps.put(generation, owner, snap)
 
     @ray.method(concurrency_group="control")
     def snapshot_pieces(self, generation: int, owner: int, step: int,
@@ -235,14 +236,13 @@ class TrainWorker:
     @ray.method(concurrency_group="train")
     def join_group(self, generation: int, rank: int, world_size: int, store_host: str,
                    store_port: int, source: Optional[Source] = None,
-                   buddy=None) -> Dict[str, Any]:
+                   buddies: Optional[Dict[int, int]] = None) -> Dict[str, Any]:
         """Leave the previous generation's process group (if any) and form generation
         `generation` as `rank` of `world_size`; take the training state from `source`. A survivor
-        keeps its model and optimizer objects (DDP) and only rewraps them. `buddy`: the actor that
-        holds copies of this rank's in-memory snapshots in this generation. Returns the step and
+        keeps its model and optimizer objects (DDP) and only rewraps them. `buddies`: rank -> the
+        rank holding copies of its in-memory snapshots in this generation. Returns the step and
         the seconds spent taking the state from `source` (the rest of the join is re-forming)."""
         source = source or Source()
-        self._buddy = buddy
         try:
             t = [time.monotonic()]
             held = self._leave(source)
@@ -255,6 +255,10 @@ class TrainWorker:
             self._wrap(source, ckpt_group)
             t.append(time.monotonic())
             self._joined = True
+            if self._link_group is not None and buddies:
+                self._link = BuddyLink(self._link_group, generation, rank, buddies.get(rank),
+                                       sorted(q for q, b in buddies.items() if b == rank),
+                                       self._snaps)
             # Where the join's time went (the recovery profile: see control/recovery_profile).
             parts = {"leave_s": t[1] - t[0], "rendezvous_s": t[2] - t[1], "build_s": build_s,
                      "transfer_s": restore_s, "prime_s": t[4] - t[3]}
@@ -318,6 +322,10 @@ class TrainWorker:
             ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
             self._ctl_group = dist.new_group(backend="gloo", timeout=timeout) \
                 if backend != "gloo" else None
+            if self.spec.memory_interval:  # the buddies' copies travel on a group of their own
+                self._link_sockets.begin(generation, store_port)
+                with self._link_sockets.track():
+                    self._link_group = dist.new_group(backend="gloo", timeout=timeout)
         self._broken = False
         self.generation, self.rank, self.world_size = generation, rank, world_size
         self._fence = GenerationFence(store_host, store_port, generation)
@@ -397,11 +405,26 @@ class TrainWorker:
 
     def _snapshot(self, step: int) -> None:
         """This rank's shard of the whole training state into host memory, and a copy to its
-        buddy (a Ray call, not the training group's; not awaited)."""
-        snap = snap_lib.take(checkpoint_state(self.state, self.rank), step, self.world_size)
+        buddy (on the buddy link: a group of its own, a background thread; never awaited)."""
+        st = self.state
+        remade = snap_lib.flatten(checkpoint_extras(st, self.rank))
+        live = self._live
+        if live is None or not live.trusted:
+            leaves = snap_lib.flatten(checkpoint_state(st, self.rank))
+            if live is None:  # the first of this generation: map the leaves, check the map
+                live = self._live = snap_lib.LiveLeaves(leaves)
+                live.trusted = live.check(live.read(st.model, st.optimizer, remade), leaves,
+                                          remade)
+                if not live.trusted:
+                    logger.warning("rank %d: the live state differs from its state dict; "
+                                   "snapshots take the full state dict this generation",
+                                   self.rank)
+        else:
+            leaves = live.read(st.model, st.optimizer, remade)
+        snap = snap_lib.take(leaves, step, self.world_size, self._snap_cache)
         self._snaps.put(self.generation, self.rank, snap)
-        if self._buddy is not None:
-            self._buddy.hold.remote(self.generation, self.rank, snap)
+        if self._link is not None:
+            self._link.offer(snap)
 
     def _build(self) -> TrainState:
         """A state as at step 0 (DDP stays unwrapped until its state is final: wrapping
@@ -487,6 +510,12 @@ class TrainWorker:
         so its sockets close and peers still blocked in a collective with us fail at once
         (gloo only notices a lost peer through a closed connection). A second call (a join after
         a failed train call) has nothing left to release and returns at once."""
+        if self._link is not None:  # the copies stop first: what is held now stays as it is
+            self._link.close()
+            self._link_sockets.release(self.generation)
+            self._link.join(1.0)
+            self._link = None
+        self._link_group, self._snap_cache, self._live = None, {}, None
         if self.saver is None and not dist.is_initialized() and (
                 self.state is None or self.spec.parallelism == "ddp"):
             self._ctl_group = None

@@ -205,10 +205,9 @@ class RayWorkerGroup:
             buddies = {ranks[i]: ranks[b] for i, b in snapshots.buddies(
                 [self.infos[r].node_id if r in self.infos else "" for r in ranks]).items()}
         self.buddies = buddies
-        self._form_refs = {r: a.join_group.remote(
-            generation, r, world, self.store_host, self.store_port, source,
-            self.actors[buddies[r]] if r in buddies else None)
-            for r, a in self.actors.items()}
+        self._form_refs = {r: a.join_group.remote(generation, r, world, self.store_host,
+                                                  self.store_port, source, buddies)
+                           for r, a in self.actors.items()}
         timeout = self.spec.collective_timeout_s + self.rpc_timeout_s
         if source.kind == SourceKind.CHECKPOINT:
             timeout += 600

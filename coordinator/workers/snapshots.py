@@ -138,35 +138,45 @@ class LiveLeaves:
         self.paths = list(full)
         self.fixed = {p: v for p, v in full.items() if "/params/" in p}  # FQN lists
         self.trusted: Optional[bool] = None  # None: not checked yet
+        self._stable: Optional[Dict[str, Any]] = None  # path -> the live tensor (see read)
+        self._groups: List[Tuple[str, int, List[str]]] = []  # hyper-parameters: read each time
 
-    def read(self, model, optimizer, extra: Dict[str, Any]) -> Dict[str, Any]:
-        """path -> leaf, as flatten(checkpoint_state(...)) gives; `extra`: the flat re-made
-        entries (extra/step, extra/scheduler, rng/rank<r>)."""
+    def _resolve(self, model, optimizer) -> None:
         named = dict(model.named_parameters())
         named.update(model.named_buffers())
-        out: Dict[str, Any] = {}
+        stable: Dict[str, Any] = {}
         for path in self.paths:
-            if path in extra:
-                out[path] = extra[path]
-                continue
             if path in self.fixed:
-                out[path] = self.fixed[path]
+                stable[path] = self.fixed[path]
                 continue
             head, _, rest = path.partition("/")
             if head == "model":
-                out[path] = named[rest].detach()
-            elif rest.startswith("state/"):
+                stable[path] = named[rest]
+            elif head == "optim" and rest.startswith("state/"):
                 fqn, key = rest[len("state/"):].rsplit("/", 1)
-                out[path] = optimizer.state[named[fqn]][key]
-            elif rest.startswith("param_groups/"):
+                stable[path] = optimizer.state[named[fqn]][key]
+            elif head == "optim" and rest.startswith("param_groups/"):
                 index, *keys = rest[len("param_groups/"):].split("/")
-                value: Any = optimizer.param_groups[int(index)]
-                for k in keys:
-                    value = value[int(k)] if isinstance(value, (list, tuple)) else value[k]
-                out[path] = value
-            else:
-                raise KeyError(path)
-        return out
+                self._groups.append((path, int(index), keys))
+        self._stable = stable
+
+    def read(self, model, optimizer, extra: Dict[str, Any]) -> Dict[str, Any]:
+        """path -> leaf, as flatten(checkpoint_state(...)) gives (a model leaf is the parameter
+        itself, not a detached alias); `extra`: the flat re-made entries (extra/step,
+        extra/scheduler, rng/rank<r>)."""
+        if self._stable is None:
+            self._resolve(model, optimizer)
+        out = dict(self._stable)
+        for path, index, keys in self._groups:
+            value: Any = optimizer.param_groups[index]
+            for k in keys:
+                value = value[int(k)] if isinstance(value, (list, tuple)) else value[k]
+            out[path] = value
+        out.update(extra)
+        missing = [p for p in self.paths if p not in out]
+        if missing:
+            raise KeyError(missing[0])
+        return {p: out[p] for p in self.paths}
 
     def check(self, fast: Dict[str, Any], full: Dict[str, Any], remade: Iterable[str]) -> bool:
         """Whether the fast read is the full state dict leaf for leaf (the same storage, or an

@@ -60,6 +60,8 @@ bench: install
 	$(PY) scripts/bench_overhead.py --case prefetch > docs/bench/prefetch.json.tmp && mv docs/bench/prefetch.json.tmp docs/bench/prefetch.json
 	$(PY) scripts/bench_recovery.py --json > docs/bench/recovery.json.tmp && mv docs/bench/recovery.json.tmp docs/bench/recovery.json
 	$(PY) scripts/bench_checkpoint.py --json > docs/bench/checkpoint.json.tmp && mv docs/bench/checkpoint.json.tmp docs/bench/checkpoint.json
+	$(PY) scripts/bench_overhead.py --parallelism fsdp > docs/bench/snapshots.json.tmp && mv docs/bench/snapshots.json.tmp docs/bench/snapshots.json
+	$(PY) scripts/bench_recovery.py --parallelism fsdp --json > docs/bench/recovery_fsdp.json.tmp && mv docs/bench/recovery_fsdp.json.tmp docs/bench/recovery_fsdp.json
 	$(PY) scripts/bench_tables.py
 	cat docs/bench/*.json
 

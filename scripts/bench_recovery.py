@@ -17,6 +17,13 @@ its last reported checkpoint. Every side runs `--repeats` times, interleaved; fi
 with their spread, and each ratio sits next to its goal.
 
     python scripts/bench_recovery.py --json      (needs `pip install -e ".[bench]"`)
+
+`--parallelism fsdp`: the same job sharded with FSDP2, ours with in-memory snapshots every step
+(`ours_memory`, the default: the lost shard comes from its buddy's copy) against ours with
+checkpoints only (`ours_checkpoint_only`: the lost shard comes from the last checkpoint, the
+steps since it are trained again) and Ray Train's restart-all; `release_s` (detection to every
+survivor out of the failed group) beside each of ours. Ray Train's side is the DDP job of the
+default run: its restart-all recovery does not depend on how the model is split.
 """
 
 from __future__ import annotations
@@ -66,7 +73,9 @@ def ours(run_dir: str, *extra: str) -> dict:
             "lost_steps": get_field(rec, Event.RECOVERED, "lost_steps"),
             "killed_at_step": get_field(kill, Event.CHAOS, "step"),
             "world_size_after": get_field(rec, Event.RECOVERED, "world_size"),
-            "source": get_field(rec, Event.RECOVERED, "source")}
+            "source": get_field(rec, Event.RECOVERED, "source"),
+            "release_s": get_field(rec, Event.RECOVERED, "release_s"),
+            "transfer_bytes": get_field(rec, Event.RECOVERED, "transfer_bytes")}
 
 
 def _ray_train_loop(config):
@@ -264,6 +273,10 @@ MODES = {  # ours: mode -> overrides
     "ours_no_spare": ["scaling.spare_workers=0"],
     "ours_shrink_first": ["scaling.spare_workers=0", "failure.replace=false"],
 }
+FSDP_MODES = {
+    "ours_memory": ["train.parallelism=fsdp"],
+    "ours_checkpoint_only": ["train.parallelism=fsdp", "checkpoint.memory_interval_steps=0"],
+}
 
 
 def ray_train_subprocess(tmp: str) -> dict:
@@ -300,7 +313,14 @@ def main() -> None:
                     help="run only the Ray Train side, keeping its files in DIR")
     ap.add_argument("--torchft-only", metavar="DIR",
                     help="run only the torchft side, keeping its files in DIR")
+    ap.add_argument("--parallelism", choices=["ddp", "fsdp", "hsdp"], default="ddp")
     args = ap.parse_args()
+    if args.parallelism == "hsdp":
+        print(json.dumps({"benchmark": "recovery", "parallelism": "hsdp", "error":
+                          "train.parallelism: hsdp is not built yet (issue 11, item 1)"}))
+        sys.exit(2)
+    if args.parallelism == "fsdp":
+        return fsdp_main(args)
     if args.ray_train_only:
         os.makedirs(args.ray_train_only, exist_ok=True)
         print(json.dumps(ray_train(args.ray_train_only)))
@@ -338,6 +358,43 @@ def main() -> None:
         },
         "job": {"workers": WORKERS, "global_batch_size": GBS, "task": TASK, "seed": 0,
                 "checkpoint_interval": INTERVAL, "kill_after_step": KILL_AT, "steps": STEPS}}
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+
+
+def fsdp_main(args) -> None:
+    runs = {name: [] for name in list(FSDP_MODES) + ["ray_train"]}
+    errors = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for name, extra in FSDP_MODES.items():
+                print(f"[{i + 1}/{args.repeats}] {name} {' '.join(extra)}...", file=sys.stderr)
+                runs[name].append(ours(os.path.join(tmp, f"{name}{i}"), *extra))
+            print(f"[{i + 1}/{args.repeats}] ray_train...", file=sys.stderr)
+            try:
+                runs["ray_train"].append(ray_train_subprocess(os.path.join(tmp, f"rt{i}")))
+            except Exception as e:
+                errors["ray_train"].append(f"{type(e).__name__}: {str(e)[-500:]}")
+    sides = {name: summarize(rs, errors[name]) for name, rs in runs.items()}
+    for name in FSDP_MODES:
+        rel = [r["release_s"] for r in runs[name] if r.get("release_s") is not None]
+        sides[name]["release_s"] = benchlib.figure(rel) if rel else None
+    med = {name: side["recovery_s"]["median"] if side["recovery_s"] else None
+           for name, side in sides.items()}
+    ratio = {f"ours_memory_vs_{other}": round(med["ours_memory"] / med[other], 3)
+             if med[other] else None for other in ("ours_checkpoint_only", "ray_train")}
+    result = {
+        "benchmark": "recovery", "parallelism": "fsdp", "machine": benchlib.machine(),
+        "repeats": args.repeats, "sides": sides, "ratios": ratio,
+        "goals": {
+            "ours_memory_lost_steps": benchlib.goal(sides["ours_memory"]["lost_steps_max"],
+                                                    "<=", 1),
+            "ours_memory_release_s": benchlib.goal(
+                sides["ours_memory"]["release_s"]["median"]
+                if sides["ours_memory"]["release_s"] else None, "<=", 1.0),
+        },
+        "job": {"workers": WORKERS, "global_batch_size": GBS, "task": TASK, "seed": 0,
+                "checkpoint_interval": INTERVAL, "kill_after_step": KILL_AT, "steps": STEPS,
+                "memory_interval_steps": 1}}
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

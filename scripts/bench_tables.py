@@ -143,8 +143,48 @@ def checkpoint(j: Dict) -> List[str]:
     return out
 
 
+def snapshots(j: Dict) -> List[str]:
+    """bench_overhead.py --parallelism fsdp: in-memory snapshots every step against none."""
+    g = j["goals"]["ratio"]
+    out = table(["FSDP2, world " + str(j["world"]), "steps/s, median (spread)", "with / without"],
+                [["snapshots every step (default)", _spread(j["with"], "", 2),
+                  f"**{j['ratio']:.3f}** ({_met(g)}; goal {g['goal']})"],
+                 ["snapshots off", _spread(j["without"], "", 2), "1"]])
+    return out + ["", f"Peak snapshot memory per rank: {j['memory_snapshot_bytes'] / 1e6:.2f} MB "
+                  f"(its own shard at 2 steps and its buddy's at 2). Same weights with and "
+                  f"without: {'yes' if j['same_weights'] else 'no'}. {j['steps']} steps, global "
+                  f"batch {j['global_batch_size']}, {j['repeats']} interleaved repeats; "
+                  f"{_machine(j['machine'])}."]
+
+
+def recovery_fsdp(j: Dict) -> List[str]:
+    """bench_recovery.py --parallelism fsdp."""
+    labels = {"ours_memory": "ours, snapshots in memory (default)",
+              "ours_checkpoint_only": "ours, `checkpoint.memory_interval_steps=0`",
+              "ray_train": "Ray Train V2 `TorchTrainer` (every worker restarted)"}
+    rows = []
+    for name, label in labels.items():
+        side = j["sides"].get(name)
+        if side is None:
+            continue
+        if side.get("recovery_s") is None:
+            rows.append([label, f"not measured: {side.get('error', '')[:120]}", "-", "-", "-"])
+            continue
+        rel = side.get("release_s")
+        src = {r.get("source") for r in side.get("runs", []) if r.get("source")}
+        rows.append([label, _spread(side["recovery_s"]), str(side["lost_steps_max"]),
+                     _spread(rel, " s", 3) if rel else "-", ", ".join(sorted(src)) or "-"])
+    goals = "; ".join(f"{k} {v['goal']}: {v['value']} ({_met(v)})" for k, v in j["goals"].items())
+    return table(["FSDP2, 4 workers", "kill to next step, median (spread)", "lost steps (worst)",
+                  "release", "state from"], rows) + [
+        "", f"Goals: {goals}. Checkpoint every {j['job']['checkpoint_interval']} steps, kill "
+            f"after step {j['job']['kill_after_step']}, {j['repeats']} interleaved repeats; "
+            f"{_machine(j['machine'])}."]
+
+
 TABLES: Dict[str, Callable[[Dict], List[str]]] = {
-    "overhead": overhead, "prefetch": prefetch, "recovery": recovery, "checkpoint": checkpoint}
+    "overhead": overhead, "prefetch": prefetch, "recovery": recovery, "checkpoint": checkpoint,
+    "snapshots": snapshots, "recovery_fsdp": recovery_fsdp}
 
 
 def render(doc: str, bench_dir: str = BENCH_DIR) -> str:

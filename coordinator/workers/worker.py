@@ -132,6 +132,7 @@ class TrainWorker:
         self._snap_cache: Dict[str, Any] = {}  # this generation's snapshot layout (see take)
         self._live: Optional[snap_lib.LiveLeaves] = None  # this generation's leaf map
         self._transfer_bytes = 0  # what the last restore from memory received
+        self._rng_restored = False  # the last restore from memory set this rank's RNG
         # Every object so far (torch, the task's modules: hundreds of thousands) is kept for the
         # process's life: the collections a teardown runs (to close a failed group's sockets)
         # then scan only what came since, ~15 ms instead of ~200 ms on the recovery's path.
@@ -367,11 +368,13 @@ class TrainWorker:
                 apply_full_state(st, full)
             del full, mine, held
         restore_s = time.monotonic() - t_restore if source.kind != "init" else 0.0
-        if (fresh or not self._joined) and source.kind != "checkpoint":
+        restored_rng = source.kind == "checkpoint" or (
+            source.kind == "memory" and self._rng_restored)
+        if (fresh or not self._joined) and not restored_rng:
             # Per-rank RNG (dropout and the like): a newcomer seeds from (seed, rank, step), also
             # when its first join failed (its state was built then, never trained), and so does
             # a rebuilt state (FSDP2); a survivor keeps its stream; a checkpoint restores the
-            # saved one.
+            # saved one, and so do in-memory snapshots for a rank the old world had.
             torch.manual_seed(self.spec.seed * 100_003 + 1 + rank + 7_919 * st.step)
         return build_s, restore_s
 
@@ -401,6 +404,7 @@ class TrainWorker:
                                    for part in received for e in part.values()
                                    if isinstance(e, snap_lib.Rows))
         del received, refs
+        self._rng_restored = rng_key in sd
         apply_loaded(st, sd, rank)
 
     def _snapshot(self, step: int) -> None:
@@ -619,7 +623,6 @@ class TrainWorker:
             st = vote = after_step = None
             self._broken = True
             self._teardown()
-
             raise WorkerError(error)
         return TrainResult(st.step, st.step < until_step, nonfinite=poisoned)
 

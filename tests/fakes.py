@@ -128,6 +128,8 @@ class FakeGroup:
             step = self.members[source.src]["step"]
         elif source.kind == "checkpoint":
             step = int(source.path.rsplit("-", 1)[1])
+        elif source.kind == "memory":
+            step = source.step
         for m in self.members.values():
             m["step"] = step
         return []

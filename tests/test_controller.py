@@ -256,6 +256,17 @@ def test_survivors_blocked_in_the_failed_group_are_released_in_place(tmp_path):
     assert rec["release_s"] >= 0
 
 
+def test_fsdp_lost_before_any_step_starts_over_without_a_checkpoint(tmp_path):
+    """Nothing trained yet, nothing lost: a worker lost while the first generation forms is
+    replaced and the job starts from step 0 (not exit 3 for want of snapshots)."""
+    group = FakeGroup()
+    group.form_failures = [[WorkerFailure(1, "process_exit", 1001, "died joining"),
+                            WorkerFailure(0, "collective_error", 1000, "aborted")]]
+    c, _ = _controller(tmp_path, group, overrides=["train.parallelism=fsdp"])
+    _run(c)
+    assert c.phase == Phase.DONE and group.sources[1][1].kind == "init"
+
+
 def _lose_rank3_with_memory(tmp_path, memory, committer=None):
     """FSDP2, 4 workers, rank 3 lost at step 7; the survivors' heartbeats then report the
     in-memory snapshots `memory` (rank -> (generation, owner -> steps, world))."""
@@ -282,6 +293,27 @@ def test_fsdp_shards_come_back_from_the_survivors_and_the_buddy_copy(tmp_path):
     assert source.holders == {0: 0, 1: 1, 2: 2, 3: 0}
     (rec,) = _events(events, "recovered")
     assert rec["source"] == "memory" and rec["lost_steps"] == 0 and rec["resumed_step"] == 7
+
+
+def test_a_failure_while_forming_from_memory_takes_the_same_snapshots_again(tmp_path):
+    """Rank 1 dies while generation 2 forms from memory: nothing has replaced generation 1's
+    snapshots (generation 2 never trained), so the next plan takes them again, rank 1's shard
+    from the rank holding its copy, rather than fall back to a checkpoint (or exit 3)."""
+    group = FakeGroup()
+    group.faults = [[7, [3], "process_exit"]]
+    group.form_failures = [[], [WorkerFailure(1, "process_exit", 1001, "died joining"),
+                                WorkerFailure(0, "collective_error", 1000, "aborted")]]
+    c, events = _controller(tmp_path, group, overrides=["train.parallelism=fsdp"])
+    while c.phase != Phase.RECOVERING:
+        c.step()
+    group.memory = {0: (1, {0: [6, 7], 3: [6, 7], 1: [6, 7]}, 4), 1: (1, {1: [6, 7]}, 4),
+                    2: (1, {2: [6, 7]}, 4)}
+    _run(c)
+    assert c.phase == Phase.DONE
+    sources = [src for _, src in group.sources[1:3]]  # (a grow may follow)
+    assert [s.kind for s in sources] == ["memory", "memory"]
+    assert all(s.generation == 1 and s.step == 7 for s in sources)
+    assert sources[1].holders[1] == 0, "rank 1's shard from the rank holding its copy"
 
 
 def test_fsdp_takes_the_newest_step_every_shard_is_held_at(tmp_path):

@@ -175,8 +175,8 @@ class Controller:
         """Enter FORMING with `plan`; `checkpoint` is what a recovery restores."""
         source = Source(plan.source, src=plan.src, gather=(
             plan.source == SourceKind.PEER and self.cfg.train.parallelism == "fsdp"))
-        if plan.source == SourceKind.MEMORY:  # the snapshots of the generation that failed
-            source.generation, source.step = self.job.generation, plan.resumed_step
+        if plan.source == SourceKind.MEMORY:  # the newest snapshots the survivors hold
+            source.generation, source.step = plan.memory_generation, plan.resumed_step
             source.holders = dict(plan.holders)
         if plan.source == SourceKind.CHECKPOINT:
             source.path = (checkpoint or self.job.resume).path

@@ -60,6 +60,8 @@ class Facts:
     # FSDP2 in-memory snapshots of the failed generation (None: snapshots are off): owner rank ->
     # step -> the survivors holding that owner's shard at that step (itself, or its buddy)
     memory: Optional[Dict[int, Dict[int, List[int]]]] = None
+    memory_world: Optional[int] = None  # the world size of the generation that took them
+    memory_generation: Optional[int] = None  # that generation
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Plan:
     resumed_step: int = 0
     backoff_s: float = 0.0
     holders: Dict[int, int] = field(default_factory=dict)  # memory: old rank -> holder's new rank
+    memory_generation: Optional[int] = None  # memory: the generation whose snapshots to take
 
 
 def backoff(streak: int, base_s: float, cap_s: float) -> float:
@@ -122,6 +125,7 @@ def decide(f: Facts) -> Plan:
             and held[0] >= (f.checkpoint_step or 0):
         step, plan.holders = held
         plan.source, plan.resumed_step = SourceKind.MEMORY, step
+        plan.memory_generation = f.memory_generation
         copies = sorted(o for o, h in plan.holders.items() if o not in ranks)
         plan.reason = (f"shards rebuilt in memory at step {step}"
                        + (f" (lost ranks {copies} from their buddies' copies)" if copies else ""))
@@ -132,7 +136,8 @@ def decide(f: Facts) -> Plan:
         if f.parallelism == "fsdp" and f.memory is not None:
             why = unheld(f)
         plan.reason = f"{failed}{why}: restoring checkpoint step {f.checkpoint_step}"
-    elif f.parallelism == "fsdp" and f.memory is not None:
+    elif f.parallelism == "fsdp" and f.memory:
+        # (no snapshot anywhere: nothing trained since the state began, starting over is next)
         return Plan(PlanAction.ABORT, f"{unheld(f)} and there is no committed checkpoint "
                                       "(set checkpoint.interval_steps to have one)")
     else:
@@ -201,7 +206,7 @@ def from_memory(f: Facts, ranks: Dict[int, int]):
     rank's shard is held by a survivor that stays (its owner preferred), or None."""
     if not f.memory:
         return None
-    owners = range(f.world_size)
+    owners = range(f.memory_world or f.world_size)
     steps = set.intersection(*(
         {s for s, hs in f.memory.get(o, {}).items() if any(h in ranks for h in hs)}
         for o in owners))
@@ -220,7 +225,7 @@ def unheld(f: Facts) -> str:
     held = f.memory or {}
     if not held:
         return "no survivor holds an in-memory snapshot of the generation that failed"
-    gone = [o for o in range(f.world_size) if not held.get(o)]
+    gone = [o for o in range(f.memory_world or f.world_size) if not held.get(o)]
     if gone:
         return (f"the shards of rank{'s' if len(gone) > 1 else ''} "
                 f"{gone[0] if len(gone) == 1 else gone} and every copy of them were lost")

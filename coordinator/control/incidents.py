@@ -210,17 +210,31 @@ class Incidents:
                         wait_limit_s=fc.wait_for_workers_s,
                         bad_sources={r for r in rec.survivors
                                      if self.group.pid(r) in rec.bad_sources},
-                        memory=self._memory(rec))
+                        memory=self._memory(rec), memory_world=self._memory_world(rec),
+                        memory_generation=self._memory_generation(rec))
+
+    @staticmethod
+    def _memory_generation(rec: Recovering) -> Optional[int]:
+        return max((gen for gen, _, _ in rec.memory.values() if gen is not None), default=None)
+
+    def _memory_world(self, rec: Recovering) -> Optional[int]:
+        """The world size of the generation whose snapshots `_memory` reads (its owners)."""
+        newest = self._memory_generation(rec)
+        worlds = {w for gen, _, w in rec.memory.values() if gen == newest and gen is not None}
+        return max(worlds) if worlds else None
 
     def _memory(self, rec: Recovering) -> Optional[Dict[int, Dict[int, List[int]]]]:
-        """owner -> step -> survivors holding its shard, from the snapshots of the generation
-        that failed (None when snapshots are off, or the parallelism has no shards)."""
+        """owner -> step -> survivors holding its shard, from the newest generation's snapshots
+        the survivors hold (the one that failed, or the last that snapshotted before it: a
+        failure while the next generation formed, or before its first snapshot, leaves them
+        current); None when snapshots are off, or the parallelism has no shards."""
         if self.cfg.train.parallelism != "fsdp" or not memory_interval(self.cfg):
             return None
+        newest = self._memory_generation(rec)
         out: Dict[int, Dict[int, List[int]]] = {}
         for r, (gen, held, world) in sorted(rec.memory.items()):
-            if gen != self.job.generation or world != rec.world_size:
-                continue  # another generation's shards (a failure while forming)
+            if gen != newest:
+                continue  # an older generation's shards (this survivor took no newer one)
             for owner, steps in held.items():
                 for s in steps:
                     out.setdefault(owner, {}).setdefault(s, []).append(r)

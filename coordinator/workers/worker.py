@@ -33,9 +33,8 @@ from coordinator.checkpoint.fence import GenerationFence
 from coordinator.checkpoint.restore import StateTransferMismatch, broadcast_full_state, flip_bit
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
-from coordinator.workers import snapshots as snap_lib
-from coordinator.workers.buddy_link import BuddyLink
 from coordinator.workers.release import GroupSockets
+from coordinator.workers.shard_memory import MemoryRestoreError, ShardMemory
 from coordinator.workers.spec import WorkerSpec
 from coordinator.workers.vote import StopVote
 from train import data as data_lib
@@ -49,7 +48,6 @@ from train.state import (
     apply_full_state,
     apply_loaded,
     build_state,
-    checkpoint_extras,
     checkpoint_state,
     full_model_state,
     full_state,
@@ -125,14 +123,7 @@ class TrainWorker:
         self._poison = False  # chaos: this rank's next loss is made NaN
         self._fence: Optional[GenerationFence] = None  # this generation's (see checkpoint/fence)
         self._sockets = GroupSockets()  # this generation's group connections (see release)
-        self._snaps = snap_lib.SnapshotStore()  # in-memory shard snapshots (see snapshots)
-        self._link: Optional[BuddyLink] = None  # copies to and from the buddies
-        self._link_group = None  # the gloo group the copies travel on
-        self._link_sockets = GroupSockets()  # its connections (shut down at teardown)
-        self._snap_cache: Dict[str, Any] = {}  # this generation's snapshot layout (see take)
-        self._live: Optional[snap_lib.LiveLeaves] = None  # this generation's leaf map
-        self._transfer_bytes = 0  # what the last restore from memory received
-        self._rng_restored = False  # the last restore from memory set this rank's RNG
+        self._memory = ShardMemory(spec.memory_interval)  # FSDP2 shards in memory
         # Every object so far (torch, the task's modules: hundreds of thousands) is kept for the
         # process's life: the collections a teardown runs (to close a failed group's sockets)
         # then scan only what came since, ~15 ms instead of ~200 ms on the recovery's path.
@@ -160,10 +151,10 @@ class TrainWorker:
         while self._save_reports:
             saves.append(self._save_reports.popleft())
         step = self.state.step if self.state is not None else 0
-        gen, held, world = self._snaps.held()
+        gen, held, world = self._memory.store.held()
         return Heartbeat(self.rank, self.generation, step, reports, saves,
                          memory_generation=gen, memory=held, memory_world=world,
-                         memory_bytes=self._snaps.peak_bytes)
+                         memory_bytes=self._memory.store.peak_bytes)
 
     @ray.method(concurrency_group="control")
     def snapshot_pieces(self, generation: int, owner: int, step: int,
@@ -171,7 +162,7 @@ class TrainWorker:
                         rng_of: Optional[str]) -> Dict[str, Any]:
         """The rows a member of the next generation needs from rank `owner`'s snapshot at
         `step` (see snapshots.pieces). Raises SnapshotError if it is not held here."""
-        return snap_lib.pieces(self._snaps.get(generation, owner, step), wanted, shared, rng_of)
+        return self._memory.pieces(generation, owner, step, wanted, shared, rng_of)
 
     @ray.method(concurrency_group="control")
     def release(self, generation: int) -> int:
@@ -256,14 +247,11 @@ class TrainWorker:
             self._wrap(source, ckpt_group)
             t.append(time.monotonic())
             self._joined = True
-            if self._link_group is not None and buddies:
-                self._link = BuddyLink(self._link_group, generation, rank, buddies.get(rank),
-                                       sorted(q for q, b in buddies.items() if b == rank),
-                                       self._snaps)
+            self._memory.start_link(generation, rank, buddies)
             # Where the join's time went (the recovery profile: see control/recovery_profile).
             parts = {"leave_s": t[1] - t[0], "rendezvous_s": t[2] - t[1], "build_s": build_s,
                      "transfer_s": restore_s, "prime_s": t[4] - t[3]}
-            moved, self._transfer_bytes = self._transfer_bytes, 0
+            moved = self._memory.take_transfer_bytes()
             return {"step": self.state.step, "restore_s": restore_s, "parts": parts,
                     "transfer_bytes": moved}
         except StateTransferMismatch as e:
@@ -323,10 +311,7 @@ class TrainWorker:
             ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
             self._ctl_group = dist.new_group(backend="gloo", timeout=timeout) \
                 if backend != "gloo" else None
-            if self.spec.memory_interval:  # the buddies' copies travel on a group of their own
-                self._link_sockets.begin(generation, store_port)
-                with self._link_sockets.track():
-                    self._link_group = dist.new_group(backend="gloo", timeout=timeout)
+            self._memory.open_group(generation, store_port, timeout)  # the buddies' copies
         self._broken = False
         self.generation, self.rank, self.world_size = generation, rank, world_size
         self._fence = GenerationFence(store_host, store_port, generation)
@@ -354,7 +339,12 @@ class TrainWorker:
                 self._restore_failed(source.path, e)
             apply_loaded(st, sd, rank)
         elif source.kind == "memory":
-            self._restore_from_memory(source, st, rank)
+            # A gap or a silent holder: the generation does not form (every member fails
+            # alike) and the controller restores the checkpoint instead.
+            try:
+                self._memory.restore(source, st, rank, self.spec.collective_timeout_s)
+            except MemoryRestoreError as e:
+                raise WorkerError(str(e)) from None
         elif source.kind == "peer":
             mine = held if held is not None else (
                 full_state(st, sharded=False) if rank == source.src and ddp else None)
@@ -369,7 +359,7 @@ class TrainWorker:
             del full, mine, held
         restore_s = time.monotonic() - t_restore if source.kind != "init" else 0.0
         restored_rng = source.kind == "checkpoint" or (
-            source.kind == "memory" and self._rng_restored)
+            source.kind == "memory" and self._memory.rng_restored)
         if (fresh or not self._joined) and not restored_rng:
             # Per-rank RNG (dropout and the like): a newcomer seeds from (seed, rank, step), also
             # when its first join failed (its state was built then, never trained), and so does
@@ -377,58 +367,6 @@ class TrainWorker:
             # saved one, and so do in-memory snapshots for a rank the old world had.
             torch.manual_seed(self.spec.seed * 100_003 + 1 + rank + 7_919 * st.step)
         return build_s, restore_s
-
-    def _restore_from_memory(self, source: Source, st: TrainState, rank: int) -> None:
-        """Take this rank's new shard from the snapshots of generation `source.generation` at
-        `source.step`: each holder sends the rows of its owner's shard that this shard needs
-        (the holder of old rank 0 also the replicated entries, the holder of this rank's old
-        self its RNG). A gap or a holder that does not answer within
-        train.collective_timeout_s raises WorkerError: the generation does not form and the
-        controller restores the checkpoint instead. Nothing is applied before every piece is
-        here, so a mixed-step state is never loaded."""
-        template = checkpoint_state(st, rank)
-        wanted = snap_lib.wanted_rows(template)
-        rng_key = f"rng/rank{rank}"
-        refs = [handle.snapshot_pieces.remote(source.generation, owner, source.step, wanted,
-                                              owner == 0, rng_key if owner == rank else None)
-                for owner, handle in sorted(source.handles.items())]
-        try:
-            received = ray.get(refs, timeout=self.spec.collective_timeout_s)
-            sd = snap_lib.assemble(template, received, rng_key)
-        except (snap_lib.SnapshotError, ray.exceptions.RayError) as e:
-            for ref in refs:
-                ray.cancel(ref)
-            raise WorkerError(f"rank {rank} taking its shard from the in-memory snapshots at "
-                              f"step {source.step}: {short_error(e)}") from None
-        self._transfer_bytes = sum(e.data.numel() * e.data.element_size()
-                                   for part in received for e in part.values()
-                                   if isinstance(e, snap_lib.Rows))
-        del received, refs
-        self._rng_restored = rng_key in sd
-        apply_loaded(st, sd, rank)
-
-    def _snapshot(self, step: int) -> None:
-        """This rank's shard of the whole training state into host memory, and a copy to its
-        buddy (on the buddy link: a group of its own, a background thread; never awaited)."""
-        st = self.state
-        remade = snap_lib.flatten(checkpoint_extras(st, self.rank))
-        live = self._live
-        if live is None or not live.trusted:
-            leaves = snap_lib.flatten(checkpoint_state(st, self.rank))
-            if live is None:  # the first of this generation: map the leaves, check the map
-                live = self._live = snap_lib.LiveLeaves(leaves)
-                live.trusted = live.check(live.read(st.model, st.optimizer, remade), leaves,
-                                          remade)
-                if not live.trusted:
-                    logger.warning("rank %d: the live state differs from its state dict; "
-                                   "snapshots take the full state dict this generation",
-                                   self.rank)
-        else:
-            leaves = live.read(st.model, st.optimizer, remade)
-        snap = snap_lib.take(leaves, step, self.world_size, self._snap_cache)
-        self._snaps.put(self.generation, self.rank, snap)
-        if self._link is not None:
-            self._link.offer(snap)
 
     def _build(self) -> TrainState:
         """A state as at step 0 (DDP stays unwrapped until its state is final: wrapping
@@ -514,12 +452,7 @@ class TrainWorker:
         so its sockets close and peers still blocked in a collective with us fail at once
         (gloo only notices a lost peer through a closed connection). A second call (a join after
         a failed train call) has nothing left to release and returns at once."""
-        if self._link is not None:  # the copies stop first: what is held now stays as it is
-            self._link.close()
-            self._link_sockets.release(self.generation)
-            self._link.join(1.0)
-            self._link = None
-        self._link_group, self._snap_cache, self._live = None, {}, None
+        self._memory.close(self.generation)
         if self.saver is None and not dist.is_initialized() and (
                 self.state is None or self.spec.parallelism == "ddp"):
             self._ctl_group = None
@@ -573,8 +506,8 @@ class TrainWorker:
             live = step in skipped and step not in known
             # the rate this step used: the scheduler has stepped past it already
             lr_used, lr = lr, _lr(st.optimizer)
-            if spec.memory_interval and step % spec.memory_interval == 0 and error is None:
-                self._snapshot(step)
+            if self._memory.due(step) and error is None:
+                self._memory.snapshot(st, self.rank, step, self.world_size, self.generation)
             report = StepReport(step, weighted_loss, t, duration, skipped=step in skipped,
                                 nonfinite=live, grad_norm=st.grad_norm, lr=lr_used)
             if spec.eval_due(step):

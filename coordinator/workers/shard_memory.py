@@ -1,0 +1,126 @@
+"""A worker's FSDP2 shards in memory: its snapshots, the buddy link of its generation, and a new
+shard rebuilt from the holders' snapshots (the data and its rules: workers/snapshots.py; the
+link: workers/buddy_link.py). The TrainWorker owns one and calls it at the points of a
+generation's life: the rendezvous (`open_group`), the end of a join (`start_link`), after each
+step (`snapshot`), a restore (`restore`) and the teardown (`close`)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, Dict, Optional, Tuple
+
+import ray
+import torch.distributed as dist
+
+from coordinator.protocol import Source
+from coordinator.workers import snapshots as snap_lib
+from coordinator.workers.buddy_link import BuddyLink
+from coordinator.workers.release import GroupSockets
+from train.errors import short_error
+from train.state import TrainState, apply_loaded, checkpoint_extras, checkpoint_state
+
+logger = logging.getLogger(__name__)
+
+
+class MemoryRestoreError(RuntimeError):
+    """The new shard could not be rebuilt from the snapshots (a gap, a holder that does not
+    answer): nothing was applied."""
+
+
+class ShardMemory:
+    def __init__(self, interval: int):
+        self.interval = interval  # steps between snapshots; 0: off
+        self.store = snap_lib.SnapshotStore()
+        self._link: Optional[BuddyLink] = None  # copies to and from the buddies
+        self._group = None  # the gloo group the copies travel on
+        self._sockets = GroupSockets()  # its connections (shut down at close)
+        self._cache: Dict[str, Any] = {}  # this generation's snapshot layout (see take)
+        self._live: Optional[snap_lib.LiveLeaves] = None  # this generation's leaf map
+        self.transfer_bytes = 0  # what the last restore received
+        self.rng_restored = False  # the last restore set this rank's RNG
+
+    def open_group(self, generation: int, store_port: int, timeout: timedelta) -> None:
+        """Create this generation's link group (a collective: every member, at the rendezvous)."""
+        if not self.interval:
+            return
+        self._sockets.begin(generation, store_port)
+        with self._sockets.track():
+            self._group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def start_link(self, generation: int, rank: int, buddies: Optional[Dict[int, int]]) -> None:
+        """Start sending this rank's snapshots to its buddy and receiving those it holds."""
+        if self._group is not None and buddies:
+            self._link = BuddyLink(self._group, generation, rank, buddies.get(rank),
+                                   sorted(q for q, b in buddies.items() if b == rank), self.store)
+
+    def due(self, step: int) -> bool:
+        return bool(self.interval) and step % self.interval == 0
+
+    def snapshot(self, st: TrainState, rank: int, step: int, world_size: int,
+                 generation: int) -> None:
+        """This rank's shard of the whole training state into host memory, and a copy to its
+        buddy (on the link's background thread; never awaited)."""
+        remade = snap_lib.flatten(checkpoint_extras(st, rank))
+        live = self._live
+        if live is None or not live.trusted:
+            leaves = snap_lib.flatten(checkpoint_state(st, rank))
+            if live is None:  # the first of this generation: map the leaves, check the map
+                live = self._live = snap_lib.LiveLeaves(leaves)
+                live.trusted = live.check(live.read(st.model, st.optimizer, remade), leaves,
+                                          remade)
+                if not live.trusted:
+                    logger.warning("rank %d: the live state differs from its state dict; "
+                                   "snapshots take the full state dict this generation", rank)
+        else:
+            leaves = live.read(st.model, st.optimizer, remade)
+        snap = snap_lib.take(leaves, step, world_size, self._cache)
+        self.store.put(generation, rank, snap)
+        if self._link is not None:
+            self._link.offer(snap)
+
+    def pieces(self, generation: int, owner: int, step: int,
+               wanted: Dict[str, Tuple[int, int]], shared: bool,
+               rng_of: Optional[str]) -> Dict[str, Any]:
+        return snap_lib.pieces(self.store.get(generation, owner, step), wanted, shared, rng_of)
+
+    def restore(self, source: Source, st: TrainState, rank: int, timeout_s: float) -> None:
+        """Take this rank's new shard from the snapshots of generation `source.generation` at
+        `source.step`: each holder sends the rows of its owner's shard that this shard needs
+        (the holder of old rank 0 also the replicated entries, the holder of this rank's old
+        self its RNG). Nothing is applied before every piece is here, so a state of mixed steps
+        is never loaded; a gap or a holder silent for `timeout_s` raises MemoryRestoreError."""
+        template = checkpoint_state(st, rank)
+        wanted = snap_lib.wanted_rows(template)
+        rng_key = f"rng/rank{rank}"
+        refs = [handle.snapshot_pieces.remote(source.generation, owner, source.step, wanted,
+                                              owner == 0, rng_key if owner == rank else None)
+                for owner, handle in sorted(source.handles.items())]
+        try:
+            received = ray.get(refs, timeout=timeout_s)
+            sd = snap_lib.assemble(template, received, rng_key)
+        except (snap_lib.SnapshotError, ray.exceptions.RayError) as e:
+            for ref in refs:
+                ray.cancel(ref)
+            raise MemoryRestoreError(f"rank {rank} taking its shard from the in-memory "
+                                     f"snapshots at step {source.step}: {short_error(e)}") from None
+        self.transfer_bytes = sum(e.data.numel() * e.data.element_size()
+                                  for part in received for e in part.values()
+                                  if isinstance(e, snap_lib.Rows))
+        del received, refs
+        self.rng_restored = rng_key in sd
+        apply_loaded(st, sd, rank)
+
+    def take_transfer_bytes(self) -> int:
+        moved, self.transfer_bytes = self.transfer_bytes, 0
+        return moved
+
+    def close(self, generation: int) -> None:
+        """The generation is over: the copies stop first (what is held now stays as it is), the
+        link's connections are shut down, which ends the transfers in flight on both sides."""
+        if self._link is not None:
+            self._link.close()
+            self._sockets.release(generation)
+            self._link.join(1.0)
+            self._link = None
+        self._group, self._cache, self._live = None, {}, None

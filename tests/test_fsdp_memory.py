@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, cli_process, run_cli
+from conftest import ROOT, cli_process
 from conftest import run_events as _events, run_summary as _summary
 from dist_harness import run_world
 from train.state import weights_digest

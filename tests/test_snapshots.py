@@ -109,3 +109,34 @@ def test_a_plain_tensor_that_changes_size_between_snapshots_keeps_its_bytes():
                                                                    sd["extra/step"]))
         got = sn.Snapshot(3, 2, buffer=snap.buffer, header=snap.header).entries
         assert bytes(got["extra/scheduler"].tolist()) == text and got["v"] == 1.5
+
+
+def test_live_leaves_follow_tied_weights_and_live_updates():
+    """A language model's tied head and embedding are one parameter under two state-dict
+    names; the map follows both, and reads what a step changed in place."""
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(4, 3)
+            self.head = nn.Linear(3, 4, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = Tied()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model.head(model.emb(torch.tensor([1, 2]))).sum().backward()
+    opt.step()
+    full = sn.flatten({"model": model.state_dict(),
+                       "optim": {"state": {"emb.weight": opt.state[model.emb.weight]},
+                                 "param_groups": [{"lr": 0.1}]}})
+    live = sn.LiveLeaves(full)
+    read = live.read(model, opt, {})
+    assert set(read) == set(full) and "model/head.weight" in read
+    assert live.check(read, full, ())
+    with torch.no_grad():
+        model.emb.weight.add_(1.0)
+    opt.param_groups[0]["lr"] = 0.05
+    again = live.read(model, opt, {})
+    assert torch.equal(again["model/head.weight"], model.emb.weight)
+    assert again["optim/param_groups/0/lr"] == 0.05

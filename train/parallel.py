@@ -11,12 +11,19 @@ from train.task import Task
 
 
 def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task,
-         precision: str = "fp32") -> nn.Module:
+         precision: str = "fp32", mesh_name: str = "dp") -> nn.Module:
     """DDP: a replica per rank, gradients averaged. FSDP2 (`fully_shard`): parameters, gradients
     and optimizer state sharded over the ranks; `task.fsdp_units` are sharded one by one so their
     all-gathers overlap compute, then the root. `precision="bf16"` under FSDP2: parameters are
     gathered and computed in bfloat16, gradients reduced in fp32, the sharded master weights
-    stay fp32 (DDP's bf16 is autocast in the step)."""
+    stay fp32 (DDP's bf16 is autocast in the step).
+
+    `mesh_name`: the FSDP2 mesh's dimension name. A process that re-forms its group (a new
+    generation) must give each mesh its own name: DTensor caches sharding decisions by mesh, and
+    two meshes of the same size and rank list compare equal, so a cached decision would hand new
+    tensors the *old* mesh, with this process's old coordinate in it (seen: after a world of 4
+    shrank to 3 and grew back to 4, each renumbered rank placed its rows where its old rank's
+    went, and DCP found a quarter of every tensor missing at the next save)."""
     if parallelism == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
@@ -24,7 +31,8 @@ def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task,
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),),
+                                mesh_dim_names=(mesh_name,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
         for unit in task.fsdp_units(model):

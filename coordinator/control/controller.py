@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from coordinator.events import Event
 from coordinator.checkpoint.committer import log_resume
 from coordinator.checkpoint.errors import StorageError
-from coordinator.config import Config
+from coordinator.config import Config, memory_interval
 from coordinator.control import failure_policy as fp
 from coordinator.control import recovery_profile as profile
 from coordinator.control import scaling_policy as sp
@@ -54,6 +54,7 @@ class Controller:
         self.capacity = capacity  # capacity(exclude=[node ids]) -> workers that fit now
         self.committer = committer  # coordinator.checkpoint.committer.Committer, or None
         self.clock = clock
+        self._formed_at_step = 0  # the step the current generation formed at
         self.scaling = sp.ScalingPolicy(cfg.scaling.min_workers, cfg.scaling.max_workers)
         self.job = JobRecord()
         self.steps = StepAccounting(cfg.train.steps)
@@ -219,6 +220,7 @@ class Controller:
         if self.committer is not None:
             self.committer.end_generation(job.generation - 1)
         job.world_sizes.append(plan.world_size)
+        self._formed_at_step = plan.resumed_step  # this generation's snapshots come after it
         job.startup.setdefault("formed", now)
         self.steps.new_generation(plan.resumed_step)
         extra = {"buddies": {str(r): b for r, b in self.group.buddies.items()}} \
@@ -331,6 +333,14 @@ class Controller:
         if plan.world_size <= self.job.world_size:  # the newcomers vanished: carry on
             self._launch(now)
             return "no newcomer ready: resuming", self.progress()
+        every = memory_interval(self.cfg)
+        if every and self.steps.last_step % every == 0 \
+                and self.steps.last_step > self._formed_at_step:
+            # Every member snapshotted the step it paused at: the new shards are cut from
+            # those (no rank gathers the whole model), each member its own shard's holder.
+            plan.source, plan.memory_generation = SourceKind.MEMORY, self.job.generation
+            plan.holders = {r: r for r in range(self.job.world_size)}
+            plan.reason += " (shards from the members' snapshots)"
         for info in self.group.assign(plan.ranks, plan.newcomers):
             self._worker_started(info)
         logger.info("%s at step %d", plan.reason, self.steps.last_step)

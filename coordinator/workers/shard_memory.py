@@ -67,8 +67,12 @@ class ShardMemory:
             leaves = snap_lib.flatten(checkpoint_state(st, rank))
             if live is None:  # the first of this generation: map the leaves, check the map
                 live = self._live = snap_lib.LiveLeaves(leaves)
-                live.trusted = live.check(live.read(st.model, st.optimizer, remade), leaves,
-                                          remade)
+                try:
+                    fast = live.read(st.model, st.optimizer, remade)
+                except (KeyError, IndexError, TypeError) as e:  # a path the map cannot follow
+                    logger.info("rank %d: snapshot leaves not mapped (%s)", rank, e)
+                    fast = None
+                live.trusted = fast is not None and live.check(fast, leaves, remade)
                 if not live.trusted:
                     logger.warning("rank %d: the live state differs from its state dict; "
                                    "snapshots take the full state dict this generation", rank)

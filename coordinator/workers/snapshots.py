@@ -142,8 +142,10 @@ class LiveLeaves:
         self._groups: List[Tuple[str, int, List[str]]] = []  # hyper-parameters: read each time
 
     def _resolve(self, model, optimizer) -> None:
-        named = dict(model.named_parameters())
-        named.update(model.named_buffers())
+        # tied weights (a language model's head and embedding) are one parameter under two
+        # names: the state dict has both
+        named = dict(model.named_parameters(remove_duplicate=False))
+        named.update(model.named_buffers(remove_duplicate=False))
         stable: Dict[str, Any] = {}
         for path in self.paths:
             if path in self.fixed:

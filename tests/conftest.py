@@ -27,6 +27,11 @@ def run_events(run_dir):
     return list(read_events(path)) if os.path.exists(path) else []
 
 
+def run_events_of(run_dir, kind):
+    """The events of one kind (`event` field) of a run directory."""
+    return [e for e in run_events(run_dir) if e["event"] == kind]
+
+
 def run_summary(run_dir):
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, cli_process, run_cli
-from conftest import run_events as _events, run_summary as _summary
+from conftest import run_events_of as _of, run_summary as _summary
 from coordinator.checkpoint import manifest as mf
 from dist_harness import run_world
 from train.state import weights_digest
@@ -28,10 +28,6 @@ def reference():
     """Plain torch DDP, 4 gloo processes, the same task, batch and steps: (digest, losses)."""
     state, losses = run_world(4, "ddp", steps=STEPS, gbs=16)
     return weights_digest(state), losses
-
-
-def _of(run_dir, kind):
-    return [e for e in _events(run_dir) if e["event"] == kind]
 
 
 def _run(tmp_path, *overrides, chaos="[]"):

@@ -36,7 +36,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TASK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
-PARALLELISMS = ("ddp", "fsdp")
+PARALLELISMS = ("ddp", "fsdp", "hsdp")
 PRECISIONS = ("fp32", "bf16")  # train.step.PRECISIONS (not imported: config stays torch-free)
 HASHES = ("crc32c", "sha256")  # checkpoint.storage.HASHES, the default first
 CHAOS_ACTIONS = (
@@ -122,7 +122,13 @@ class TrainConfig:
     task_args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for the Task
     steps: int = 200  # total optimizer steps of the job
     global_batch_size: int = 16  # samples per step over all workers, whatever the world size
-    parallelism: str = "ddp"  # one of PARALLELISMS: ddp replicates, fsdp shards (FSDP2 fully_shard)
+    # one of PARALLELISMS: ddp replicates, fsdp shards (FSDP2 fully_shard), hsdp shards within
+    # groups of shard_group_size ranks and replicates across the groups
+    parallelism: str = "ddp"
+    # hsdp: ranks per shard group (each a full replica of the model, sharded). The world is
+    # always a whole number of groups; consecutive ranks form a group (the same node where
+    # the placement allows). Required under hsdp, unused otherwise.
+    shard_group_size: Optional[int] = None
     collective_timeout_s: float = 120.0  # process-group timeout for one collective, in seconds
     # samples per forward pass on a rank: its slice of the global batch runs in micro-batches,
     # gradients accumulated and synchronised once per step, so per-rank memory does not grow
@@ -146,6 +152,14 @@ class TrainConfig:
                "must be >= 1")
         _check(self.parallelism in PARALLELISMS, "train.parallelism", self.parallelism,
                f"must be one of {', '.join(PARALLELISMS)}")
+        sgs = self.shard_group_size
+        if self.parallelism == "hsdp":
+            _check(isinstance(sgs, int) and not isinstance(sgs, bool) and sgs >= 1,
+                   "train.shard_group_size", sgs, "must be an integer >= 1 under "
+                   "train.parallelism=hsdp (ranks per shard group)")
+        else:
+            _check(sgs is None, "train.shard_group_size", sgs,
+                   "applies to train.parallelism=hsdp only; leave it null")
         _check(self.collective_timeout_s > 0, "train.collective_timeout_s",
                self.collective_timeout_s, "must be > 0")
         mbs = self.micro_batch_size
@@ -188,10 +202,12 @@ class CheckpointConfig:
     # botocore waits 5 s to connect and 20 s for an answer) yet a small share of an interval
     # between checkpoints; a save due meanwhile waits at most this long for its predecessor.
     persist_timeout_s: float = 60.0
-    # FSDP2: steps between in-memory snapshots of every rank's shard (model, optimizer,
-    # scheduler, RNG, step), each copied to a buddy rank on another node, so a lost rank's shards
-    # come back from memory with no storage read (docs/fault-tolerance.md). null: 1 under fsdp
-    # (every step), off under ddp (every rank holds a replica already); 0: off
+    # FSDP2/HSDP: steps between in-memory snapshots of every rank's shard (model, optimizer,
+    # scheduler, RNG, step), so a lost rank's shards come back from memory with no storage read
+    # (docs/fault-tolerance.md): under fsdp each is copied to a buddy rank on another node; under
+    # hsdp the other replica groups hold the same shards (a buddy only when there is one group).
+    # null: 1 under fsdp and hsdp (every step), off under ddp (every rank holds a replica
+    # already); 0: off
     memory_interval_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -333,6 +349,11 @@ class Config:
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
 
     def __post_init__(self) -> None:
+        sgs = self.train.shard_group_size
+        if sgs is not None:
+            _check(self.scaling.max_workers >= sgs, "scaling.max_workers",
+                   self.scaling.max_workers, f"must be >= train.shard_group_size ({sgs}): the "
+                   "world is a whole number of shard groups")
         _check(self.train.global_batch_size >= self.scaling.max_workers,
                "train.global_batch_size", self.train.global_batch_size,
                f"must be >= scaling.max_workers ({self.scaling.max_workers}) so every worker "
@@ -453,8 +474,8 @@ def load_config(path: Optional[str], overrides: List[str] = ()) -> Config:
 
 def memory_interval(cfg: "Config") -> int:
     """Steps between in-memory shard snapshots (checkpoint.memory_interval_steps resolved):
-    every step under fsdp unless set, never under ddp (its replicas are the copies)."""
-    if cfg.train.parallelism != "fsdp":
+    every step under fsdp and hsdp unless set, never under ddp (its replicas are the copies)."""
+    if cfg.train.parallelism == "ddp":
         return 0
     mi = cfg.checkpoint.memory_interval_steps
     return 1 if mi is None else int(mi)

@@ -209,9 +209,11 @@ class WorkerGroup(Protocol):
         """Stop every newcomer not yet given a rank."""
     def capacity_note(self, exclude: Iterable[str] = ()) -> str:
         """What one worker needs and where there is room, for error messages."""
-    def assign(self, ranks: Dict[int, int], newcomers: List[int]) -> List[WorkerInfo]:
+    def assign(self, ranks: Dict[int, int], newcomers: List[int],
+               spares: Iterable[int] = ()) -> List[WorkerInfo]:
         """Next generation's members: `ranks` maps staying members' ranks to new ones, ready
-        newcomers take `newcomers`; members left out are stopped. Returns the newcomers."""
+        newcomers take `newcomers`; members left out are stopped, but `spares` (current ranks)
+        stay as idle ready workers. Returns the newcomers."""
     def ranks(self) -> List[int]: ...
     def pid(self, rank: int) -> Optional[int]: ...
     def node_of(self, rank: int) -> Optional[str]: ...

@@ -68,7 +68,8 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
         spec = WorkerSpec(
             task=cfg.train.task, task_args=dict(cfg.train.task_args), seed=cfg.job.seed,
             total_steps=cfg.train.steps, global_batch_size=cfg.train.global_batch_size,
-            parallelism=cfg.train.parallelism, use_gpu=cfg.scaling.use_gpu,
+            parallelism=cfg.train.parallelism, shard_group_size=cfg.train.shard_group_size,
+            use_gpu=cfg.scaling.use_gpu,
             torch_threads=max(1, int(cfg.scaling.cpus_per_worker)),
             collective_timeout_s=cfg.train.collective_timeout_s,
             # Checkpoints are written when periodic saves are on, or when a preemption notice

@@ -37,14 +37,14 @@ class SizeCheckedMLP(MLPRegression):
 
 
 def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, seed, skip,
-            recipe=None, evaluate=(0, 0)):
+            recipe=None, evaluate=(0, 0), shard_group_size=None):
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     t = make_task(task, task_args)
     st = build_state(t, parallelism, torch.device("cpu"), seed, steps,
-                     recipe=Recipe(**(recipe or {})))
+                     recipe=Recipe(**(recipe or {})), shard_group_size=shard_group_size)
     parallel.prime(st.model, t.loss, data_lib.first_pass(t, seed, 0, gbs, world, rank,
                                                          st.recipe.micro_batch_size))
     losses, evals = [], []
@@ -84,16 +84,17 @@ def _leave():
 
 
 def run_world(world, parallelism="ddp", steps=3, task="train.tasks.gpt:TinyGPT", task_args=None,
-              gbs=12, seed=0, skip=(), skipped=None, recipe=None, evaluate=(0, 0), evals=None):
+              gbs=12, seed=0, skip=(), skipped=None, recipe=None, evaluate=(0, 0), evals=None,
+              shard_group_size=None):
     """Train `steps` steps on `world` processes; returns (full model state, global losses).
     `skip`: steps to skip (see run_steps); `skipped`: a list that receives every step skipped.
     `recipe`: keyword arguments of `train.step.Recipe` (micro-batches, precision, clipping).
     `evaluate`: (every, samples): the held-out loss (train.evaluate) after every `every`
-    steps, over `samples` samples, into the list `evals`."""
+    steps, over `samples` samples, into the list `evals`. `shard_group_size`: HSDP's."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "state.pt")
         _spawn(_worker, world, (out, parallelism, steps, task, task_args or {}, gbs, seed,
-                                tuple(skip), recipe, tuple(evaluate)))
+                                tuple(skip), recipe, tuple(evaluate), shard_group_size))
         result = torch.load(out, weights_only=True)
     if skipped is not None:
         skipped.extend(result["skipped"])

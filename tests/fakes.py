@@ -93,8 +93,9 @@ class FakeGroup:
     def pending(self):
         return len(self.pending_new)
 
-    def assign(self, ranks, newcomers):
+    def assign(self, ranks, newcomers, spares=()):
         members = {new: self.members[old] for old, new in ranks.items()}
+        self.pending_new.extend([self.members[old], 0] for old in spares)
         added = []
         for r in newcomers:
             i = next(i for i, (_, left) in enumerate(self.pending_new) if left <= 0)

@@ -15,7 +15,14 @@ pytestmark = pytest.mark.unit
     (["train.steps=0"], "train.steps=0"),
     (["train.stepz=5"], "train.stepz: unknown key; valid keys here: task, task_args, steps"),
     (["nosuch.key=1"], "nosuch: unknown key; valid keys here: job, run, ray"),
-    (["train.parallelism=tp"], "train.parallelism='tp': must be one of ddp, fsdp"),
+    (["train.parallelism=tp"], "train.parallelism='tp': must be one of ddp, fsdp, hsdp"),
+    (["train.parallelism=hsdp"], "train.shard_group_size=None: must be an integer >= 1 under "
+                                 "train.parallelism=hsdp"),
+    (["train.parallelism=hsdp", "train.shard_group_size=0"], "train.shard_group_size=0"),
+    (["train.shard_group_size=2"], "train.shard_group_size=2: applies to "
+                                   "train.parallelism=hsdp only"),
+    (["train.parallelism=hsdp", "train.shard_group_size=8", "scaling.max_workers=4"],
+     "scaling.max_workers=4: must be >= train.shard_group_size (8)"),
     (["train.global_batch_size=0"], "train.global_batch_size=0"),
     (["train.global_batch_size=3", "scaling.max_workers=4"],
      "train.global_batch_size=3: must be >= scaling.max_workers (4)"),

@@ -7,6 +7,7 @@ from coordinator.config import load_config
 
 pytestmark = pytest.mark.unit
 from coordinator.control.failure_policy import Facts, NodeIsolation, backoff, decide, grow_plan
+from coordinator.protocol import PlanAction, SourceKind
 
 
 def facts(**kw):
@@ -180,3 +181,64 @@ def test_a_sender_whose_state_failed_its_checksum_sends_no_more():
     # FSDP2 members hold no state after a failed join: the checkpoint, as for any loss
     p = decide(facts(parallelism="fsdp", bad_sources={0}))
     assert p.source == "checkpoint"
+
+
+# ---- HSDP: the world is whole shard groups; a shard's replicas stand in for each other -------
+
+def _held(world, step, lost=()):
+    """Every surviving owner holds its own shard at `step` and the step before (no buddies)."""
+    return {o: {step - 1: [o], step: [o]} for o in range(world) if o not in lost}
+
+
+def hsdp(**kw):
+    base = dict(parallelism="hsdp", shard_group_size=2, checkpoint_step=None,
+                memory_world=4, memory_generation=1)
+    base.update(kw)
+    return facts(**base)
+
+
+def test_hsdp_a_lost_rank_takes_its_shard_from_its_replica_in_the_other_group():
+    p = decide(hsdp(survivors={0: 10, 2: 10, 3: 10}, ready=1, memory=_held(4, 10, lost=[1])))
+    assert p.source == SourceKind.MEMORY and p.resumed_step == 10 and p.world_size == 4
+    assert p.newcomers == [1]
+    # one owner per shard: shard 0 from rank 0 itself, shard 1 from rank 3 (rank 1's replica)
+    assert p.holders == {0: 0, 3: 3}
+    assert "replicas" in p.reason
+
+
+def test_hsdp_a_lost_shard_group_recovers_from_the_other_and_shrinks_to_whole_groups():
+    # ranks 0 and 1 (a whole shard group, one node) lost, no newcomer: 2 -> one group of 2
+    p = decide(hsdp(survivors={2: 10, 3: 10}, ready=0, memory=_held(4, 10, lost=[0, 1])))
+    assert p.source == SourceKind.MEMORY and p.world_size == 2
+    assert p.ranks == {2: 0, 3: 1} and p.holders == {2: 0, 3: 1}
+
+
+def test_hsdp_a_shrink_keeps_a_whole_group_and_leaves_the_rest_idle():
+    # rank 1 lost, no newcomer: 3 survivors cannot form 3 ranks of groups of 2; the whole
+    # group (2, 3) is kept, rank 0 left over (the controller keeps it as an idle spare)
+    p = decide(hsdp(survivors={0: 10, 2: 10, 3: 10}, ready=0, memory=_held(4, 10, lost=[1])))
+    assert p.world_size == 2 and p.ranks == {2: 0, 3: 1} and p.source == SourceKind.MEMORY
+    # below min_workers in whole groups: wait
+    p = decide(hsdp(survivors={0: 10, 2: 10, 3: 10}, ready=0, min_workers=3,
+                    memory=_held(4, 10, lost=[1])))
+    assert p.action == PlanAction.WAIT
+
+
+def test_hsdp_a_shard_and_every_replica_lost_falls_back_with_the_reason():
+    p = decide(hsdp(survivors={0: 10, 2: 10}, ready=2, checkpoint_step=5,
+                    memory=_held(4, 10, lost=[1, 3])))
+    assert p.source == SourceKind.CHECKPOINT and p.resumed_step == 5
+    assert "ranks [1, 3]" in p.reason and "every copy" in p.reason
+
+
+def test_hsdp_sizes_grow_and_start_in_whole_groups():
+    from coordinator.control.scaling_policy import ScalingPolicy, growth
+
+    assert grow_plan(2, 1, 4, step=7, shard_group_size=2).world_size == 2  # not a whole group
+    assert grow_plan(2, 2, 4, step=7, shard_group_size=2).world_size == 4
+    g = growth(2, 4, grow=True, spare_workers=0, ready=1, starting=0, pending=1, check_due=True,
+               shard_group_size=2)
+    assert not g.pause and g.spawn == 1  # one more, then a whole group joins
+    assert ScalingPolicy(2, 4, 2).initial(3).world_size == 2
+    assert ScalingPolicy(2, 5, 2).initial(8).world_size == 4
+    assert ScalingPolicy(2, 4, 4).initial(3).world_size is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -10,8 +12,12 @@ from torch.nn.parallel import DistributedDataParallel
 from train.task import Task
 
 
+SHARDED = ("fsdp", "hsdp")  # the parallelisms whose ranks hold shards, not replicas
+
+
 def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task,
-         precision: str = "fp32", mesh_name: str = "dp") -> nn.Module:
+         precision: str = "fp32", mesh_name: str = "dp",
+         shard_group_size: Optional[int] = None) -> nn.Module:
     """DDP: a replica per rank, gradients averaged. FSDP2 (`fully_shard`): parameters, gradients
     and optimizer state sharded over the ranks; `task.fsdp_units` are sharded one by one so their
     all-gathers overlap compute, then the root. `precision="bf16"` under FSDP2: parameters are
@@ -23,23 +29,42 @@ def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task,
     two meshes of the same size and rank list compare equal, so a cached decision would hand new
     tensors the *old* mesh, with this process's old coordinate in it (seen: after a world of 4
     shrank to 3 and grew back to 4, each renumbered rank placed its rows where its old rank's
-    went, and DCP found a quarter of every tensor missing at the next save)."""
+    went, and DCP found a quarter of every tensor missing at the next save).
+
+    HSDP (`parallelism="hsdp"`): FSDP2 over a 2-D mesh, replicate x shard. Ranks
+    [k*S, (k+1)*S) form replica group k (S = `shard_group_size`, consecutive ranks: the same node
+    where the placement allows) and shard the model among themselves; the groups hold the same
+    shards, and average their gradients across (`Replicate()` x `Shard(0)` DTensors)."""
     if parallelism == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    if parallelism == "fsdp":
+    if parallelism in SHARDED:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),),
-                                mesh_dim_names=(mesh_name,))
+        world = dist.get_world_size()
+        if parallelism == "fsdp":
+            mesh = init_device_mesh(device.type, (world,), mesh_dim_names=(mesh_name,))
+        else:
+            size = replica_groups(world, shard_group_size)
+            mesh = init_device_mesh(device.type, (size, world // size),
+                                    mesh_dim_names=(f"{mesh_name}_replicate",
+                                                    f"{mesh_name}_shard"))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
         for unit in task.fsdp_units(model):
             fully_shard(unit, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
-    raise ValueError(f"train.parallelism={parallelism!r}: must be ddp or fsdp")
+    raise ValueError(f"train.parallelism={parallelism!r}: must be ddp, fsdp or hsdp")
+
+
+def replica_groups(world: int, shard_group_size: Optional[int]) -> int:
+    """How many HSDP replica groups a world of `world` ranks forms."""
+    if not shard_group_size or shard_group_size < 1 or world % shard_group_size:
+        raise ValueError(f"train.shard_group_size={shard_group_size!r}: an HSDP world of {world} "
+                         "ranks must be a whole number of shard groups")
+    return world // shard_group_size
 
 
 def unwrap(model: nn.Module) -> nn.Module:

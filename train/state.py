@@ -35,18 +35,19 @@ class TrainState:
 
 def build_state(task: Task, parallelism: str, device: torch.device, seed: int,
                 total_steps: int, wrap_ddp: bool = True,
-                recipe: Optional[Recipe] = None, mesh_name: str = "dp") -> TrainState:
+                recipe: Optional[Recipe] = None, mesh_name: str = "dp",
+                shard_group_size: Optional[int] = None) -> TrainState:
     """Build the model over the current process group. Every rank seeds identically, so every
     rank starts from the same weights (FSDP2 shards them in place, DDP verifies them when it wraps).
     `wrap_ddp=False` leaves a DDP model unwrapped (see `parallel.wrap`), for a caller that loads
     state into it before wrapping. `recipe`: how steps are computed (`train.step.Recipe`).
-    `mesh_name`: see `parallel.wrap` (one per process group generation)."""
+    `mesh_name`, `shard_group_size` (HSDP): see `parallel.wrap`."""
     recipe = recipe or Recipe()
     torch.manual_seed(seed)
     model = task.build_model().to(device)
     if parallelism != "ddp" or wrap_ddp:
         model = parallel.wrap(model, parallelism, device, task, precision=recipe.precision,
-                              mesh_name=mesh_name)
+                              mesh_name=mesh_name, shard_group_size=shard_group_size)
     optimizer = task.build_optimizer(parallel.unwrap(model))
     scheduler = task.build_scheduler(optimizer, total_steps)
     return TrainState(task, model, optimizer, scheduler, recipe=recipe)

@@ -55,7 +55,8 @@ class Controller:
         self.committer = committer  # coordinator.checkpoint.committer.Committer, or None
         self.clock = clock
         self._formed_at_step = 0  # the step the current generation formed at
-        self.scaling = sp.ScalingPolicy(cfg.scaling.min_workers, cfg.scaling.max_workers)
+        self.scaling = sp.ScalingPolicy(cfg.scaling.min_workers, cfg.scaling.max_workers,
+                                        cfg.train.shard_group_size)
         self.job = JobRecord()
         self.steps = StepAccounting(cfg.train.steps)
         self.incidents = Incidents(cfg, group, bus, self.job, self.steps)
@@ -175,7 +176,7 @@ class Controller:
                        checkpoint=None) -> None:
         """Enter FORMING with `plan`; `checkpoint` is what a recovery restores."""
         source = Source(plan.source, src=plan.src, gather=(
-            plan.source == SourceKind.PEER and self.cfg.train.parallelism == "fsdp"))
+            plan.source == SourceKind.PEER and self.cfg.train.parallelism != "ddp"))
         if plan.source == SourceKind.MEMORY:  # the newest snapshots the survivors hold
             source.generation, source.step = plan.memory_generation, plan.resumed_step
             source.holders = dict(plan.holders)
@@ -329,7 +330,7 @@ class Controller:
             return "finished while pausing", self.progress()
         ready = self.group.collect_ready()
         plan = fp.grow_plan(self.job.world_size, ready, self.cfg.scaling.max_workers,
-                            self.steps.last_step)
+                            self.steps.last_step, self.cfg.train.shard_group_size)
         if plan.world_size <= self.job.world_size:  # the newcomers vanished: carry on
             self._launch(now)
             return "no newcomer ready: resuming", self.progress()
@@ -339,7 +340,7 @@ class Controller:
             # Every member snapshotted the step it paused at: the new shards are cut from
             # those (no rank gathers the whole model), each member its own shard's holder.
             plan.source, plan.memory_generation = SourceKind.MEMORY, self.job.generation
-            plan.holders = {r: r for r in range(self.job.world_size)}
+            plan.holders = fp.own_holders(self.job.world_size, self.cfg.train.shard_group_size)
             plan.reason += " (shards from the members' snapshots)"
         for info in self.group.assign(plan.ranks, plan.newcomers):
             self._worker_started(info)
@@ -353,7 +354,8 @@ class Controller:
         ready = self.group.collect_ready()
         due = now - self._capacity_checked >= sc.grow_check_s
         g = sp.growth(self.job.world_size, sc.max_workers, sc.grow, sc.spare_workers, ready,
-                      self.group.pending() - ready, self.group.pending(), due)
+                      self.group.pending() - ready, self.group.pending(), due,
+                      self.cfg.train.shard_group_size)
         if g.pause:  # all of them at once: one pause, not one per newcomer
             logger.info("%d new worker(s) ready: growing at the next step boundary", ready)
             return self._begin_pause("grow")
@@ -511,8 +513,13 @@ class Controller:
                 plan.source, plan.resumed_step = SourceKind.INIT, 0
             else:
                 plan.resumed_step = checkpoint.step
-        for info in self.group.assign(plan.ranks, plan.newcomers):
+        # survivors the new world has no room for (HSDP's whole shard groups) stay, idle
+        idle = [r for r in rec.survivors if r not in plan.ranks]
+        for info in self.group.assign(plan.ranks, plan.newcomers, spares=idle):
             self._worker_started(info)
+        if idle:
+            logger.info("ranks %s stay as idle spares (no room in a world of %d)", idle,
+                        plan.world_size)
         rec.not_before = now + plan.backoff_s
         if plan.backoff_s:
             logger.warning("failure %d in a row without progress: waiting %.1fs before "

@@ -35,6 +35,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
+from coordinator.control.scaling_policy import whole_groups
 from coordinator.protocol import FailureKind, PlanAction, SourceKind, WorkerFailure
 
 SETTLE_MIN_S = 10.0  # the least survivors get to leave a failed group (see settle_grace_s)
@@ -47,7 +48,7 @@ class Facts:
     ready: int  # newcomers started and ready to join
     min_workers: int
     max_workers: int
-    parallelism: str  # ddp | fsdp
+    parallelism: str  # ddp | fsdp | hsdp
     checkpoint_step: Optional[int]  # the latest committed checkpoint known, if any
     failures: int  # failures so far, this one included
     max_failures: int
@@ -62,6 +63,10 @@ class Facts:
     memory: Optional[Dict[int, Dict[int, List[int]]]] = None
     memory_world: Optional[int] = None  # the world size of the generation that took them
     memory_generation: Optional[int] = None  # that generation
+    # hsdp: ranks per shard group. The world is a whole number of groups, and rank o holds the
+    # same shard as every rank o' with o' % shard_group_size == o % shard_group_size (its
+    # replicas in the other groups): any of them can stand in for a lost one.
+    shard_group_size: Optional[int] = None
 
 
 @dataclass
@@ -88,7 +93,7 @@ def decide(f: Facts) -> Plan:
         return Plan(PlanAction.ABORT, f"failure budget spent: {f.failures} failures > "
                              f"failure.max_failures={f.max_failures}")
     alive = len(f.survivors)
-    size = min(f.max_workers, alive + f.ready)
+    size = whole_groups(min(f.max_workers, alive + f.ready), f.shard_group_size)
     if size < f.min_workers:
         missing = f.min_workers - size
         why = (f"{alive} workers survive and {f.ready} newcomers are ready: {missing} short of "
@@ -98,7 +103,8 @@ def decide(f: Facts) -> Plan:
                                  f"(failure.wait_for_workers_s={f.wait_limit_s:g}); add nodes or "
                                  "lower scaling.min_workers")
         return Plan(PlanAction.WAIT, why)
-    keep = sorted(f.survivors)[:size]  # more survivors than max_workers cannot happen; be safe
+    # more survivors than the world (max_workers, or HSDP's whole groups) stay idle, as spares
+    keep = sorted(keeping(f.survivors, f.world_size, f.shard_group_size)[:size])
     if size >= f.world_size:
         ranks = {r: r for r in keep}
         vacant = [r for r in range(f.world_size) if r not in ranks]
@@ -121,22 +127,20 @@ def decide(f: Facts) -> Plan:
         plan.source, plan.src, plan.resumed_step = SourceKind.PEER, ranks[best], f.survivors[best]
         plan.reason = (f"{failed}{len(keep)} survivors keep their state; rank {best} (step "
                        f"{f.survivors[best]}) sends it to the others")
-    elif f.parallelism == "fsdp" and (held := from_memory(f, ranks)) is not None \
+    elif f.parallelism != "ddp" and (held := from_memory(f, ranks)) is not None \
             and held[0] >= (f.checkpoint_step or 0):
         step, plan.holders = held
         plan.source, plan.resumed_step = SourceKind.MEMORY, step
         plan.memory_generation = f.memory_generation
-        copies = sorted(o for o, h in plan.holders.items() if o not in ranks)
-        plan.reason = (f"shards rebuilt in memory at step {step}"
-                       + (f" (lost ranks {copies} from their buddies' copies)" if copies else ""))
+        plan.reason = f"shards rebuilt in memory at step {step}" + _stand_ins(f, ranks, step)
     elif f.checkpoint_step is not None:
         plan.source, plan.resumed_step = SourceKind.CHECKPOINT, f.checkpoint_step
-        why = ("shards were lost" if f.parallelism == "fsdp"
+        why = ("shards were lost" if f.parallelism != "ddp"
                else f"no {'other ' if bad else ''}survivor holds a newer state")
-        if f.parallelism == "fsdp" and f.memory is not None:
+        if f.parallelism != "ddp" and f.memory is not None:
             why = unheld(f)
         plan.reason = f"{failed}{why}: restoring checkpoint step {f.checkpoint_step}"
-    elif f.parallelism == "fsdp" and f.memory:
+    elif f.parallelism != "ddp" and f.memory:
         # (no snapshot anywhere: nothing trained since the state began, starting over is next)
         return Plan(PlanAction.ABORT, f"{unheld(f)} and there is no committed checkpoint "
                                       "(set checkpoint.interval_steps to have one)")
@@ -150,11 +154,41 @@ def decide(f: Facts) -> Plan:
     return plan
 
 
-def grow_plan(world_size: int, ready: int, max_workers: int, step: int) -> Plan:
+def keeping(survivors: Dict[int, int], world_size: int,
+            shard_group_size: Optional[int]) -> List[int]:
+    """The survivors in the order they are kept when not all of them fit: rank order, except
+    under HSDP, where whole surviving shard groups come first (a group of the old world with
+    no member lost holds every shard), so a shrink keeps the shards together."""
+    if not shard_group_size:
+        return sorted(survivors)
+    s = shard_group_size
+    whole = [g for g in range(world_size // s)
+             if all(r in survivors for r in range(g * s, (g + 1) * s))]
+    first = [r for g in whole for r in range(g * s, (g + 1) * s)]
+    return first + [r for r in sorted(survivors) if r not in first]
+
+
+def own_holders(world_size: int, shard_group_size: Optional[int]) -> Dict[int, int]:
+    """Holders when every member of a healthy group snapshotted: each its own shard (under
+    HSDP the first shard group's, one owner per shard)."""
+    return {r: r for r in range(shard_group_size or world_size)}
+
+
+def _stand_ins(f: Facts, ranks: Dict[int, int], step: int) -> str:
+    lost = sorted(o for o in range(f.memory_world or f.world_size) if o not in ranks)
+    if not lost:
+        return ""
+    if f.shard_group_size:
+        return f" (lost ranks {lost}: from their replicas in the other shard groups)"
+    return f" (lost ranks {lost} from their buddies' copies)"
+
+
+def grow_plan(world_size: int, ready: int, max_workers: int, step: int,
+              shard_group_size: Optional[int] = None) -> Plan:
     """A healthy group grows by the ready newcomers (at a step boundary, all members paused):
     members keep their ranks, newcomers are appended, rank 0 sends the state (FSDP2 gathers it
-    first: see Source.gather)."""
-    size = min(max_workers, world_size + ready)
+    first: see Source.gather). Under HSDP only whole shard groups join."""
+    size = whole_groups(min(max_workers, world_size + ready), shard_group_size)
     return Plan(PlanAction.REFORM, f"growing {world_size} -> {size}", world_size=size,
                 ranks={r: r for r in range(world_size)},
                 newcomers=list(range(world_size, size)), source=SourceKind.PEER, src=0,
@@ -201,22 +235,37 @@ def all_frozen(silent_s: Dict[int, float], stalled_s: float, limit_s: float) -> 
     return []
 
 
+def _shards(f: Facts) -> List[List[int]]:
+    """The old world's shards, each as the owners holding it: one owner each under FSDP2; under
+    HSDP every replica of a shard (see Facts.shard_group_size)."""
+    world = f.memory_world or f.world_size
+    s = f.shard_group_size
+    if not s or world % s:
+        return [[o] for o in range(world)]
+    return [list(range(k, world, s)) for k in range(s)]
+
+
 def from_memory(f: Facts, ranks: Dict[int, int]):
     """(step, old rank -> new rank of its holder) for the newest step at which every old
-    rank's shard is held by a survivor that stays (its owner preferred), or None."""
+    shard is held by a survivor that stays, or None. One owner per shard (its own snapshot
+    preferred, then a surviving replica's, then a buddy's copy), so every row is sent once."""
     if not f.memory:
         return None
-    owners = range(f.memory_world or f.world_size)
-    steps = set.intersection(*(
-        {s for s, hs in f.memory.get(o, {}).items() if any(h in ranks for h in hs)}
-        for o in owners))
+    shards = _shards(f)
+
+    def held_at(owner: int) -> Set[int]:
+        return {s for s, hs in f.memory.get(owner, {}).items() if any(h in ranks for h in hs)}
+
+    steps = set.intersection(*(set().union(*(held_at(o) for o in owners)) for owners in shards))
     if not steps:
         return None
     step = max(steps)
     holders = {}
-    for o in owners:
-        hs = [h for h in f.memory[o][step] if h in ranks]
-        holders[o] = ranks[o if o in hs else hs[0]]
+    for owners in shards:
+        options = [(o, h) for o in owners for h in f.memory.get(o, {}).get(step, [])
+                   if h in ranks]
+        o, h = min(options, key=lambda oh: (oh[0] != oh[1], oh[0]))
+        holders[o] = ranks[h]
     return step, holders
 
 
@@ -225,7 +274,8 @@ def unheld(f: Facts) -> str:
     held = f.memory or {}
     if not held:
         return "no survivor holds an in-memory snapshot of the generation that failed"
-    gone = [o for o in range(f.memory_world or f.world_size) if not held.get(o)]
+    gone = [o for owners in _shards(f) if not any(held.get(o) for o in owners)
+            for o in owners]
     if gone:
         return (f"the shards of rank{'s' if len(gone) > 1 else ''} "
                 f"{gone[0] if len(gone) == 1 else gone} and every copy of them were lost")

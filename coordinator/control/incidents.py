@@ -211,7 +211,8 @@ class Incidents:
                         bad_sources={r for r in rec.survivors
                                      if self.group.pid(r) in rec.bad_sources},
                         memory=self._memory(rec), memory_world=self._memory_world(rec),
-                        memory_generation=self._memory_generation(rec))
+                        memory_generation=self._memory_generation(rec),
+                        shard_group_size=self.cfg.train.shard_group_size)
 
     @staticmethod
     def _memory_generation(rec: Recovering) -> Optional[int]:
@@ -228,7 +229,7 @@ class Incidents:
         the survivors hold (the one that failed, or the last that snapshotted before it: a
         failure while the next generation formed, or before its first snapshot, leaves them
         current); None when snapshots are off, or the parallelism has no shards."""
-        if self.cfg.train.parallelism != "fsdp" or not memory_interval(self.cfg):
+        if not memory_interval(self.cfg):  # (off, or a parallelism without shards)
             return None
         newest = self._memory_generation(rec)
         out: Dict[int, Dict[int, List[int]]] = {}

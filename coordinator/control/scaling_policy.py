@@ -12,16 +12,27 @@ class ScalingDecision:
     reason: str
 
 
+def whole_groups(n: int, shard_group_size: Optional[int]) -> int:
+    """The largest world of at most `n` workers that HSDP can form (whole shard groups); `n`
+    itself for the other parallelisms (shard_group_size None)."""
+    return n - n % shard_group_size if shard_group_size else n
+
+
 class ScalingPolicy:
-    def __init__(self, min_workers: int, max_workers: int):
+    def __init__(self, min_workers: int, max_workers: int,
+                 shard_group_size: Optional[int] = None):
         self.min_workers, self.max_workers = min_workers, max_workers
+        self.shard_group_size = shard_group_size
 
     def initial(self, capacity: int) -> ScalingDecision:
-        """Start as wide as capacity allows, up to max_workers; below min_workers, wait."""
-        if capacity < self.min_workers:
-            return ScalingDecision(None, f"capacity for {capacity} workers, "
+        """Start as wide as capacity allows, up to max_workers (HSDP: whole shard groups);
+        below min_workers, wait."""
+        n = whole_groups(min(self.max_workers, capacity), self.shard_group_size)
+        if n < self.min_workers or n < 1:
+            groups = f" in whole shard groups of {self.shard_group_size}" \
+                if self.shard_group_size else ""
+            return ScalingDecision(None, f"capacity for {capacity} workers{groups}, "
                                          f"scaling.min_workers={self.min_workers}")
-        n = min(self.max_workers, capacity)
         why = "max_workers" if n == self.max_workers else f"capacity for {capacity} workers"
         return ScalingDecision(n, f"starting {n} workers ({why}; "
                                   f"min {self.min_workers}, max {self.max_workers})")
@@ -64,16 +75,19 @@ class Growth:
 
 
 def growth(world_size: int, max_workers: int, grow: bool, spare_workers: int, ready: int,
-           starting: int, pending: int, check_due: bool) -> Growth:
+           starting: int, pending: int, check_due: bool,
+           shard_group_size: Optional[int] = None) -> Growth:
     """While training: below max_workers (and scaling.grow on), start newcomers when capacity
     appears (every scaling.grow_check_s) and pause once they are all ready, so the group grows
     in one pause, not one per newcomer. At max_workers, keep scaling.spare_workers started and
-    idle instead, ready to replace a lost worker at once."""
+    idle instead, ready to replace a lost worker at once. Under HSDP the group grows by whole
+    shard groups only: fewer ready newcomers wait (as spares) for the rest of a group."""
     if world_size >= max_workers or not grow:
         if not spare_workers or not check_due:
             return Growth()
         return Growth(spawn=max(0, spare_workers - pending), spares=True)
-    if ready and not starting:
+    if ready and not starting and \
+            whole_groups(min(max_workers, world_size + ready), shard_group_size) > world_size:
         return Growth(pause=True)
     if not check_due:
         return Growth()

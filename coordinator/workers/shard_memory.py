@@ -97,11 +97,14 @@ class ShardMemory:
         template = checkpoint_state(st, rank)
         wanted = snap_lib.wanted_rows(template)
         rng_key = f"rng/rank{rank}"
+        first = min(source.handles)  # the replicated entries come from one holder
         refs = [handle.snapshot_pieces.remote(source.generation, owner, source.step, wanted,
-                                              owner == 0, rng_key if owner == rank else None)
+                                              owner == first, rng_key if owner == rank else None)
                 for owner, handle in sorted(source.handles.items())]
         try:
             received = ray.get(refs, timeout=timeout_s)
+            if rank not in source.handles:  # (HSDP: a replica's rows stand in for this rank's)
+                received.append(self._own_rng(source, rank, rng_key))
             sd = snap_lib.assemble(template, received, rng_key)
         except (snap_lib.SnapshotError, ray.exceptions.RayError) as e:
             for ref in refs:
@@ -114,6 +117,15 @@ class ShardMemory:
         del received, refs
         self.rng_restored = rng_key in sd
         apply_loaded(st, sd, rank)
+
+    def _own_rng(self, source: Source, rank: int, rng_key: str) -> Dict[str, Any]:
+        """This rank's RNG from its own snapshot as rank `rank` of the old generation, if it
+        holds one (a survivor whose shard came from a replica); nothing otherwise."""
+        try:
+            snap = self.store.get(source.generation, rank, source.step)
+        except snap_lib.SnapshotError:
+            return {}
+        return snap_lib.pieces(snap, {}, False, rng_key)
 
     def take_transfer_bytes(self) -> int:
         moved, self.transfer_bytes = self.transfer_bytes, 0

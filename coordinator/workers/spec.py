@@ -36,6 +36,7 @@ class WorkerSpec:
     micro_batch_size: Optional[int] = None  # train.micro_batch_size (see train.step.Recipe)
     precision: str = "fp32"  # train.precision
     max_grad_norm: Optional[float] = None  # train.max_grad_norm
+    shard_group_size: Optional[int] = None  # train.shard_group_size (hsdp)
 
     def recipe(self) -> Recipe:
         return Recipe(self.micro_batch_size, self.precision, self.max_grad_norm)

@@ -373,7 +373,8 @@ class TrainWorker:
         broadcasts rank 0's weights)."""
         return build_state(self.task, self.spec.parallelism, self.device, self.spec.seed,
                            self.spec.total_steps, wrap_ddp=False, recipe=self.spec.recipe(),
-                           mesh_name=f"dp_gen{self.generation}")
+                           mesh_name=f"dp_gen{self.generation}",
+                           shard_group_size=self.spec.shard_group_size)
 
     def _restore_failed(self, path: str, e: BaseException) -> None:
         """A checkpoint load failed. The state may be half loaded: a DDP worker rebuilds it as

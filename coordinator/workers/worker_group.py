@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Newcomer:
     actor: "ray.actor.ActorHandle"
-    info_ref: "ray.ObjectRef"
+    info_ref: Optional["ray.ObjectRef"]  # None: a former member kept as a spare
     node_id: str
     since: float
     info: Optional[WorkerInfo] = None
@@ -107,29 +107,37 @@ class RayWorkerGroup:
 
     def spawn(self, n: int, exclude: Iterable[str] = ()) -> int:
         """Start up to `n` new workers on nodes with room (spread: the node with the fewest of our
-        workers first), without waiting for them. Returns how many were placed."""
+        workers first), without waiting for them. Under HSDP whole shard groups go first, each
+        on one node where one has the room (its all-gathers stay on the node; a lost node
+        takes whole groups, whose replicas live elsewhere). Returns how many were placed."""
         slots = self.free_slots(list(exclude) + self.unresponsive_nodes())
         ours: Dict[str, int] = {}
         for info in self.infos.values():
             ours[info.node_id] = ours.get(info.node_id, 0) + 1
         for nc in self._spawning + self._ready:
             ours[nc.node_id] = ours.get(nc.node_id, 0) + 1
+        group = self.spec.shard_group_size or 1
         placed = 0
         while placed < n and slots:
-            node = min(slots, key=lambda nd: (ours.get(nd, 0), -slots[nd], nd))
-            strategy = (NodeAffinitySchedulingStrategy(node, soft=False) if node
-                        else "SPREAD")  # "" = per-node view unavailable: let Ray spread
-            actor = TrainWorker.options(num_cpus=self.cpus_per_worker,
-                                        num_gpus=1 if self.spec.use_gpu else 0,
-                                        scheduling_strategy=strategy).remote(self.spec)
-            actor.warm.remote()  # builds its state once started (see TrainWorker.warm)
-            self._spawning.append(_Newcomer(actor, actor.info.remote(), node, time.monotonic()))
-            ours[node] = ours.get(node, 0) + 1
-            slots[node] -= 1
+            roomy = [nd for nd in slots if slots[nd] >= group] if n - placed >= group else []
+            node = min(roomy or slots, key=lambda nd: (ours.get(nd, 0), -slots[nd], nd))
+            for _ in range(group if roomy else 1):
+                self._start_on(node)
+                ours[node] = ours.get(node, 0) + 1
+                slots[node] -= 1
+                placed += 1
             if slots[node] <= 0:
                 del slots[node]
-            placed += 1
         return placed
+
+    def _start_on(self, node: str) -> None:
+        strategy = (NodeAffinitySchedulingStrategy(node, soft=False) if node
+                    else "SPREAD")  # "" = per-node view unavailable: let Ray spread
+        actor = TrainWorker.options(num_cpus=self.cpus_per_worker,
+                                    num_gpus=1 if self.spec.use_gpu else 0,
+                                    scheduling_strategy=strategy).remote(self.spec)
+        actor.warm.remote()  # builds its state once started (see TrainWorker.warm)
+        self._spawning.append(_Newcomer(actor, actor.info.remote(), node, time.monotonic()))
 
     def collect_ready(self) -> int:
         """Newcomers that answer move to the ready list; ones that died or could not be placed
@@ -160,18 +168,32 @@ class RayWorkerGroup:
         """Newcomers placed and not yet assigned a rank (starting or ready)."""
         return len(self._spawning) + len(self._ready)
 
-    def assign(self, ranks: Dict[int, int], newcomers: List[int]) -> List[WorkerInfo]:
+    def assign(self, ranks: Dict[int, int], newcomers: List[int],
+               spares: Iterable[int] = ()) -> List[WorkerInfo]:
         """The next generation's membership: `ranks` maps each staying member's current rank to
-        its new one; ready newcomers take the ranks in `newcomers`. Members left out are killed.
-        Returns the newcomers' infos."""
+        its new one; ready newcomers take the ranks in `newcomers`. Members left out are killed,
+        except `spares` (current ranks), which stay as idle ready workers (a survivor the new
+        world has no room for). Returns the newcomers' infos."""
         assert len(newcomers) <= len(self._ready), "assign: not enough ready newcomers"
+        if not ranks and self.spec.shard_group_size:
+            # a first world under HSDP: consecutive ranks on one node wherever possible, so a
+            # shard group shares a node and another group holds its replica
+            nodes = list(dict.fromkeys(nc.node_id for nc in self._ready))
+            self._ready.sort(key=lambda nc: nodes.index(nc.node_id))
         actors, infos = {}, {}
         for old, new in ranks.items():
             actors[new] = self.actors[old]
             info = self.infos[old]
             infos[new] = WorkerInfo(new, info.pid, info.node_id, info.host)
+        idle = set(spares)
         for old, actor in self.actors.items():
-            if old not in ranks:
+            if old in ranks:
+                continue
+            if old in idle:
+                info = self.infos[old]
+                self._ready.append(_Newcomer(actor, None, info.node_id, time.monotonic(),
+                                             WorkerInfo(-1, info.pid, info.node_id, info.host)))
+            else:
                 self._kill(actor)
         added = []
         for new in newcomers:
@@ -200,7 +222,10 @@ class RayWorkerGroup:
             source = dataclasses.replace(source, handles={
                 owner: self.actors[r] for owner, r in source.holders.items()})
         buddies: Dict[int, int] = {}
-        if self.spec.memory_interval:  # copies go to another node wherever there is one
+        sgs = self.spec.shard_group_size
+        # Copies go to another node wherever there is one. Under HSDP the other shard groups
+        # hold the same shards: a buddy only when the world is a single group.
+        if self.spec.memory_interval and not (sgs and world > sgs):
             ranks = sorted(self.actors)
             buddies = {ranks[i]: ranks[b] for i, b in snapshots.buddies(
                 [self.infos[r].node_id if r in self.infos else "" for r in ranks]).items()}

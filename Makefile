@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run run-fsdp run-tokens run-hf test test-fast bench clean
+.PHONY: install run run-fsdp run-hsdp run-tokens run-hf test test-fast bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ run: install
 run-fsdp: install
 	@$(call fresh,local_cpu_fsdp)
 	$(PY) -m coordinator run configs/local_cpu_fsdp.yaml
+
+# HSDP (2 shard groups of 2): a lost rank or node takes its shards from the other group.
+run-hsdp: install
+	@$(call fresh,local_cpu_hsdp)
+	$(PY) -m coordinator run configs/local_cpu_hsdp.yaml
 
 # The same on a real corpus: the project's docs as bytes (scripts/prepare_tokens.py).
 run-tokens: install
@@ -62,6 +67,7 @@ bench: install
 	$(PY) scripts/bench_checkpoint.py --json > docs/bench/checkpoint.json.tmp && mv docs/bench/checkpoint.json.tmp docs/bench/checkpoint.json
 	$(PY) scripts/bench_overhead.py --parallelism fsdp > docs/bench/snapshots.json.tmp && mv docs/bench/snapshots.json.tmp docs/bench/snapshots.json
 	$(PY) scripts/bench_recovery.py --parallelism fsdp --json > docs/bench/recovery_fsdp.json.tmp && mv docs/bench/recovery_fsdp.json.tmp docs/bench/recovery_fsdp.json
+	$(PY) scripts/bench_recovery.py --parallelism hsdp --json > docs/bench/recovery_hsdp.json.tmp && mv docs/bench/recovery_hsdp.json.tmp docs/bench/recovery_hsdp.json
 	$(PY) scripts/bench_tables.py
 	cat docs/bench/*.json
 

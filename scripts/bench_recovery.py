@@ -24,6 +24,8 @@ checkpoints only (`ours_checkpoint_only`: the lost shard comes from the last che
 steps since it are trained again) and Ray Train's restart-all; `release_s` (detection to every
 survivor out of the failed group) beside each of ours. Ray Train's side is the DDP job of the
 default run: its restart-all recovery does not depend on how the model is split.
+`--parallelism hsdp`: the same with HSDP, 2 shard groups of 2: the lost shard comes from its
+replica in the other group (no buddy copies).
 """
 
 from __future__ import annotations
@@ -273,10 +275,17 @@ MODES = {  # ours: mode -> overrides
     "ours_no_spare": ["scaling.spare_workers=0"],
     "ours_shrink_first": ["scaling.spare_workers=0", "failure.replace=false"],
 }
-FSDP_MODES = {
-    "ours_memory": ["train.parallelism=fsdp"],
-    "ours_checkpoint_only": ["train.parallelism=fsdp", "checkpoint.memory_interval_steps=0"],
+SHARDED = {  # --parallelism -> the overrides that select it
+    "fsdp": ["train.parallelism=fsdp"],
+    "hsdp": ["train.parallelism=hsdp", "train.shard_group_size=2"],  # 2 shard groups of 2
 }
+
+
+def sharded_modes(parallelism: str) -> dict:
+    """ours with in-memory snapshots (the default) and with checkpoints only."""
+    base = SHARDED[parallelism]
+    return {"ours_memory": base,
+            "ours_checkpoint_only": base + ["checkpoint.memory_interval_steps=0"]}
 
 
 def ray_train_subprocess(tmp: str) -> dict:
@@ -315,12 +324,8 @@ def main() -> None:
                     help="run only the torchft side, keeping its files in DIR")
     ap.add_argument("--parallelism", choices=["ddp", "fsdp", "hsdp"], default="ddp")
     args = ap.parse_args()
-    if args.parallelism == "hsdp":
-        print(json.dumps({"benchmark": "recovery", "parallelism": "hsdp", "error":
-                          "train.parallelism: hsdp is not built yet (issue 11, item 1)"}))
-        sys.exit(2)
-    if args.parallelism == "fsdp":
-        return fsdp_main(args)
+    if args.parallelism in SHARDED:
+        return sharded_main(args)
     if args.ray_train_only:
         os.makedirs(args.ray_train_only, exist_ok=True)
         print(json.dumps(ray_train(args.ray_train_only)))
@@ -361,12 +366,13 @@ def main() -> None:
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 
-def fsdp_main(args) -> None:
-    runs = {name: [] for name in list(FSDP_MODES) + ["ray_train"]}
+def sharded_main(args) -> None:
+    modes = sharded_modes(args.parallelism)
+    runs = {name: [] for name in list(modes) + ["ray_train"]}
     errors = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            for name, extra in FSDP_MODES.items():
+            for name, extra in modes.items():
                 print(f"[{i + 1}/{args.repeats}] {name} {' '.join(extra)}...", file=sys.stderr)
                 runs[name].append(ours(os.path.join(tmp, f"{name}{i}"), *extra))
             print(f"[{i + 1}/{args.repeats}] ray_train...", file=sys.stderr)
@@ -375,7 +381,7 @@ def fsdp_main(args) -> None:
             except Exception as e:
                 errors["ray_train"].append(f"{type(e).__name__}: {str(e)[-500:]}")
     sides = {name: summarize(rs, errors[name]) for name, rs in runs.items()}
-    for name in FSDP_MODES:
+    for name in modes:
         rel = [r["release_s"] for r in runs[name] if r.get("release_s") is not None]
         sides[name]["release_s"] = benchlib.figure(rel) if rel else None
     med = {name: side["recovery_s"]["median"] if side["recovery_s"] else None
@@ -383,7 +389,7 @@ def fsdp_main(args) -> None:
     ratio = {f"ours_memory_vs_{other}": round(med["ours_memory"] / med[other], 3)
              if med[other] else None for other in ("ours_checkpoint_only", "ray_train")}
     result = {
-        "benchmark": "recovery", "parallelism": "fsdp", "machine": benchlib.machine(),
+        "benchmark": "recovery", "parallelism": args.parallelism, "machine": benchlib.machine(),
         "repeats": args.repeats, "sides": sides, "ratios": ratio,
         "goals": {
             "ours_memory_lost_steps": benchlib.goal(sides["ours_memory"]["lost_steps_max"],
@@ -394,7 +400,7 @@ def fsdp_main(args) -> None:
         },
         "job": {"workers": WORKERS, "global_batch_size": GBS, "task": TASK, "seed": 0,
                 "checkpoint_interval": INTERVAL, "kill_after_step": KILL_AT, "steps": STEPS,
-                "memory_interval_steps": 1}}
+                "memory_interval_steps": 1, "overrides": SHARDED[args.parallelism]}}
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

@@ -158,7 +158,8 @@ def snapshots(j: Dict) -> List[str]:
 
 
 def recovery_fsdp(j: Dict) -> List[str]:
-    """bench_recovery.py --parallelism fsdp."""
+    """bench_recovery.py --parallelism fsdp (and hsdp: the same table)."""
+    kind = "HSDP, 2 shard groups of 2" if j.get("parallelism") == "hsdp" else "FSDP2, 4 workers"
     labels = {"ours_memory": "ours, snapshots in memory (default)",
               "ours_checkpoint_only": "ours, `checkpoint.memory_interval_steps=0`",
               "ray_train": "Ray Train V2 `TorchTrainer` (every worker restarted)"}
@@ -175,7 +176,7 @@ def recovery_fsdp(j: Dict) -> List[str]:
         rows.append([label, _spread(side["recovery_s"]), str(side["lost_steps_max"]),
                      _spread(rel, " s", 3) if rel else "-", ", ".join(sorted(src)) or "-"])
     goals = "; ".join(f"{k} {v['goal']}: {v['value']} ({_met(v)})" for k, v in j["goals"].items())
-    return table(["FSDP2, 4 workers", "kill to next step, median (spread)", "lost steps (worst)",
+    return table([kind, "kill to next step, median (spread)", "lost steps (worst)",
                   "release", "state from"], rows) + [
         "", f"Goals: {goals}. Checkpoint every {j['job']['checkpoint_interval']} steps, kill "
             f"after step {j['job']['kill_after_step']}, {j['repeats']} interleaved repeats; "
@@ -184,7 +185,7 @@ def recovery_fsdp(j: Dict) -> List[str]:
 
 TABLES: Dict[str, Callable[[Dict], List[str]]] = {
     "overhead": overhead, "prefetch": prefetch, "recovery": recovery, "checkpoint": checkpoint,
-    "snapshots": snapshots, "recovery_fsdp": recovery_fsdp}
+    "snapshots": snapshots, "recovery_fsdp": recovery_fsdp, "recovery_hsdp": recovery_fsdp}
 
 
 def render(doc: str, bench_dir: str = BENCH_DIR) -> str:

@@ -7,8 +7,9 @@ What it checks (each result a JSON field; nothing here is a test: CI has no GPU)
 - `roundtrip`: FSDP2 and HSDP (world 1, nccl, bf16 compute) train a few steps; a snapshot of the
   shard (device -> pinned host memory, coordinator/workers/snapshots.take) is assembled into a
   freshly built state: weights equal bit for bit, and a few more steps agree exactly.
-- `snapshot`: the blocking time of one snapshot of a large shard (params + Adam's two moments,
-  fp32) against one training step of the same model, and the copy's speed.
+- `snapshot`: steps/s of a large shard's training (params + Adam's two moments, fp32) with a
+  snapshot after every step against none (the copy overlaps the next step), and what the first
+  snapshot (pinning its buffer) costs.
 - `reform`: NCCL aborted, the group destroyed and a new one formed in the same process (what a
   survivor does between generations), and the time it took.
 
@@ -109,6 +110,7 @@ def _pair(rank: int, port: int, dev: str, q) -> None:
 
 
 def two_ranks(device: torch.device) -> dict:
+    os.environ.setdefault("NCCL_DEBUG", "WARN")  # the children inherit it
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _port()
@@ -126,9 +128,12 @@ def two_ranks(device: torch.device) -> dict:
                 break
         if any(kind == "error" for _, kind, _ in got):
             break
+    codes = [p.exitcode for p in procs]  # None: still running (killed now)
     for p in procs:
         p.kill()
         p.join(5)
+    if not out["formed"] and not any(kind == "error" for _, kind, _ in got):
+        out["exit_codes"] = codes  # (the child's stderr has NCCL's own words: NCCL_DEBUG=WARN)
     for rank, kind, value in got:
         if kind == "formed":
             out["formed"] = True
@@ -171,10 +176,15 @@ def roundtrip(device: torch.device, parallelism: str, steps: int = 5) -> dict:
 
 # ---- the cost of a snapshot of a large shard ---------------------------------------------------
 
-def snapshot_cost(device: torch.device, layers: int, width: int, repeats: int = 5) -> dict:
+def snapshot_cost(device: torch.device, layers: int, width: int, rounds: int = 3,
+                  steps: int = 5) -> dict:
+    """Steps/s with a snapshot after every step against none, in interleaved rounds of `steps`
+    steps (timed to the end of the round: a copy overlaps the next step's compute, and the
+    next optimizer update waits for it, as in a worker: snapshots.DeviceCopies)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    cuda = device.type == "cuda"
     mesh = init_device_mesh(device.type, (1,), mesh_dim_names=("big",))
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False)
                                   for _ in range(layers)]).to(device)
@@ -182,40 +192,66 @@ def snapshot_cost(device: torch.device, layers: int, width: int, repeats: int = 
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    x = torch.randn(4096 if device.type == "cuda" else 64, width, device=device)
+    x = torch.randn(4096 if cuda else 64, width, device=device)
+    store, cache, copies = snap.SnapshotStore(), {}, snap.DeviceCopies()
+    takes = []
 
-    def step() -> float:
-        t = time.perf_counter()
+    def step() -> None:
         model(x).square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+
+    def sync() -> None:
+        if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t
 
     step()  # Adam's moments exist from here on
+    sync()
     leaves = {}
     for name, p in model.named_parameters():
         leaves[f"model/{name}"] = p
         for key, v in opt.state[p].items():
             leaves[f"optim/state/{name}/{key}"] = v
-    store, cache = snap.SnapshotStore(), {}
-    step_s, take_s = [], []
-    for i in range(repeats):
-        step_s.append(step())
+
+    def run(n: int, snapshots: bool) -> float:
         t = time.perf_counter()
-        s = snap.take(leaves, i + 1, 1, cache)
-        take_s.append(time.perf_counter() - t)
-        store.put(1, 0, s)  # keeps 2, as a worker does: the third reuses the first's memory
-    nbytes = s.nbytes
-    out = {"layers": layers, "width": width, "state_bytes": nbytes,
-           "take_s": [round(v, 4) for v in take_s], "step_s": [round(v, 4) for v in step_s],
-           "take_median_s": round(statistics.median(take_s[1:]), 4),
-           "step_median_s": round(statistics.median(step_s), 4),
-           "copy_gb_per_s": round(nbytes / statistics.median(take_s[1:]) / 1e9, 2),
+        for _ in range(n):
+            step()
+            if snapshots:
+                t0 = time.perf_counter()
+                s = snap.take(leaves, len(takes) + 1, 1, cache)
+                copies.taken(opt, s)
+                store.put(1, 0, s)
+                takes.append(time.perf_counter() - t0)
+        sync()
+        return (time.perf_counter() - t) / n
+
+    first = run(1, True)  # the first snapshot pins its buffer (the next ones are pinned ahead)
+    run(3, True)  # warm: the store full, the pinned buffers in the allocator's cache
+    plain, snapped = [], []
+    for _ in range(rounds):
+        plain.append(run(steps, False))
+        snapped.append(run(steps, True))
+    # the update right after a snapshot waits for its copy: the snapshot holds the weights
+    # from before the update, whole (two layers compared: their clones fit anywhere)
+    named = list(model.named_parameters())[:2]
+    before = {n: p._local_tensor.clone() for n, p in named}
+    s = snap.take(leaves, len(takes) + 1, 1, cache)
+    copies.taken(opt, s)
+    step()
+    sync()
+    copies.close()
+    ok = all(torch.equal(s.entries[f"model/{n}"].data.to(device), before[n]) for n, _ in named)
+    changed = any(not torch.equal(before[n], p._local_tensor) for n, p in named)
+    out = {"layers": layers, "width": width, "state_bytes": s.nbytes,
+           "first_snapshot_step_s": round(first, 3),
+           "step_s_without": [round(v, 4) for v in plain],
+           "step_s_with": [round(v, 4) for v in snapped],
+           "ratio": round(statistics.median(plain) / statistics.median(snapped), 3),
+           "take_call_s_median": round(statistics.median(takes[4:]), 4),
+           "snapshot_before_update_intact": ok, "update_changed_weights": changed,
            "host_bytes_held": store.peak_bytes}
-    out["take_over_step"] = round(out["take_median_s"] / out["step_median_s"], 3)
-    if device.type == "cuda":
+    if cuda:
         out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     return out
 

@@ -60,6 +60,7 @@ class BuddyLink:
                 if self._closed:
                     return
                 snap, self._latest = self._latest, None
+            snap.wait()  # (a copy from device memory may still run)
             header = torch.frombuffer(bytearray(snap.header), dtype=torch.uint8)
             try:
                 dist.send(torch.tensor([header.numel(), snap.buffer.numel(), snap.step,

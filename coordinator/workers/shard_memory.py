@@ -39,6 +39,7 @@ class ShardMemory:
         self._live: Optional[snap_lib.LiveLeaves] = None  # this generation's leaf map
         self.transfer_bytes = 0  # what the last restore received
         self.rng_restored = False  # the last restore set this rank's RNG
+        self._copies = snap_lib.DeviceCopies()  # snapshots of device memory still copying
 
     def open_group(self, generation: int, store_port: int, timeout: timedelta) -> None:
         """Create this generation's link group (a collective: every member, at the rendezvous)."""
@@ -79,6 +80,7 @@ class ShardMemory:
         else:
             leaves = live.read(st.model, st.optimizer, remade)
         snap = snap_lib.take(leaves, step, world_size, self._cache)
+        self._copies.taken(st.optimizer, snap)
         self.store.put(generation, rank, snap)
         if self._link is not None:
             self._link.offer(snap)
@@ -139,4 +141,5 @@ class ShardMemory:
             self._sockets.release(generation)
             self._link.join(1.0)
             self._link = None
+        self._copies.close()  # the state is about to be rebuilt: the copy in flight ends first
         self._group, self._cache, self._live = None, {}, None

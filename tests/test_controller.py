@@ -739,3 +739,26 @@ def test_stop_mode_ends_the_job_with_the_reason(tmp_path):
                        "failure.nonfinite=skip or rollback to train past it")
     assert _nonfinite_events(events) == [(6, 1, "stop")]
     assert c.summary()["nonfinite_steps"] == [6]
+
+
+def test_hsdp_shrink_keeps_a_whole_shard_group_and_the_leftover_survivor_idle(tmp_path):
+    """HSDP, 2 shard groups of 2, rank 1 lost, no room for a replacement: 3 survivors cannot
+    form whole groups, so group 1 (ranks 2, 3) trains on as ranks 0, 1 with both shards from
+    its own snapshots, and rank 0 stays as an idle spare: its process is kept, not killed."""
+    group = FakeGroup(slots=3)
+    group.faults = [[7, [1], "process_exit"]]
+    c, events = _controller(tmp_path, group, overrides=[
+        "train.parallelism=hsdp", "train.shard_group_size=2", "failure.replace=false",
+        "scaling.spare_workers=0", "scaling.grow=false"], capacity=lambda: 4)
+    while c.phase != Phase.RECOVERING:
+        c.step()
+    spare = group.members[0]
+    group.memory = {r: (1, {r: [6, 7]}, 4) for r in (0, 2, 3)}
+    _run(c)
+    assert c.phase == Phase.DONE
+    gen, source = group.sources[1]
+    assert source.kind == "memory" and source.step == 7 and source.holders == {2: 0, 3: 1}
+    assert c.summary()["world_sizes"] == [4, 2]
+    assert [m for m, _ in group.pending_new] == [spare], "the leftover survivor idles, alive"
+    (rec,) = _events(events, "recovered")
+    assert rec["source"] == "memory" and rec["world_size"] == 2

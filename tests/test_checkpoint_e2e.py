@@ -12,6 +12,8 @@ import torch
 from conftest import NO_CHAOS, ROOT, run_cli
 from conftest import run_events as _events, run_summary as _summary
 from coordinator.checkpoint import manifest as mf
+from dist_harness import run_world
+from train.state import weights_digest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -65,16 +67,16 @@ def _kill_after_commit_and_rerun(args, run_dir, step):
 
 def test_sigkill_whole_job_then_rerun_resumes_to_identical_weights(tmp_path):
     args = [CONFIG, NO_CHAOS, "train.steps=300", "checkpoint.interval_steps=50"]
-    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed run"
+    run_dir = tmp_path / "killed run"
     rerun = _kill_after_commit_and_rerun(args, run_dir, 100)
     assert "resuming from checkpoint step" in rerun.stdout
     events = _events(run_dir)
     assert [e["event"] for e in events].count("job_start") == 2, "events.jsonl is appended"
     formed = [e for e in events if e["event"] == "group_formed"]
     assert formed[-1]["source"] == "checkpoint" and formed[-1]["step"] >= 100
-    ref = run_cli(["run", *args, f"run.dir={ref_dir}"])
-    assert ref.returncode == 0, ref.stdout + ref.stderr
-    assert _summary(run_dir)["weights_digest"] == _summary(ref_dir)["weights_digest"]
+    # the reference: plain torch DDP on 4 processes (the same run as the CLI's, test_e2e)
+    state, _ = run_world(4, "ddp", steps=300, gbs=16)
+    assert _summary(run_dir)["weights_digest"] == weights_digest(state)
     assert _summary(run_dir)["steps"] == 300
 
     # torch's own tool reads a checkpoint written by 4 DDP ranks (replicated tensors split).

@@ -67,9 +67,14 @@ def test_a_killed_rank_comes_back_from_memory_bit_identical(tmp_path, reference)
     run_dir = tmp_path / "run"
     code, out, victims = _kill_from_outside(run_dir, lambda starts, buddies: [2])
     assert code == 0, out
+    (f,) = _of(run_dir, "failure_detected")
+    assert f["kind"] == "process_exit" and f["ranks"] == [2]
     (rec,) = _of(run_dir, "recovered")
     assert rec["source"] == "memory" and rec["lost_steps"] <= 1 and rec["world_size"] == 4
     assert rec["transfer_bytes"] > 0
+    # survivors blocked in queued collectives on peers that wait on the lost rank are released
+    # in place (their group's connections shut down), not waited out to a kill
+    assert rec["release_s"] < 10 and "did not leave the failed group" not in out
     newcomers = [e["rank"] for e in _of(run_dir, "worker_start") if e["generation"] == 2]
     assert newcomers == [2], "every survivor kept its process"
     s = _summary(run_dir)

@@ -122,11 +122,12 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identical(slurm, tmp_path, re
 
 
 def test_time_limit_signal_takes_the_same_path(slurm, tmp_path, reference):
-    """(c) a 2-minute `--time` with `--signal=B:USR1@60` (slurmctld sends it up to ~30 s early,
-    so it comes while training runs): the signal comes before the limit, the
-    job checkpoints, is requeued and finishes in its next run."""
-    steps = 6000
-    proc, run_dir, out = _sbatch(tmp_path, "--time=2", "--signal=B:USR1@60", steps=steps)
+    """(c) a 2-minute `--time` with `--signal=B:USR1@70`: slurmctld sends it 70-100 s before
+    the limit (its check runs every ~30 s), so 20-50 s into the job, while training runs (the
+    start-up takes ~10 s; 3000 steps take longer than 50 s): the signal comes before the
+    limit, the job checkpoints, is requeued and finishes in its next run."""
+    steps = 3000
+    proc, run_dir, out = _sbatch(tmp_path, "--time=2", "--signal=B:USR1@70", steps=steps)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     try:

@@ -29,8 +29,9 @@ class MemoryRestoreError(RuntimeError):
 
 
 class ShardMemory:
-    def __init__(self, interval: int):
+    def __init__(self, interval: int, shard_group_size: Optional[int] = None):
         self.interval = interval  # steps between snapshots; 0: off
+        self.shard_group_size = shard_group_size  # HSDP: replicas hold the same rows
         self.store = snap_lib.SnapshotStore()
         self._link: Optional[BuddyLink] = None  # copies to and from the buddies
         self._group = None  # the gloo group the copies travel on
@@ -100,25 +101,44 @@ class ShardMemory:
         wanted = snap_lib.wanted_rows(template)
         rng_key = f"rng/rank{rank}"
         first = min(source.handles)  # the replicated entries come from one holder
+        here = {owner: self._held_here(source, owner) for owner in source.handles}
+        local = {owner: held for owner, held in here.items() if held is not None}
         refs = [handle.snapshot_pieces.remote(source.generation, owner, source.step, wanted,
                                               owner == first, rng_key if owner == rank else None)
-                for owner, handle in sorted(source.handles.items())]
+                for owner, handle in sorted(source.handles.items()) if owner not in local]
         try:
+            mine = [snap_lib.pieces(self.store.get(source.generation, held, source.step), wanted,
+                                    owner == first, rng_key if rank in (owner, held) else None)
+                    for owner, held in sorted(local.items())]
             received = ray.get(refs, timeout=timeout_s)
             if rank not in source.handles:  # (HSDP: a replica's rows stand in for this rank's)
-                received.append(self._own_rng(source, rank, rng_key))
-            sd = snap_lib.assemble(template, received, rng_key)
+                mine.append(self._own_rng(source, rank, rng_key))
+            sd = snap_lib.assemble(template, mine + received, rng_key)
         except (snap_lib.SnapshotError, ray.exceptions.RayError) as e:
             for ref in refs:
                 ray.cancel(ref)
             raise MemoryRestoreError(f"rank {rank} taking its shard from the in-memory "
                                      f"snapshots at step {source.step}: {short_error(e)}") from None
-        self.transfer_bytes = sum(e.data.numel() * e.data.element_size()
+        self.transfer_bytes = sum(e.data.numel() * e.data.element_size()  # from other workers
                                   for part in received for e in part.values()
                                   if isinstance(e, snap_lib.Rows))
-        del received, refs
+        del received, refs, mine
         self.rng_restored = rng_key in sd
         apply_loaded(st, sd, rank)
+
+    def _held_here(self, source: Source, owner: int) -> Optional[int]:
+        """An owner whose snapshot at the source's step this worker holds and that holds the
+        same rows as `owner`'s: `owner` itself, or under HSDP one of its replicas (the same
+        shard in another shard group); None: ask `owner`'s holder. A survivor then reads its
+        own shard from its own memory, not through a Ray call to itself."""
+        sgs = self.shard_group_size
+        _, held, world = self.store.held()
+        replicas = range(owner % sgs, world, sgs) if sgs and world > sgs and not world % sgs \
+            else [owner]
+        for o in sorted(replicas, key=lambda o: o != owner):
+            if source.step in held.get(o, ()) and self.store.generation == source.generation:
+                return o
+        return None
 
     def _own_rng(self, source: Source, rank: int, rng_key: str) -> Dict[str, Any]:
         """This rank's RNG from its own snapshot as rank `rank` of the old generation, if it

@@ -123,7 +123,8 @@ class TrainWorker:
         self._poison = False  # chaos: this rank's next loss is made NaN
         self._fence: Optional[GenerationFence] = None  # this generation's (see checkpoint/fence)
         self._sockets = GroupSockets()  # this generation's group connections (see release)
-        self._memory = ShardMemory(spec.memory_interval)  # FSDP2 shards in memory
+        self._memory = ShardMemory(spec.memory_interval,  # FSDP2/HSDP shards in memory
+                                   spec.shard_group_size)
         # Every object so far (torch, the task's modules: hundreds of thousands) is kept for the
         # process's life: the collections a teardown runs (to close a failed group's sockets)
         # then scan only what came since, ~15 ms instead of ~200 ms on the recovery's path.

@@ -50,7 +50,9 @@ def table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 def overhead(j: Dict) -> List[str]:
     sps = j["steps_per_s"]
-    names = {"ours": "ours (coordinator on Ray)", "torchrun": "plain DDP under torchrun",
+    names = {"ours": "ours (coordinator on Ray)",
+             "ours_no_spare": "ours, `scaling.spare_workers=0`",
+             "torchrun": "plain DDP under torchrun",
              "torchft": "torchft (4 replica groups of 1, Lighthouse)"}
     rows = []
     for k, label in names.items():
@@ -62,7 +64,10 @@ def overhead(j: Dict) -> List[str]:
     return table(["", "steps/s, median (spread)", "ours / this"], rows) + [
         "", f"Goals: ours / torchrun {g['vs_torchrun']['goal']}: {g['vs_torchrun']['value']} "
             f"({_met(g['vs_torchrun'])}); ours / torchft {g['vs_torchft']['goal']}: "
-            f"{g['vs_torchft']['value']} ({_met(g['vs_torchft'])}). Same weights as torchrun: "
+            f"{g['vs_torchft']['value']} ({_met(g['vs_torchft'])})"
+            + (f"; ours without the spare / torchrun {g['no_spare_vs_torchrun']['goal']}: "
+               f"{g['no_spare_vs_torchrun']['value']} ({_met(g['no_spare_vs_torchrun'])})"
+               if "no_spare_vs_torchrun" in g else "") + ". Same weights as torchrun: "
             f"{'yes' if j['same_weights'] else 'no'}. World {j['world']}, {j['steps']} steps, "
             f"global batch {j['global_batch_size']}, {j['repeats']} interleaved repeats; "
             f"{_machine(j['machine'])}."]

@@ -244,6 +244,23 @@ class _Plan:
             at += size + _padding(size)
         self.size = at
         self.layout = layout
+        # the shards' part of the JSON header, the same every step (see take)
+        self.layout_json = json.dumps(layout)[1:-1]
+        # each shard's local tensor and its bytes as a flat uint8 view: a step updates the
+        # tensors in place, so the views stay valid (remade if a tensor is another object)
+        self.locals: List[Optional[torch.Tensor]] = [None] * len(self.shards)
+        self.views: List[Optional[torch.Tensor]] = [None] * len(self.shards)
+
+    def shard_parts(self, leaves: Dict[str, Any]) -> List[torch.Tensor]:
+        parts: List[torch.Tensor] = []
+        for i, (path, pad) in enumerate(zip(self.shards, self.pads)):
+            t = _local(leaves[path])
+            if self.locals[i] is not t:
+                self.locals[i], self.views[i] = t, t.reshape(-1).view(torch.uint8)
+            parts.append(self.views[i])
+            if pad is not None:
+                parts.append(pad)
+        return parts
 
 
 def _padding(size: int) -> int:
@@ -273,12 +290,8 @@ def take(leaves: Dict[str, Any], step: int, world_size: int,
     plan = cache.get("plan")
     if plan is None or plan.paths != tuple(leaves):
         plan = cache["plan"] = _Plan(leaves, cache.setdefault("rows", {}))
-    parts: List[torch.Tensor] = []
-    for path, pad in zip(plan.shards, plan.pads):
-        parts.append(_local(leaves[path]).reshape(-1).view(torch.uint8))
-        if pad is not None:
-            parts.append(pad)
-    layout = list(plan.layout)
+    parts = plan.shard_parts(leaves)
+    layout: List[Any] = []
     at = plan.size
     for path in plan.plain:
         t = leaves[path]
@@ -291,8 +304,10 @@ def take(leaves: Dict[str, Any], step: int, world_size: int,
         at += size + _padding(size)
     with torch.no_grad():
         buffer, ready = _copy_out(parts, at)
-    header = json.dumps({"tensors": layout,
-                         "values": {p: leaves[p] for p in plan.values}}).encode()
+    plain = json.dumps(layout)[1:-1]
+    tensors = ", ".join(x for x in (plan.layout_json, plain) if x)
+    header = (f'{{"tensors": [{tensors}], "values": '
+              f'{json.dumps({p: leaves[p] for p in plan.values})}}}').encode()
     return Snapshot(step, world_size, buffer=buffer, header=header, ready=ready)
 
 

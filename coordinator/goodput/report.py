@@ -405,6 +405,7 @@ def recovery_sources(rec: List[Dict[str, Any]]) -> List[str]:
             moved = sum(get_field(e, Event.RECOVERED, "transfer_bytes", 0) or 0 for e in es)
             line += f", transfer median {statistics.median(tr):.3f}s"
             if moved:
-                line += f" ({moved / 1e6:.1f} MB in all)"
+                size = f"{moved / 1e6:.1f} MB" if moved >= 100_000 else f"{moved / 1e3:.1f} kB"
+                line += f" ({size} in all)"
         out.append(line)
     return out

@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from coordinator.workers import snapshots as snap  # noqa: E402  (no Ray in there)
+from coordinator.workers.device_copies import DeviceCopies  # noqa: E402
 from train.loop import run_steps  # noqa: E402
 from train.state import (apply_loaded, build_state, checkpoint_state,  # noqa: E402
                          full_model_state)
@@ -180,7 +181,7 @@ def snapshot_cost(device: torch.device, layers: int, width: int, rounds: int = 3
                   steps: int = 5) -> dict:
     """Steps/s with a snapshot after every step against none, in interleaved rounds of `steps`
     steps (timed to the end of the round: a copy overlaps the next step's compute, and the
-    next optimizer update waits for it, as in a worker: snapshots.DeviceCopies)."""
+    next optimizer update waits for it, as in a worker: device_copies.DeviceCopies)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -193,7 +194,7 @@ def snapshot_cost(device: torch.device, layers: int, width: int, rounds: int = 3
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x = torch.randn(4096 if cuda else 64, width, device=device)
-    store, cache, copies = snap.SnapshotStore(), {}, snap.DeviceCopies()
+    store, cache, copies = snap.SnapshotStore(), {}, DeviceCopies(snap.KEEP)
     takes = []
 
     def step() -> None:
@@ -220,7 +221,7 @@ def snapshot_cost(device: torch.device, layers: int, width: int, rounds: int = 3
             if snapshots:
                 t0 = time.perf_counter()
                 s = snap.take(leaves, len(takes) + 1, 1, cache)
-                copies.taken(opt, s)
+                copies.taken(opt, s.ready, s.nbytes)
                 store.put(1, 0, s)
                 takes.append(time.perf_counter() - t0)
         sync()
@@ -237,7 +238,7 @@ def snapshot_cost(device: torch.device, layers: int, width: int, rounds: int = 3
     named = list(model.named_parameters())[:2]
     before = {n: p._local_tensor.clone() for n, p in named}
     s = snap.take(leaves, len(takes) + 1, 1, cache)
-    copies.taken(opt, s)
+    copies.taken(opt, s.ready, s.nbytes)
     step()
     sync()
     copies.close()

@@ -49,14 +49,19 @@ def reference():
     return digest
 
 
-def _sbatch(tmp_path, *options, steps, wait=False):
+def _sbatch(tmp_path, *options, steps, wait=False, pythonpath=None):
+    """sbatch the job; `options` starting with '--' go to sbatch, the rest are overrides."""
     run_dir = tmp_path / "run"
     out = tmp_path / "slurm.out"
     env = dict(os.environ, PYTHON=PYTHON, RAY_LOG=str(tmp_path / "ray.log"))
     env.pop("RAY_ADDRESS", None)
-    cmd = ["sbatch", "--parsable", "--cpus-per-task=2", f"--output={out}", *options,
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    flags = [o for o in options if o.startswith("--")]
+    overrides = [o for o in options if not o.startswith("--")]
+    cmd = ["sbatch", "--parsable", "--cpus-per-task=2", f"--output={out}", *flags,
            *(["--wait"] if wait else []), "slurm/train.sbatch", CONFIG, f"train.steps={steps}",
-           "scaling.max_workers=2", f"run.dir={run_dir}"]
+           "scaling.max_workers=2", f"run.dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     return proc, run_dir, out
 
@@ -123,11 +128,16 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identical(slurm, tmp_path, re
 
 def test_time_limit_signal_takes_the_same_path(slurm, tmp_path, reference):
     """(c) a 2-minute `--time` with `--signal=B:USR1@70`: slurmctld sends it 70-100 s before
-    the limit (its check runs every ~30 s), so 20-50 s into the job, while training runs (the
-    start-up takes ~10 s; 3000 steps take longer than 50 s): the signal comes before the
-    limit, the job checkpoints, is requeued and finishes in its next run."""
-    steps = 3000
-    proc, run_dir, out = _sbatch(tmp_path, "--time=2", "--signal=B:USR1@70", steps=steps)
+    the limit (seen: 22-28 s into each run), while training runs. Each sample costs 12 ms
+    (scripts/slow_data.py: TinyGPT's samples, slower), so a step takes at least ~96 ms on any
+    machine, and 400 steps (40 s or more) outlast the first run's signal whatever the CPU's
+    speed. Each run is signalled before its limit, checkpoints and is requeued (the signal
+    comes again in every run: 3-4 runs here, within the 5 requeues allowed) until the job
+    finishes."""
+    steps = 400
+    proc, run_dir, out = _sbatch(tmp_path, "--time=2", "--signal=B:USR1@70",
+                                 "train.task=slow_data:SlowGPT", "train.task_args={cost_ms: 12}",
+                                 steps=steps, pythonpath=os.path.join(ROOT, "scripts"))
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     try:

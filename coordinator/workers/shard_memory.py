@@ -16,6 +16,7 @@ import torch.distributed as dist
 from coordinator.protocol import Source
 from coordinator.workers import snapshots as snap_lib
 from coordinator.workers.buddy_link import BuddyLink
+from coordinator.workers.device_copies import DeviceCopies
 from coordinator.workers.release import GroupSockets
 from train.errors import short_error
 from train.state import TrainState, apply_loaded, checkpoint_extras, checkpoint_state
@@ -40,7 +41,7 @@ class ShardMemory:
         self._live: Optional[snap_lib.LiveLeaves] = None  # this generation's leaf map
         self.transfer_bytes = 0  # what the last restore received
         self.rng_restored = False  # the last restore set this rank's RNG
-        self._copies = snap_lib.DeviceCopies()  # snapshots of device memory still copying
+        self._copies = DeviceCopies(snap_lib.KEEP)  # snapshots of device memory still copying
 
     def open_group(self, generation: int, store_port: int, timeout: timedelta) -> None:
         """Create this generation's link group (a collective: every member, at the rendezvous)."""
@@ -81,7 +82,7 @@ class ShardMemory:
         else:
             leaves = live.read(st.model, st.optimizer, remade)
         snap = snap_lib.take(leaves, step, world_size, self._cache)
-        self._copies.taken(st.optimizer, snap)
+        self._copies.taken(st.optimizer, snap.ready, snap.nbytes)
         self.store.put(generation, rank, snap)
         if self._link is not None:
             self._link.offer(snap)

@@ -128,13 +128,13 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identical(slurm, tmp_path, re
 
 def test_time_limit_signal_takes_the_same_path(slurm, tmp_path, reference):
     """(c) a 2-minute `--time` with `--signal=B:USR1@70`: slurmctld sends it 70-100 s before
-    the limit (seen: 22-28 s into each run), while training runs. Each sample costs 12 ms
-    (scripts/slow_data.py: TinyGPT's samples, slower), so a step takes at least ~96 ms on any
-    machine, and 400 steps (40 s or more) outlast the first run's signal whatever the CPU's
-    speed. Each run is signalled before its limit, checkpoints and is requeued (the signal
-    comes again in every run: 3-4 runs here, within the 5 requeues allowed) until the job
-    finishes."""
-    steps = 400
+    the limit (its check runs every ~30 s): 20-50 s into each run (seen: 22-28 s, and once
+    after 47 s), while training runs. Each sample costs 12 ms (scripts/slow_data.py: TinyGPT's
+    samples, slower), so a step takes at least ~96 ms on any machine, and 600 steps (60 s or
+    more) outlast the first run's signal whatever the CPU's speed. Each run is signalled before
+    its limit, checkpoints and is requeued (the signal comes again in every run; each trains
+    at least ~12 s, so at most 5 runs, within the 5 requeues allowed) until the job finishes."""
+    steps = 600
     proc, run_dir, out = _sbatch(tmp_path, "--time=2", "--signal=B:USR1@70",
                                  "train.task=slow_data:SlowGPT", "train.task_args={cost_ms: 12}",
                                  steps=steps, pythonpath=os.path.join(ROOT, "scripts"))

@@ -132,7 +132,7 @@ def decide(f: Facts) -> Plan:
         step, plan.holders = held
         plan.source, plan.resumed_step = SourceKind.MEMORY, step
         plan.memory_generation = f.memory_generation
-        plan.reason = f"shards rebuilt in memory at step {step}" + _stand_ins(f, ranks, step)
+        plan.reason = f"shards rebuilt in memory at step {step}" + _stand_ins(f, ranks)
     elif f.checkpoint_step is not None:
         plan.source, plan.resumed_step = SourceKind.CHECKPOINT, f.checkpoint_step
         why = ("shards were lost" if f.parallelism != "ddp"
@@ -174,7 +174,8 @@ def own_holders(world_size: int, shard_group_size: Optional[int]) -> Dict[int, i
     return {r: r for r in range(shard_group_size or world_size)}
 
 
-def _stand_ins(f: Facts, ranks: Dict[int, int], step: int) -> str:
+def _stand_ins(f: Facts, ranks: Dict[int, int]) -> str:
+    """Which lost ranks came from a stand-in (a replica or a buddy copy), in words."""
     lost = sorted(o for o in range(f.memory_world or f.world_size) if o not in ranks)
     if not lost:
         return ""

@@ -189,6 +189,11 @@ class CheckpointConfig:
     interval_steps: Any = 0
     keep: int = 3  # committed checkpoints to keep (>= 2); older ones are deleted
     async_: bool = True  # YAML key `async`: persist in the background after an in-memory snapshot
+    # async only: copy the parameters and optimizer state to host memory beside the next step's
+    # forward and backward, its optimizer step waiting for the copy, instead of at the step
+    # boundary (the stall drops from a memcpy of the state to almost nothing; see
+    # docs/checkpoints.md). false for a task whose loss changes parameters in place.
+    stage_beside_step: bool = True
     # passed to fsspec, e.g. {client_kwargs: {endpoint_url: ...}}
     storage_options: Dict[str, Any] = field(default_factory=dict)
     verify_on_load: bool = True  # recheck the checksum of every file before restoring

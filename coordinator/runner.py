@@ -79,6 +79,7 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
             # auto: the controller asks for each checkpoint (checkpoint/interval.py)
             checkpoint_interval=0 if auto else int(cfg.checkpoint.interval_steps or 0),
             checkpoint_async=cfg.checkpoint.async_,
+            checkpoint_beside_step=cfg.checkpoint.stage_beside_step,
             checkpoint_persist_timeout_s=cfg.checkpoint.persist_timeout_s,
             checkpoint_hash=cfg.checkpoint.hash,
             memory_interval=memory_interval(cfg),

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from coordinator.checkpoint import errors
 from coordinator.checkpoint.errors import StorageError, classify
 from coordinator.checkpoint.manifest import step_name
+from coordinator.checkpoint.staging import BesideStep, copy_unheld, optimizer_storages
 from coordinator.checkpoint.storage import HASHES, filesystem, join, new_hash, options_for
 from coordinator.checkpoint.writer import DETAIL_CHARS, HashingWriter, no_zip_crc
 from coordinator.protocol import SaveReport
@@ -90,11 +91,16 @@ class _Persist:
     t0: float = field(default_factory=time.time)
     last_progress: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
+    copied: threading.Event = field(default_factory=threading.Event)  # the state is in host memory
     reported: bool = False  # its SaveReport is out (from its thread, or from give_up)
     abandoned: bool = False
 
     def tick(self) -> None:
         self.last_progress = time.monotonic()
+
+    def add_stall(self, seconds: float) -> None:
+        """The next update waited `seconds` for this save's copy (staging.BesideStep)."""
+        self.stall_s += seconds
 
     def done(self) -> bool:
         return self.future.done()
@@ -140,6 +146,7 @@ class CheckpointSaver:
         self._stager = DefaultStager(StagingOptions(
             use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
             use_async_staging=False, use_non_blocking_copy=False))
+        self._beside = BesideStep()
         self.last_step: Optional[int] = None
         self._split = split_replicated
         self._mesh = self._make_mesh()
@@ -151,23 +158,38 @@ class CheckpointSaver:
 
         return DeviceMesh.from_group(self.group, "cpu")
 
-    def save(self, step: int, state_dict: Dict[str, Any], started: Optional[float] = None) -> None:
+    def save(self, step: int, state_dict: Dict[str, Any], started: Optional[float] = None,
+             optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Stage `state_dict` and persist it in the background (or before returning, without
         async). Call on every rank at the same step. `started`: when the caller began building
-        `state_dict`, so the stall counts it."""
+        `state_dict`, so the stall counts it. `optimizer` (async only): the one whose step alone
+        updates the parameters and optimizer state in `state_dict`; their copy then runs beside
+        the next step and its update waits for it (checkpoint/staging.py)."""
         t0 = time.time()
         waited = time.time() - t0 if self._settle() else 0.0  # wait policy: module docstring
-        staged = self._stager.stage(state_dict)
-        if self._mesh is not None:
-            staged = _split_replicated(staged, self._mesh, self._mesh.size(), self.rank)
+        later = 0
+        if self.async_ and optimizer is not None:
+            state_dict, later = copy_unheld(state_dict, optimizer_storages(optimizer))
+        staged = None if later else self._stage(state_dict)
         stall = time.time() - (started if started is not None else t0)
         self.last_step = step
         self.seq += 1
         p = self._current = _Persist(self.seq, step, self.group, stall, waited)
-        threading.Thread(target=self._run, args=(p, staged), name=f"ckpt-persist-{step}",
-                         daemon=True).start()
+        if staged is not None:
+            p.copied.set()
+        else:
+            self._beside.arm(optimizer, p.copied, p.add_stall)
+        threading.Thread(target=self._run, args=(p, state_dict if staged is None else staged,
+                                                 staged is None),
+                         name=f"ckpt-persist-{step}", daemon=True).start()
         if not self.async_:
             self._settle()
+
+    def _stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+        staged = self._stager.stage(state_dict)
+        if self._mesh is not None:
+            staged = _split_replicated(staged, self._mesh, self._mesh.size(), self.rank)
+        return staged
 
     def wait(self) -> None:
         """Until the save in flight is done or given up (every rank calls it at the same
@@ -184,6 +206,7 @@ class CheckpointSaver:
         if p is not None and not p.done():
             self._abandon_reported(p)
         self._current = None
+        self._beside.release()
         self._stager.close()
 
     def abandon(self) -> None:
@@ -192,6 +215,7 @@ class CheckpointSaver:
         if self._current is not None:
             self._current.abandoned = True
         self._current = None
+        self._beside.release()  # a restore may write the state next: the copy ends first
 
     # ---- a save in flight, agreed by every rank --------------------------------------------
     def flags(self) -> Tuple[int, int]:
@@ -281,15 +305,24 @@ class CheckpointSaver:
             self.reports.append(rep)
             return True
 
-    def _run(self, p: _Persist, staged: Dict[str, Any]) -> None:
+    def _run(self, p: _Persist, state: Dict[str, Any], copy: bool) -> None:
+        """The persist thread: the copy to host memory first when `copy` (the save left it for
+        beside the next step), then the write."""
         try:
-            self._persist(p, staged)
+            if copy:
+                try:
+                    state = self._stage(state)
+                finally:
+                    p.copied.set()  # the next update goes on whatever happened
+                p.t0 = time.time()  # persist_s: the write alone
+            self._persist(p, state)
         except BaseException as e:  # a bug: report it rather than leave the save pending
             logger.error("rank %d: checkpoint step %d: %s", self.rank, p.step, short_error(e))
             self._report(p, SaveReport(p.step, self.rank, False, {}, p.stall_s, p.waited_s,
                                        time.time() - p.t0, 0, short_error(e), generation=
                                        self.generation, world_size=self.world_size))
         finally:
+            p.copied.set()
             p.future.set_result(None)
 
     def _persist(self, p: _Persist, staged: Dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ class WorkerSpec:
     checkpoint_interval: int = 0  # 0 = no periodic saves
     memory_interval: int = 0  # steps between in-memory shard snapshots (0: none; FSDP2 only)
     checkpoint_async: bool = True
+    checkpoint_beside_step: bool = True  # see CheckpointConfig.stage_beside_step
     checkpoint_final: bool = False  # save at the last step (so a longer rerun can continue)
     nonfinite: str = "rollback"  # failure.nonfinite: skip | rollback | stop
     nonfinite_limit: int = 3  # failure.nonfinite_limit

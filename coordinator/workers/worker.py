@@ -595,7 +595,9 @@ class TrainWorker:
 
     def _checkpoint(self) -> None:
         t0 = time.time()  # the stall includes gathering the state dict, not only staging it
-        self.saver.save(self.state.step, checkpoint_state(self.state, self.rank), started=t0)
+        beside = self.state.optimizer if self.spec.checkpoint_beside_step else None
+        self.saver.save(self.state.step, checkpoint_state(self.state, self.rank), started=t0,
+                        optimizer=beside)
         if self._kill_in_checkpoint:
             threading.Thread(target=self._kill_while_writing, args=(self.saver,),
                              daemon=True).start()

@@ -133,17 +133,23 @@ def checkpoint(j: Dict) -> List[str]:
         for h, b in r["by_hash"].items():
             first = h == r["hash"]
             rows.append([f"{r['target']}, {h}" + (" (default)" if first else ""),
-                         _s(r["sync_save_s"]) if first else "", _s(b["async_stall_s"], " s", 3),
-                         f"{b['stall_ratio']:.3f}", f"{b['stall_vs_memcpy']:.2f}",
+                         _s(r["sync_save_s"]) if first else "", _s(b["async_stall_s"], " s", 4),
+                         f"{b['stall_ratio']:.4f}", f"{b['stall_vs_memcpy']:.3f}",
                          _s(b["persist_s"]), _s(r["raw_write_s"]) if first else "",
-                         f"{b['throughput_ratio']:.2f}", f"{b['verify_GBps']:.1f} GB/s"])
+                         f"{b['throughput_ratio']:.2f}", f"{b['verify_GBps']:.1f} GB/s",
+                         _s(b["training_slowdown_s"])])
     out = table(["target", "sync save", "async stall", "stall ratio (<= 0.05)",
                  "stall / memcpy (<= 2)", "persist", "raw write", "throughput ratio (>= 0.8)",
-                 "verify"], rows)
+                 "verify", "training slowdown"], rows)
     for r in j["results"]:
         met = ", ".join(f"{k} {'met' if v else '**not met**'}" for k, v in r["met"].items())
         out += ["", f"{r['target']}: {r['bytes'] / 1e9:.2f} GB, median of {r['repeats']} "
-                    f"interleaved runs; {met}."]
+                    f"interleaved runs, a step of {r['step_s']:.2f} s; {met}. "
+                    f"The whole copy at the step boundary (`stage_beside_step: false`): "
+                    f"{r['boundary_copy_s']:.3f} s (a memcpy: {r['memcpy_s']:.3f} s). "
+                    f"Persist and raw write both run beside the same training steps (a raw "
+                    f"write alone: {r['raw_write_idle_s']:.2f} s); a bare raw write beside "
+                    f"them slows the steps by {r['raw_write_slowdown_s']:.2f} s."]
     out += ["", f"{_machine(j['machine'])}."]
     return out
 

@@ -1,7 +1,9 @@
 """Two-phase asynchronous saves, run inside each worker.
 
-Phase 1 (the only stall): at a step boundary, copy the state to CPU memory. The stager keeps its
-CPU buffers between saves, so steady-state staging is a memcpy into memory already allocated.
+Phase 1 (the only stall): copy the state to CPU memory. The stager keeps its CPU buffers between
+saves, so steady-state staging is a memcpy into memory already allocated; and with an optimizer
+given, only what the optimizer does not own is copied at the step boundary, the rest on the
+persist thread beside the next step, whose update waits for it (checkpoint/staging.py).
 Phase 2 (background thread): torch DCP writes this rank's shards through fsspec while training goes
 on. DCP's planning collectives run on a separate gloo group made for checkpoints, never on the
 training group. Every written byte is hashed on its way out (`checkpoint.hash`: crc32c by default,
@@ -36,7 +38,8 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from coordinator.checkpoint import errors
 from coordinator.checkpoint.errors import StorageError, classify
 from coordinator.checkpoint.manifest import step_name
-from coordinator.checkpoint.staging import BesideStep, copy_unheld, optimizer_storages
+from coordinator.checkpoint.staging import (BesideStep, copy_unheld, optimizer_storages,
+                                             side_stream_copy)
 from coordinator.checkpoint.storage import HASHES, filesystem, join, new_hash, options_for
 from coordinator.checkpoint.writer import DETAIL_CHARS, HashingWriter, no_zip_crc
 from coordinator.protocol import SaveReport
@@ -311,7 +314,7 @@ class CheckpointSaver:
         try:
             if copy:
                 try:
-                    state = self._stage(state)
+                    state = side_stream_copy(self._stage, state)
                 finally:
                     p.copied.set()  # the next update goes on whatever happened
                 p.t0 = time.time()  # persist_s: the write alone

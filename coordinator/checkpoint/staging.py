@@ -73,6 +73,37 @@ def copy_unheld(sd: Any, held: Set[int]) -> Tuple[Any, int]:
     return sd, 0
 
 
+def side_stream_copy(stage: Callable[[Any], Any], state: Any) -> Any:
+    """`stage(state)` off the training stream when `state` holds device tensors: on a side CUDA
+    stream that first waits for the work queued so far (the step that made the state), so the
+    copy runs beside the next step's kernels instead of queued between them. On the CPU, or
+    without device tensors, just `stage(state)`. (Written for the GPU path, which this session
+    could not run: see docs/checkpoints.md.)"""
+    device = _first_device(state)
+    if device is None:
+        return stage(state)
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.default_stream(device))
+    with torch.cuda.stream(stream):
+        out = stage(state)
+        stream.synchronize()
+    return out
+
+
+def _first_device(sd: Any) -> Optional[torch.device]:
+    if isinstance(sd, dict):
+        sd = list(sd.values())
+    if isinstance(sd, (list, tuple)):
+        for v in sd:
+            d = _first_device(v)
+            if d is not None:
+                return d
+        return None
+    if isinstance(sd, torch.Tensor) and _local(sd).is_cuda:
+        return _local(sd).device
+    return None
+
+
 class BesideStep:
     """Holds the optimizer's next update until the copy of the save in flight has ended (see the
     module docstring). One per saver; `arm` after each save that left a copy for later."""

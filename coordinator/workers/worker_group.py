@@ -143,10 +143,20 @@ class RayWorkerGroup:
         """Newcomers that answer move to the ready list; ones that died or could not be placed
         in time are dropped. Returns how many are ready."""
         still = []
+        gone: Dict[str, bool] = {}  # node -> unreachable, asked once per call
         for nc in self._spawning:
             done, _ = ray.wait([nc.info_ref], timeout=0)
             if not done:
-                if time.monotonic() - nc.since > self.start_timeout_s:
+                if nc.node_id and nc.node_id not in gone:
+                    gone[nc.node_id] = not node_reachable(nc.node_id, timeout_s=0.2)
+                if gone.get(nc.node_id):
+                    # Placed on a node that went down before it started (Ray still called the
+                    # node alive then): it will never start, and a recovery must not wait for
+                    # it (failure.replace_timeout_s).
+                    logger.warning("a starting worker on node %s was lost with its node: dropped",
+                                   nc.node_id[:8])
+                    self._kill(nc.actor)
+                elif time.monotonic() - nc.since > self.start_timeout_s:
                     logger.warning("a new worker on node %s did not start within %gs: dropped",
                                    nc.node_id[:8], self.start_timeout_s)
                     self._kill(nc.actor)

@@ -25,6 +25,7 @@ def _group(monkeypatch, reachable):
     monkeypatch.setattr(wg.RayWorkerGroup, "_kill", staticmethod(killed.append))
     group = object.__new__(wg.RayWorkerGroup)
     group.start_timeout_s = 60.0
+    group._node_checks = {}
     group._ready = []
     now = time.monotonic()
     group._spawning = [wg._Newcomer(f"actor-{n}", f"ref-{n}", n, now) for n in ("a", "b", "a")]
@@ -44,3 +45,12 @@ def test_a_starting_worker_whose_node_is_gone_is_dropped_at_once(monkeypatch):
 def test_starting_workers_on_live_nodes_are_waited_for(monkeypatch):
     group, killed = _group(monkeypatch, {"a": True, "b": True})
     assert group.collect_ready() == 0 and group.pending() == 3 and not killed
+
+
+def test_a_node_is_asked_at_most_once_a_second(monkeypatch):
+    group, _ = _group(monkeypatch, {"a": True, "b": True})
+    asked = []
+    monkeypatch.setattr(wg, "node_reachable", lambda node, timeout_s=1.0: asked.append(node) or True)
+    for _ in range(5):
+        group.collect_ready()
+    assert sorted(asked) == ["a", "b"]

@@ -55,6 +55,7 @@ class _Newcomer:
 
 
 UNRESPONSIVE_S = 5.0  # a node that has not run a task sent to it for this long is shunned
+NODE_CHECK_S = 1.0  # how often a starting worker's node is asked whether it is still there
 
 
 class RayWorkerGroup:
@@ -69,6 +70,7 @@ class RayWorkerGroup:
         self.start_timeout_s = start_timeout_s
         self.rpc_timeout_s = rpc_timeout_s
         self.hang_timeout_s = hang_timeout_s
+        self._node_checks: Dict[str, Tuple[float, bool]] = {}  # node -> (when asked, gone)
         self.actors: Dict[int, ray.actor.ActorHandle] = {}
         self.infos: Dict[int, WorkerInfo] = {}
         self.dead: Set[int] = set()  # ranks whose process is gone (reported once)
@@ -143,13 +145,10 @@ class RayWorkerGroup:
         """Newcomers that answer move to the ready list; ones that died or could not be placed
         in time are dropped. Returns how many are ready."""
         still = []
-        gone: Dict[str, bool] = {}  # node -> unreachable, asked once per call
         for nc in self._spawning:
             done, _ = ray.wait([nc.info_ref], timeout=0)
             if not done:
-                if nc.node_id and nc.node_id not in gone:
-                    gone[nc.node_id] = not node_reachable(nc.node_id, timeout_s=0.2)
-                if gone.get(nc.node_id):
+                if self._node_gone(nc.node_id):
                     # Placed on a node that went down before it started (Ray still called the
                     # node alive then): it will never start, and a recovery must not wait for
                     # it (failure.replace_timeout_s).
@@ -173,6 +172,18 @@ class RayWorkerGroup:
             self._ready.append(nc)
         self._spawning = still
         return len(self._ready)
+
+    def _node_gone(self, node: str) -> bool:
+        """Whether a starting worker's node no longer answers. Asked at most every
+        NODE_CHECK_S per node: collect_ready runs at every poll, and asking Ray for its node
+        table that often took CPU from training on a small machine."""
+        if not node:
+            return False
+        now = time.monotonic()
+        asked = self._node_checks.get(node)
+        if asked is None or now - asked[0] >= NODE_CHECK_S:
+            asked = self._node_checks[node] = (now, not node_reachable(node, timeout_s=0.2))
+        return asked[1]
 
     def pending(self) -> int:
         """Newcomers placed and not yet assigned a rank (starting or ready)."""

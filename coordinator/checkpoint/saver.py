@@ -325,7 +325,6 @@ class CheckpointSaver:
                                        time.time() - p.t0, 0, short_error(e), generation=
                                        self.generation, world_size=self.world_size))
         finally:
-            p.copied.set()
             p.future.set_result(None)
 
     def _persist(self, p: _Persist, staged: Dict[str, Any]) -> None:

@@ -114,3 +114,16 @@ def remount(path, mode, check=True):
     """Remount a tmpfs made by `tmpfs` read-only ("ro") or writable again ("rw")."""
     subprocess.run(_as_root(["mount", "-o", f"remount,{mode}", str(path)]), check=check,
                    capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def world1():
+    """A gloo process group of one rank (this process), for a module's tests; the group for
+    checkpoints on it."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    group = dist.new_group(backend="gloo")
+    yield group
+    dist.destroy_process_group()

@@ -7,9 +7,8 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from conftest import free_port, run_cli
+from conftest import run_cli
 from coordinator.checkpoint import manifest as mf
 from coordinator.checkpoint.committer import Committer
 from coordinator.checkpoint.faults import StorageOutage
@@ -24,15 +23,6 @@ from train.step import train_step
 from train.task import make_task
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def world1():
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    group = dist.new_group(backend="gloo")
-    yield group
-    dist.destroy_process_group()
 
 
 def _trained(steps, task="train.tasks.gpt:TinyGPT"):

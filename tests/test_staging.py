@@ -6,10 +6,8 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from conftest import free_port
 from coordinator.checkpoint import manifest as mf
 from coordinator.checkpoint.committer import Committer
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
@@ -26,15 +24,6 @@ pytestmark = pytest.mark.unit
 
 TASK = "train.tasks.gpt:TinyGPT"
 SLOW_COPY_S = 0.4
-
-
-@pytest.fixture(scope="module")
-def world1():
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    group = dist.new_group(backend="gloo")
-    yield group
-    dist.destroy_process_group()
 
 
 def _trained(steps):

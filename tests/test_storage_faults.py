@@ -11,9 +11,8 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from conftest import ROOT, free_port, remount, tmpfs
+from conftest import ROOT, remount, tmpfs
 from coordinator.checkpoint import errors
 from coordinator.checkpoint import manifest as mf
 from coordinator.checkpoint.committer import Committer
@@ -23,15 +22,6 @@ from train.state import build_state, checkpoint_state, load_template
 from train.task import make_task
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def world1():
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    group = dist.new_group(backend="gloo")
-    yield group
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from conftest import free_port
 from coordinator.checkpoint.fence import KEY, GenerationFence, StaleGeneration
 from coordinator.checkpoint.saver import CheckpointSaver
-from test_checkpoint import _trained, world1  # noqa: F401 (world1: a fixture, one gloo rank)
+from test_checkpoint import _trained
 from train.state import checkpoint_state
 
 pytestmark = pytest.mark.unit
@@ -40,7 +40,7 @@ def test_no_store_to_ask_means_no_write():
         fence.check()
 
 
-def test_a_save_paused_while_the_job_moves_on_writes_nothing_more(store, world1, tmp_path):  # noqa: F811
+def test_a_save_paused_while_the_job_moves_on_writes_nothing_more(store, world1, tmp_path):
     """The persist thread is held before its second file (as a frozen node holds it); meanwhile
     the driver starts generation 2. Released, the stale save stops at its next write: it reports
     failure with the reason, and no file of it appears after the release."""

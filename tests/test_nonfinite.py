@@ -14,7 +14,6 @@ from coordinator.checkpoint import manifest as mf
 from coordinator.checkpoint.committer import Committer
 from coordinator.checkpoint.saver import CheckpointSaver
 from coordinator.events import EventLog, read_events
-from test_checkpoint import world1  # noqa: F401 (a fixture: one gloo rank)
 from conftest import run_events, run_summary
 from dist_harness import run_world
 from train import data as data_lib
@@ -115,7 +114,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped():
 
 
 @pytest.mark.unit
-def test_a_state_with_a_non_finite_value_is_never_committed(world1, tmp_path):  # noqa: F811
+def test_a_state_with_a_non_finite_value_is_never_committed(world1, tmp_path):
     """An update can be finite and still overflow the weights: a loss of ~1e14 (finite, as are
     its gradients and their norm) with lr 1e25 moves the weights by ~1e39, beyond float32, in one real step.
     That state is written, reported failed by the rank that holds it, and not committed; a

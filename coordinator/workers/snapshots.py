@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from coordinator.checkpoint.staging import local_tensor
 from coordinator.workers.device_copies import copy_out
 
 KEEP = 2  # steps kept per owner: the newest, and the one before while the newest travels
@@ -234,7 +235,7 @@ class _Plan:
                 continue
             if path not in rows:
                 rows[path] = local_rows(leaf)
-            t = _local(leaf)
+            t = local_tensor(leaf)
             size = t.numel() * t.element_size()
             self.shards.append(path)
             self.pads.append(_pad(size))
@@ -253,7 +254,7 @@ class _Plan:
     def shard_parts(self, leaves: Dict[str, Any]) -> List[torch.Tensor]:
         parts: List[torch.Tensor] = []
         for i, (path, pad) in enumerate(zip(self.shards, self.pads)):
-            t = _local(leaves[path])
+            t = local_tensor(leaves[path])
             if self.locals[i] is not t:
                 self.locals[i], self.views[i] = t, t.reshape(-1).view(torch.uint8)
             parts.append(self.views[i])
@@ -271,13 +272,6 @@ _PADS = [torch.zeros(n, dtype=torch.uint8) for n in range(_ALIGN)]
 
 def _pad(size: int) -> Optional[torch.Tensor]:
     return _PADS[_padding(size)] if _padding(size) else None
-
-
-def _local(leaf: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard without autograd's bookkeeping (to_local() is an autograd
-    function: ~10 us a call, 100+ calls a snapshot)."""
-    local = getattr(leaf, "_local_tensor", None)
-    return local if local is not None else (leaf.to_local() if _is_dtensor(leaf) else leaf)
 
 
 def take(leaves: Dict[str, Any], step: int, world_size: int,

@@ -161,6 +161,9 @@ class Source:
     kind: SourceKind = SourceKind.INIT
     path: Optional[str] = None  # checkpoint: the step directory to load
     src: Optional[int] = None  # peer: the new-generation rank that sends its full state
+    # peer (DDP): the new-generation ranks whose replicas are at the source step; they send, the
+    # others receive (empty: `src` alone)
+    senders: List[int] = field(default_factory=list)
     gather: bool = False  # peer under FSDP2: gather the shards over the old group first
     # memory: the snapshots of generation `generation` at `step`; old rank -> the new-generation
     # rank holding its shard (the owner itself, or its buddy); `handles` (set by the group):
@@ -193,7 +196,7 @@ class WorkerGroup(Protocol):
 
     last_restore_s: float  # after a generation formed: the slowest member's restore time
     # after a generation formed: seconds per part of the join (leave_s, rendezvous_s, build_s,
-    # transfer_s, prime_s), each the slowest member's
+    # transfer_s, wrap_s), each the slowest member's
     last_join_parts: Dict[str, float]
     last_transfer_bytes: int  # after a generation formed: bytes its members took from peers
     buddies: Dict[int, int]  # rank -> the rank holding copies of its in-memory snapshots

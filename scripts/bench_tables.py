@@ -117,9 +117,10 @@ def recovery(j: Dict) -> List[str]:
             detect = sorted(r["detect_s"] for r in sides[k]["runs"])[len(sides[k]["runs"]) // 2]
             prow.append([k, f"{detect:.3f}"] + [f"{ph[p]:.3f}" for p in PHASES]
                         + [f"{ph['rendezvous_s']:.3f} / {ph['transfer_s']:.3f} / "
-                           f"{ph['prime_s']:.3f}"])
+                           f"{ph.get('wrap_s', ph.get('prime_s', 0.0)):.3f}"])
+    # (`prime_s` in figures taken before DDP's buckets were fixed without a primed step)
     out += table(["mode", "detect", "settle", "replace", "form", "first step",
-                  "form: rendezvous / transfer / prime"], prow)
+                  "form: rendezvous / transfer / wrap (prime before)"], prow)
     g = j["goals"]
     out += ["", "Goals: " + "; ".join(f"{k} {v['goal']}: {v['value']} ({_met(v)})"
                                        for k, v in g.items())

@@ -14,8 +14,6 @@ import time
 import torch
 import torch.distributed as dist
 
-from train import data as data_lib
-from train import parallel
 from train.loop import run_steps
 from train.state import build_state, full_model_state, weights_digest
 from train.task import make_task
@@ -36,10 +34,6 @@ def main() -> None:
     task = make_task(a.task, {})
     st = build_state(task, a.parallelism, torch.device("cpu"), a.seed, a.steps)
     torch.manual_seed(a.seed * 100_003 + 1 + rank)
-    # The coordinator primes DDP's buckets once per wrap (train.parallel.prime); so does this
-    # baseline, so that both compute the same weights.
-    parallel.prime(st.model, task.loss,
-                   data_lib.local_batch(task, a.seed, 0, a.global_batch_size, world, rank))
     warm = max(1, min(a.steps // 10, 50))  # the coordinator's warm-up (controller.py)
     loop = dict(seed=a.seed, global_batch_size=a.global_batch_size, world_size=world, rank=rank,
                 device=torch.device("cpu"))

@@ -11,8 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from train import data as data_lib
-from train import parallel
 from train.evaluate import eval_loss
 from train.loop import run_steps
 from train.state import build_state, full_model_state
@@ -36,6 +34,13 @@ class SizeCheckedMLP(MLPRegression):
         return super().loss(model, batch)
 
 
+class PlainSGD(MLPRegression):
+    """An optimizer with no state at all (SGD without momentum)."""
+
+    def build_optimizer(self, model):
+        return torch.optim.SGD(model.parameters(), lr=0.05)
+
+
 def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, seed, skip,
             recipe=None, evaluate=(0, 0), shard_group_size=None):
     torch.set_num_threads(1)
@@ -45,8 +50,6 @@ def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, se
     t = make_task(task, task_args)
     st = build_state(t, parallelism, torch.device("cpu"), seed, steps,
                      recipe=Recipe(**(recipe or {})), shard_group_size=shard_group_size)
-    parallel.prime(st.model, t.loss, data_lib.first_pass(t, seed, 0, gbs, world, rank,
-                                                         st.recipe.micro_batch_size))
     losses, evals = [], []
     every, samples = evaluate
 
@@ -157,44 +160,72 @@ def reshard_roundtrip(world_save, world_load, parallelism="fsdp", steps=3):
     return results
 
 
-def _transfer_worker(rank, world, port, out_dir, src, corrupt, steps):
-    from coordinator.checkpoint.restore import StateTransferMismatch, broadcast_full_state, \
-        flip_bit
-    from train.state import apply_full_state, full_state, weights_digest
+def _state_digest(st) -> str:
+    """sha256 of a DDP rank's whole state: weights, optimizer state and hyper-parameters, step."""
+    import hashlib
+
+    from train.state import weights_digest
+
+    h = hashlib.sha256(weights_digest(st.model.state_dict()).encode())
+    osd = st.optimizer.state_dict()
+    for idx in sorted(osd["state"]):
+        for key in sorted(osd["state"][idx]):
+            v = osd["state"][idx][key]
+            h.update(f"{idx}|{key}|".encode())
+            h.update(v.detach().reshape(-1).view(torch.uint8).numpy().tobytes()
+                     if isinstance(v, torch.Tensor) else repr(v).encode())
+    h.update(repr([{k: v for k, v in g.items() if k != "params"}
+                   for g in osd["param_groups"]]).encode())
+    h.update(f"|{st.step}".encode())
+    return h.hexdigest()
+
+
+def _transfer_worker(rank, world, port, out_dir, holders, steps, corrupt, task, more):
+    from coordinator.workers.peer_transfer import StateTransferMismatch, flip_bit, transfer
 
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    t = make_task("train.tasks.gpt:TinyGPT", {})
-    st = build_state(t, "ddp", torch.device("cpu"), 0, 50, wrap_ddp=False)
-    if rank == src:  # the sender alone trains a few steps: its state differs from everyone's
-        run_steps(st, seed=0, global_batch_size=4, world_size=1, rank=0,
-                  device=torch.device("cpu"), until_step=steps)
-    before = weights_digest(st.model.state_dict())
-    mine = full_state(st, sharded=False) if rank == src else None
+    t = make_task(task, {})
+    cpu = torch.device("cpu")
+    st = build_state(t, "ddp", cpu, 0, 50, wrap_ddp=False)
+    # each rank trains alone for its own number of steps: a holder's state differs from a
+    # receiver's, and a receiver may have stepped (its optimizer state exists) or not
+    run_steps(st, seed=0, global_batch_size=4, world_size=1, rank=0, device=cpu,
+              until_step=steps[rank])
+    if rank not in holders:  # a step that died inside its backward: gradients left behind
+        batch = t.collate([t.sample(i, 1) for i in range(2)])
+        t.loss(st.model, batch).backward()
+    before = _state_digest(st)
     try:
-        full = broadcast_full_state(mine, src, None, tamper=flip_bit if corrupt else None)
+        stats = transfer(st, holders, None, tamper=flip_bit if corrupt else None)
     except StateTransferMismatch as e:
         result = {"mismatch": (e.src, e.expected, e.got), "digest": before}
     else:
-        if rank != src:
-            apply_full_state(st, full)
-        result = {"mismatch": None, "digest": weights_digest(st.model.state_dict()),
-                  "step": st.step}
+        result = {"mismatch": None, "digest": _state_digest(st), "step": st.step,
+                  "received": stats.received_bytes, "sent": stats.sent_bytes,
+                  "state_bytes": sum(v.numel() * v.element_size()
+                                     for v in st.model.state_dict().values())}
+        # every rank goes on alone: equal states must stay equal, bit for bit
+        run_steps(st, seed=0, global_batch_size=4, world_size=1, rank=0, device=cpu,
+                  until_step=st.step + more)
+        result["after"] = _state_digest(st)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # every rank got past the transfer and its vote: nobody was left in one
     dist.destroy_process_group()
     _leave()
 
 
-def transfer_world(world, src=0, corrupt=False, steps=2):
-    """On `world` gloo processes, rank `src` trains `steps` steps alone, then sends its state to
-    the others with `coordinator.checkpoint.restore.broadcast_full_state` (`corrupt`: a bit of
-    the packed buffer flipped after the checksum). Returns each rank's outcome: {mismatch: None
-    or (src, expected, got), digest: its weights after, step}."""
+def transfer_world(world, holders, steps, corrupt=False, task="train.tasks.gpt:TinyGPT",
+                   more=2):
+    """On `world` gloo processes, rank r trains `steps[r]` steps alone, then the ranks not in
+    `holders` take the holders' state with `coordinator.workers.peer_transfer.transfer`
+    (`corrupt`: a bit of one chunk flipped on the wire, after its checksum). Returns each rank's
+    outcome: {mismatch: None or (src, expected, got), digest: its whole state after, step,
+    received, sent, after: its state after `more` further steps}."""
     with tempfile.TemporaryDirectory() as d:
-        _spawn(_transfer_worker, world, (d, src, corrupt, steps))
+        _spawn(_transfer_worker, world, (d, holders, steps, corrupt, task, more))
         return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True)
                 for r in range(world)]
 

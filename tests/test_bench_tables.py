@@ -31,7 +31,7 @@ def test_a_table_is_rebuilt_from_its_json_and_a_peer_that_failed_says_why(tmp_pa
     assert benchlib.goal(0.05, "<=", 0.5) == {"value": 0.05, "goal": "<= 0.5", "met": True}
     assert benchlib.goal(None, ">=", 1)["met"] is None
     phases = {k: 0.01 for k in ("settle_s", "replace_s", "form_s", "first_step_s",
-                                "rendezvous_s", "transfer_s", "prime_s")}
+                                "rendezvous_s", "transfer_s", "wrap_s")}
     recovery = {
         "machine": benchlib.machine(), "repeats": 3,
         "sides": {"ours": {"recovery_s": fig, "lost_steps_max": 0, "phases_median": phases,

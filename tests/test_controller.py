@@ -132,7 +132,7 @@ def test_lost_worker_replaced_in_its_rank_from_a_peer(tmp_path):
     # where the recovery's time went: its phases add up to recovery_s
     ph = rec["phases"]
     assert set(ph) == {"settle_s", "replace_s", "form_s", "leave_s", "rendezvous_s", "build_s",
-                       "transfer_s", "prime_s", "first_step_s"}
+                       "transfer_s", "wrap_s", "first_step_s"}
     whole = ph["settle_s"] + ph["replace_s"] + ph["form_s"] + ph["first_step_s"]
     assert whole == pytest.approx(rec["recovery_s"], abs=0.005) and ph["form_s"] > 0
     s = c.summary()

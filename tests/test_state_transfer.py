@@ -1,43 +1,66 @@
-"""A survivor's full state sent to its peers (the DDP recovery path): checked on the way (the
-checksum catches a flipped bit and every rank agrees on the outcome), and loaded in the corners
-that broke it: a stateless optimizer (plain SGD), an optimizer that never stepped, and gradients
-left by a step that failed. The loading runs in a subprocess with a one-rank gloo group (DCP's
-state-dict calls need a process group; the test process must not keep one)."""
+"""A replica's state to the members that lack it (the DDP recovery path): only the receivers
+receive, every holder sends a stripe, the state lands in the receivers' own tensors, every byte
+is checked on the way (a flipped bit is caught and every rank agrees on the outcome), and it
+loads in the corners that broke it: a stateless optimizer (plain SGD), an optimizer that never
+stepped, and gradients left by a step that failed. The full-state load an FSDP2 group that grows
+uses runs in a subprocess with a one-rank gloo group (DCP's state-dict calls need a process
+group; the test process must not keep one)."""
 
 import pickle
 import subprocess
 import sys
 
+import google_crc32c
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, free_port
-from coordinator.checkpoint.restore import StateTransferMismatch, checksum, flip_bit, verify
+from coordinator import crc32c
+from coordinator.workers.peer_transfer import StateTransferMismatch, flip_bit, stripes
 from dist_harness import transfer_world
 
 
 @pytest.mark.unit
-def test_equal_buffers_pass_and_any_flipped_bit_is_caught():
-    skeleton = b'{"d": [[{"v": "model"}, {"t": 0}]]}'
-    packed = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=torch.Generator()
-                           .manual_seed(0))
-    expected = checksum(skeleton, packed)
-    assert verify(expected, skeleton, packed.clone()) is None
-    # the receiver's split need not be the sender's: the checksum runs over the bytes in order
-    assert checksum(skeleton + bytes(packed.numpy())) == expected
-    assert checksum(b"", torch.empty(0, dtype=torch.uint8)) == checksum()
-    for at in (0, 1, 4097, packed.numel() // 2, packed.numel() - 1):
-        for bit in (0, 7):
-            bad = packed.clone()
-            bad[at] ^= 1 << bit
-            assert verify(expected, skeleton, bad) not in (None, expected), (at, bit)
-    bad_skeleton = bytearray(skeleton)
-    bad_skeleton[3] ^= 0x20
-    assert verify(expected, bytes(bad_skeleton), packed) is not None
-    # two words swapped: a plain sum would not see it, the CRC does
-    swapped = packed.clone()
-    swapped[:8], swapped[8:16] = packed[8:16].clone(), packed[:8].clone()
-    assert not torch.equal(swapped, packed) and verify(expected, skeleton, swapped) is not None
+def test_crc32c_in_place_equals_the_library_on_every_kind_of_buffer():
+    data = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+    want = google_crc32c.value(bytes(data.numpy()))
+    assert crc32c.value(data) == want
+    assert crc32c.value(data.numpy()) == want and crc32c.value(bytes(data.numpy())) == want
+    assert crc32c.value(memoryview(bytes(data.numpy()))) == want  # read-only: copied
+    # in pieces, in order: the same as at once
+    crc = 0
+    for a in range(0, data.numel(), 1000003):
+        crc = crc32c.extend(crc, data[a:a + 1000003])
+    assert crc == want
+    floats = torch.randn(1000)
+    assert crc32c.value(floats) == google_crc32c.value(floats.numpy().tobytes())
+    assert crc32c.value(b"") == 0 and crc32c.value(torch.empty(0)) == 0
+    bad = data.clone()
+    bad[12345] ^= 4
+    assert crc32c.value(bad) != want
+
+
+@pytest.mark.unit
+def test_stripes_deal_every_byte_once_in_order_and_about_evenly():
+    sizes = [0, 5, 100, 37, 64, 1, 300]
+    for holders in (1, 2, 3, 7):
+        cut = stripes(sizes, holders, chunk=16)
+        assert len(cut) == holders
+        flat = [p for stripe in cut for p in stripe]
+        # every tensor's bytes, chunk by chunk, in order, nothing twice or missing
+        covered = {}
+        for p in flat:
+            assert 0 < p.nbytes <= 16
+            covered.setdefault(p.tensor, []).append((p.start, p.nbytes))
+        for i, size in enumerate(sizes):
+            spans = covered.get(i, [])
+            assert sum(n for _, n in spans) == size
+            assert [s for s, _ in spans] == list(range(0, size, 16))
+        assert [(p.tensor, p.start) for p in flat] == sorted((p.tensor, p.start) for p in flat)
+        load = [sum(p.nbytes for p in stripe) for stripe in cut]
+        assert max(load) - min(load) <= 2 * 16, (holders, load)
 
 
 @pytest.mark.unit
@@ -54,21 +77,41 @@ def test_the_chaos_flip_changes_one_bit_and_the_mismatch_survives_pickling():
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_a_corrupted_transfer_is_refused_by_every_rank_and_a_clean_one_arrives_whole():
-    """Three gloo processes; rank 1 trains alone and sends its state. Clean: everyone ends with
-    the sender's weights. A bit flipped after the checksum: every rank (the sender too) raises
-    the same mismatch after the vote, nobody applied the state, and nobody was left waiting in a
-    collective (the harness's barrier after the transfer completes)."""
-    clean = transfer_world(3, src=1)
-    assert [r["mismatch"] for r in clean] == [None] * 3
-    assert len({r["digest"] for r in clean}) == 1 and {r["step"] for r in clean} == {2}
-    bad = transfer_world(3, src=1, corrupt=True)
+def test_only_the_receivers_receive_the_holders_stripes_into_their_own_state():
+    """Four gloo processes. Ranks 0 and 2 hold the replica (3 steps); rank 1 is a survivor
+    left behind (1 step: its optimizer state exists, it receives into it), rank 3 a newcomer
+    that never stepped; both have a failed step's gradients lying about. After the
+    transfer every rank holds the same state (weights, Adam moments, hyper-parameters, step), the
+    holders received nothing and each sent about half, and the four stay equal as they train
+    on. A stateless optimizer (plain SGD) goes the same way."""
+    out = transfer_world(4, holders=[0, 2], steps=[3, 1, 3, 0])
+    assert [r["mismatch"] for r in out] == [None] * 4
+    assert len({r["digest"] for r in out}) == 1 and {r["step"] for r in out} == {3}
+    assert len({r["after"] for r in out}) == 1
+    assert out[0]["received"] == out[2]["received"] == 0
+    state = out[3]["received"]
+    assert out[1]["received"] == state > out[3]["state_bytes"]  # the optimizer state came too
+    assert abs(out[0]["sent"] - out[2]["sent"]) <= 2 * (16 << 20), "the stripes are uneven"
+    assert out[0]["sent"] + out[2]["sent"] == 2 * state
+    sgd = transfer_world(2, holders=[0], steps=[2, 0], task="dist_harness:PlainSGD")
+    assert [r["mismatch"] for r in sgd] == [None] * 2
+    assert sgd[0]["digest"] == sgd[1]["digest"] and sgd[0]["after"] == sgd[1]["after"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_corrupted_transfer_is_refused_by_every_rank():
+    """A bit flipped on the wire after its checksum: every rank (the holder too) raises the
+    same mismatch after the vote, and nobody was left waiting in a collective (the harness's
+    barrier after the transfer completes). The holder's own state is untouched."""
+    bad = transfer_world(3, holders=[1], steps=[0, 2, 0], corrupt=True)
     seen = bad[0]["mismatch"]
     assert seen is not None and all(r["mismatch"] == seen for r in bad), bad
     src, expected, got = seen
     assert src == 1 and sorted(got) == [0, 2] and all(g != expected for g in got.values())
+    clean = transfer_world(3, holders=[1], steps=[0, 2, 0])
     assert bad[1]["digest"] == clean[1]["digest"], "the sender's own state is untouched"
-    assert bad[0]["digest"] == bad[2]["digest"] != clean[0]["digest"], "nobody applied it"
+
 
 SCRIPT = r"""
 import copy

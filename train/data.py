@@ -52,16 +52,6 @@ def micro_batch_spans(samples: int, micro_batch_size: Optional[int]) -> List[Tup
     return [(a, min(a + m, samples)) for a in range(0, samples, m)] or [(0, 0)]
 
 
-def first_pass(task: Task, seed: int, step: int, global_batch_size: int, world_size: int,
-               rank: int, micro_batch_size: Optional[int]) -> Dict[str, torch.Tensor]:
-    """The samples of the rank's first forward pass of step `step` (the whole slice, or its
-    first micro-batch): what DDP priming runs (`train.parallel.prime`)."""
-    start, stop = rank_slice(global_batch_size, world_size, rank)
-    n = stop - start if micro_batch_size is None else min(stop - start, micro_batch_size)
-    first = step * global_batch_size + start
-    return task.collate([task.sample(first + i, seed) for i in range(n)])
-
-
 def local_micro_batches(task: Task, seed: int, step: int, global_batch_size: int,
                         world_size: int, rank: int, micro_batch_size: Optional[int]
                         ) -> Union[Dict[str, torch.Tensor], List[Tuple[Dict[str, torch.Tensor],

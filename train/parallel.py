@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.utils import _verify_param_shape_across_processes
 from torch.nn.parallel import DistributedDataParallel
 
 from train.task import Task
@@ -36,8 +38,7 @@ def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task,
     where the placement allows) and shard the model among themselves; the groups hold the same
     shards, and average their gradients across (`Replicate()` x `Shard(0)` DTensors)."""
     if parallelism == "ddp":
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return _ddp(model, device)
     if parallelism in SHARDED:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -59,6 +60,55 @@ def wrap(model: nn.Module, parallelism: str, device: torch.device, task: Task,
     raise ValueError(f"train.parallelism={parallelism!r}: must be ddp, fsdp or hsdp")
 
 
+def _ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP without its two costs that grow with the model, for a wrap that happens at every
+    change of membership:
+
+    - No broadcast of rank 0's weights (`init_sync=False`): every caller wraps replicas that are
+      equal already (built from the same seed, loaded from one checkpoint, or taken from a peer
+      with a verified checksum). Their shapes are still compared across the ranks (one small
+      all-gather), so a task that builds different models on different ranks fails here.
+    - Gradients are views into DDP's buckets (`gradient_as_bucket_view`): one copy of the
+      gradients per rank, not two.
+
+    And the bucket layout is set at once, the same at every wrap (see `_fixed_buckets`)."""
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = DistributedDataParallel(model, device_ids=ids, init_sync=False,
+                                  gradient_as_bucket_view=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    _verify_param_shape_across_processes(ddp.process_group, params)
+    _fixed_buckets(ddp)
+    return ddp
+
+
+def _fixed_buckets(ddp: DistributedDataParallel) -> None:
+    """Give DDP its final gradient buckets now, without a forward and backward pass.
+
+    DDP reorders its buckets after the first backward of a wrapped model (into the order the
+    gradients became ready), and gloo's all-reduce sums each element in an order that depends on
+    where it sits in its bucket: a rewrap (a resume, a new generation) whose first step ran on
+    another layout than the uninterrupted run's would drift in the last bits. Instead every wrap
+    takes one fixed layout: the parameters in reverse registration order (about the order a
+    backward pass produces their gradients, so the first buckets are reduced while the backward
+    goes on), the small first bucket last. This is DDP's own rebuild (the one its `join` uses),
+    fed every parameter at once; it agrees the layout across the ranks with one small broadcast,
+    and after it DDP never rebuilds again. It used to take a primed forward and backward, with
+    a full all-reduce of zero gradients: as long as a training step at 100M parameters."""
+    previous = os.environ.get(_LAST_BUCKET_SMALL)
+    os.environ[_LAST_BUCKET_SMALL] = "1"  # read by the rebuild: reverse the order given
+    try:
+        ddp.reducer._push_all_rebuilt_params()
+        ddp.reducer._rebuild_buckets()
+    finally:
+        if previous is None:
+            os.environ.pop(_LAST_BUCKET_SMALL, None)
+        else:
+            os.environ[_LAST_BUCKET_SMALL] = previous
+
+
+_LAST_BUCKET_SMALL = "DDP_SET_LAST_BUCKET_CAP"
+
+
 def replica_groups(world: int, shard_group_size: Optional[int]) -> int:
     """How many HSDP replica groups a world of `world` ranks forms."""
     if not shard_group_size or shard_group_size < 1 or world % shard_group_size:
@@ -69,22 +119,3 @@ def replica_groups(world: int, shard_group_size: Optional[int]) -> int:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def prime(model: nn.Module, loss_fn, batch) -> None:
-    """Run one forward/backward with a zero loss so DDP rebuilds its gradient buckets now.
-
-    DDP reorders its buckets after the first backward of a wrapped model, and gloo's all-reduce
-    sums each element in an order that depends on where it sits in its bucket. Without this, the
-    first step after any (re)wrap, such as a resume, would sum in another order than the
-    uninterrupted run did at that step, and the weights would drift in the last bits. Priming
-    gives every wrap the same bucket layout before the first real step. FSDP2 has no buckets to
-    rebuild; it is left alone. The zero gradients are discarded. `batch`: one forward pass's
-    worth (`train.data.first_pass`: never more than a micro-batch)."""
-    if not isinstance(model, DistributedDataParallel):
-        return
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):  # dropout here must not shift the RNG stream
-        (loss_fn(model, batch) * 0.0).backward()
-    for p in model.parameters():
-        p.grad = None

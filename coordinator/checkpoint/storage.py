@@ -12,8 +12,9 @@ import hashlib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import fsspec
-import google_crc32c
 from fsspec.core import url_to_fs
+
+from coordinator import crc32c
 
 
 # Bounded S3 behaviour (seconds): connect, read, and botocore's own retry attempts.
@@ -44,7 +45,6 @@ def join(base: str, *parts: str) -> str:
 
 # The checksums a manifest may carry for a file, the default first (`checkpoint.hash`).
 HASHES = ("crc32c", "sha256")
-_CRC_CHUNK = 1 << 20  # google_crc32c takes bytes only: copy through a chunk that stays in cache
 
 
 class _Crc32c:
@@ -54,12 +54,7 @@ class _Crc32c:
         self._crc = 0
 
     def update(self, data) -> None:
-        if isinstance(data, bytes):
-            self._crc = google_crc32c.extend(self._crc, data)
-            return
-        view = memoryview(data).cast("B")
-        for i in range(0, view.nbytes, _CRC_CHUNK):
-            self._crc = google_crc32c.extend(self._crc, bytes(view[i:i + _CRC_CHUNK]))
+        self._crc = crc32c.extend(self._crc, data)  # in place, without the GIL
 
     def hexdigest(self) -> str:
         return f"{self._crc:08x}"

@@ -175,7 +175,7 @@ class Controller:
     def _enter_forming(self, plan: fp.Plan, cause: str, rec: Optional[Recovering] = None,
                        checkpoint=None) -> None:
         """Enter FORMING with `plan`; `checkpoint` is what a recovery restores."""
-        source = Source(plan.source, src=plan.src, gather=(
+        source = Source(plan.source, src=plan.src, senders=list(plan.senders), gather=(
             plan.source == SourceKind.PEER and self.cfg.train.parallelism != "ddp"))
         if plan.source == SourceKind.MEMORY:  # the newest snapshots the survivors hold
             source.generation, source.step = plan.memory_generation, plan.resumed_step

@@ -9,9 +9,10 @@ The rules, in order:
    the vacant ones, so every rank reads the same samples as before and a DDP run stays
    bit-identical to one without the failure. When it shrinks, ranks are reassigned densely in the
    survivors' order.
-4. State: under DDP every survivor holds a full replica: the one with the highest completed step
-   sends it (survivors can be one step apart after a failure inside the last all-reduce), so no
-   step is lost. Under FSDP2 a lost rank takes its shards with it: restore the latest committed
+4. State: under DDP every survivor holds a full replica: those at the highest completed step
+   keep it and send it, each a stripe, to the members that lack it (newcomers, and survivors one
+   step behind after a failure inside the last all-reduce), so no step is lost and nobody
+   receives what it holds. Under FSDP2 a lost rank takes its shards with it: restore the latest committed
    checkpoint, resharded (or start over when there is none). A group that grows without a loss
    gathers the FSDP2 shards first and sends them like a replica. A survivor whose sent state
    failed its checksum in this recovery (`bad_sources`) sends no more: the next best survivor
@@ -77,7 +78,10 @@ class Plan:
     ranks: Dict[int, int] = field(default_factory=dict)  # survivor's old rank -> new rank
     newcomers: List[int] = field(default_factory=list)  # ranks the newcomers take
     source: SourceKind = SourceKind.INIT
-    src: Optional[int] = None  # peer: the new rank of the sender
+    src: Optional[int] = None  # peer: the new rank of the sender (of the structure, under DDP)
+    # peer (DDP): the new ranks whose replicas are at the resumed step; each sends a stripe of
+    # the state to the members that lack it (every other one), and receives nothing
+    senders: List[int] = field(default_factory=list)
     resumed_step: int = 0
     backoff_s: float = 0.0
     holders: Dict[int, int] = field(default_factory=dict)  # memory: old rank -> holder's new rank
@@ -124,9 +128,16 @@ def decide(f: Facts) -> Plan:
     best = max(senders, key=lambda r: (f.survivors[r], -r)) if senders else None
     if f.parallelism == "ddp" and best is not None \
             and f.survivors[best] >= (f.checkpoint_step or 0):
-        plan.source, plan.src, plan.resumed_step = SourceKind.PEER, ranks[best], f.survivors[best]
-        plan.reason = (f"{failed}{len(keep)} survivors keep their state; rank {best} (step "
-                       f"{f.survivors[best]}) sends it to the others")
+        top = f.survivors[best]
+        plan.source, plan.src, plan.resumed_step = SourceKind.PEER, ranks[best], top
+        plan.senders = sorted(ranks[r] for r in senders if f.survivors[r] == top)
+        behind = sorted(r for r in keep if f.survivors[r] != top or r not in senders)
+        plan.reason = f"{failed}{len(keep)} survivors keep their state at step {top}"
+        if behind:
+            plan.reason += f" (rank{'s' if len(behind) > 1 else ''} {_ranks(behind)} take it)"
+        if newcomers:
+            plan.reason += (f"; {len(plan.senders)} of them send it to the newcomer"
+                            f"{'s' if len(newcomers) > 1 else ''}")
     elif f.parallelism != "ddp" and (held := from_memory(f, ranks)) is not None \
             and held[0] >= (f.checkpoint_step or 0):
         step, plan.holders = held
@@ -152,6 +163,10 @@ def decide(f: Facts) -> Plan:
     elif newcomers:
         plan.reason += f"; newcomers take ranks {newcomers}"
     return plan
+
+
+def _ranks(ranks: List[int]) -> str:
+    return str(ranks[0]) if len(ranks) == 1 else str(ranks)
 
 
 def keeping(survivors: Dict[int, int], world_size: int,
@@ -193,7 +208,7 @@ def grow_plan(world_size: int, ready: int, max_workers: int, step: int,
     return Plan(PlanAction.REFORM, f"growing {world_size} -> {size}", world_size=size,
                 ranks={r: r for r in range(world_size)},
                 newcomers=list(range(world_size, size)), source=SourceKind.PEER, src=0,
-                resumed_step=step)
+                senders=list(range(world_size)), resumed_step=step)
 
 
 class NodeIsolation:

@@ -8,8 +8,9 @@ From detection (the controller learns of the loss) to the first completed step, 
     leave_s       tear down the old group (a survivor) or nothing (a newcomer)
     rendezvous_s  every member arrives and the process groups are created
     build_s       a member without a state builds its model and optimizer
-    transfer_s    the state is taken from its source (a peer's broadcast, a checkpoint)
-    prime_s       the model is wrapped (DDP) and primed on the first batch
+    transfer_s    the state is taken from its source (the holders' replica, in-memory
+                  snapshots, a checkpoint); a member that holds it already takes nothing
+    wrap_s        the model is wrapped (DDP) and the generation's saver opened
   first_step_s  the first step of the new generation, until every rank reported it
 
 settle_s + replace_s + form_s + first_step_s = recovery_s (rounding aside). Detection itself (the
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-JOIN_PARTS = ("leave_s", "rendezvous_s", "build_s", "transfer_s", "prime_s")
+JOIN_PARTS = ("leave_s", "rendezvous_s", "build_s", "transfer_s", "wrap_s")
 
 
 def formed(t0: float, settled_at: Optional[float], planned_at: Optional[float], now: float,

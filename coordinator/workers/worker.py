@@ -30,14 +30,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from coordinator.checkpoint.errors import OTHER, classify
 from coordinator.checkpoint.faults import StorageOutage
 from coordinator.checkpoint.fence import GenerationFence
-from coordinator.checkpoint.restore import StateTransferMismatch, broadcast_full_state, flip_bit
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
 from coordinator.workers.release import GroupSockets
+from coordinator.workers import peer_transfer
+from coordinator.workers.peer_transfer import StateTransferMismatch, broadcast_full, flip_bit
 from coordinator.workers.shard_memory import MemoryRestoreError, ShardMemory
 from coordinator.workers.spec import WorkerSpec
 from coordinator.workers.vote import StopVote
-from train import data as data_lib
 from train import parallel
 from train.errors import short_error
 from train.loop import StepError, run_steps
@@ -121,6 +121,7 @@ class TrainWorker:
         self._corrupt_transfer = False  # chaos: flip a bit of the next state it sends a peer
         self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
         self._poison = False  # chaos: this rank's next loss is made NaN
+        self._peer_bytes = 0  # bytes taken from peers by the last join (DDP)
         self._fence: Optional[GenerationFence] = None  # this generation's (see checkpoint/fence)
         self._sockets = GroupSockets()  # this generation's group connections (see release)
         self._memory = ShardMemory(spec.memory_interval,  # FSDP2/HSDP shards in memory
@@ -251,8 +252,9 @@ class TrainWorker:
             self._memory.start_link(generation, rank, buddies)
             # Where the join's time went (the recovery profile: see control/recovery_profile).
             parts = {"leave_s": t[1] - t[0], "rendezvous_s": t[2] - t[1], "build_s": build_s,
-                     "transfer_s": restore_s, "prime_s": t[4] - t[3]}
-            moved = self._memory.take_transfer_bytes()
+                     "transfer_s": restore_s, "wrap_s": t[4] - t[3]}
+            moved = self._memory.take_transfer_bytes() + self._peer_bytes
+            self._peer_bytes = 0
             return {"step": self.state.step, "restore_s": restore_s, "parts": parts,
                     "transfer_bytes": moved}
         except StateTransferMismatch as e:
@@ -267,7 +269,7 @@ class TrainWorker:
             error = str(e) if isinstance(e, WorkerError) else (
                 f"rank {rank} joining generation {generation}: {short_error(e)}")
             fatal = None
-        except Exception as e:  # the task's own code (build_model, its loss in the priming)
+        except Exception as e:  # the task's own code (build_model, a model unlike its peers')
             # The job fails with it, but the group is left first, so peers blocked in a
             # collective with this rank are released now, not after the collective timeout.
             # The traceback's frames let go of their locals (the groups among them); its text
@@ -347,17 +349,18 @@ class TrainWorker:
             except MemoryRestoreError as e:
                 raise WorkerError(str(e)) from None
         elif source.kind == "peer":
-            mine = held if held is not None else (
-                full_state(st, sharded=False) if rank == source.src and ddp else None)
             tamper = None
             if rank == source.src and self._corrupt_transfer:
                 tamper, self._corrupt_transfer = flip_bit, False
-            # A mismatch raises here on every member, before any of them applied the state: the
-            # survivors keep their own replicas, the newcomers their fresh one.
-            full = broadcast_full_state(mine, source.src, self._ctl_group, tamper=tamper)
-            if not (rank == source.src and ddp):  # the source's own replica is already in place
+            if ddp:
+                self._peer_bytes = self._take_replica(source, tamper)
+            else:
+                # FSDP2 grows from the state its members gathered (rank 0 holds it): every
+                # member builds its shard of it on the new mesh. A mismatch raises on every
+                # member before any applied it.
+                full = broadcast_full(held, source.src, self._ctl_group, tamper=tamper)
                 apply_full_state(st, full)
-            del full, mine, held
+                del full, held
         restore_s = time.monotonic() - t_restore if source.kind != "init" else 0.0
         restored_rng = source.kind == "checkpoint" or (
             source.kind == "memory" and self._memory.rng_restored)
@@ -368,6 +371,20 @@ class TrainWorker:
             # saved one, and so do in-memory snapshots for a rank the old world had.
             torch.manual_seed(self.spec.seed * 100_003 + 1 + rank + 7_919 * st.step)
         return build_s, restore_s
+
+    def _take_replica(self, source: Source, tamper) -> int:
+        """DDP: the members whose replica is not at the source step take it from those whose is
+        (peer_transfer); a holder receives nothing. A receiver whose transfer did not complete
+        (a mismatch, a peer lost) drops its half-written state, so it never passes for a
+        replica: the next join builds it afresh. Returns the bytes this member received."""
+        holders = list(source.senders or [source.src])
+        try:
+            stats = peer_transfer.transfer(self.state, holders, self._ctl_group, tamper=tamper)
+        except BaseException:
+            if self.rank not in holders:
+                self.state = None
+            raise
+        return stats.received_bytes
 
     def _build(self) -> TrainState:
         """A state as at step 0 (DDP stays unwrapped until its state is final: wrapping
@@ -394,16 +411,11 @@ class TrainWorker:
         raise RestoreError(message) from None
 
     def _wrap(self, source: Source, ckpt_group) -> None:
-        """Wrap the restored model for training (DDP), prime it, and open this generation's
+        """Wrap the restored model for training (DDP) and open this generation's
         saver."""
         st, rank, ddp = self.state, self.rank, self.spec.parallelism == "ddp"
         if ddp:
             st.model = parallel.wrap(st.model, "ddp", self.device, self.task)
-        # Same DDP bucket layout for every wrap, resumed or not (see train.parallel.prime).
-        batch = data_lib.first_pass(self.task, self.spec.seed, st.step,
-                                    self.spec.global_batch_size, self.world_size, rank,
-                                    st.recipe.micro_batch_size)
-        parallel.prime(st.model, self.task.loss, {k: v.to(self.device) for k, v in batch.items()})
         if self.spec.checkpoint_uri:
             timeout = timedelta(seconds=self.spec.collective_timeout_s)
             self.saver = CheckpointSaver(

@@ -35,7 +35,7 @@ from coordinator.protocol import (
     WorkerFailure,
     WorkerInfo,
 )
-from coordinator.checkpoint.restore import StateTransferMismatch
+from coordinator.workers.peer_transfer import StateTransferMismatch
 from coordinator.workers import snapshots
 from coordinator.workers.spec import WorkerSpec
 from coordinator.workers.worker import RestoreError, TrainWorker, WorkerError

@@ -237,6 +237,12 @@ class FailureConfig:
     # so a slow step (a big model, a slow collective) keeps answering and is never a hang; when
     # no worker answers, no step must have completed for as long either.
     hang_timeout_s: float = 3.0
+    # the same, for a worker whose last answer said it was in a long phase: building its model,
+    # joining a generation (taking its state from peers or a checkpoint), writing a checkpoint
+    # before training goes on, or taking the final digest. Heartbeats are answered through these
+    # too; this is the slack for a process its machine starves (memory pressure, an overloaded
+    # host), so a large model's long phases are never called a hang
+    busy_hang_timeout_s: float = 60.0
     # seconds to wait for min_workers worth of capacity (at start and after a loss), then exit 3
     wait_for_workers_s: float = 60.0
     # true: a recovery starts replacements where capacity allows and waits for them (up to
@@ -276,6 +282,8 @@ class FailureConfig:
         _check(self.backoff_max_s >= self.backoff_s, "failure.backoff_max_s", self.backoff_max_s,
                f"must be >= failure.backoff_s ({self.backoff_s})")
         _check(self.max_failures >= 0, "failure.max_failures", self.max_failures, "must be >= 0")
+        _check(self.busy_hang_timeout_s >= self.hang_timeout_s, "failure.busy_hang_timeout_s",
+               self.busy_hang_timeout_s, "must be at least failure.hang_timeout_s")
         _check(self.hang_timeout_s > 0, "failure.hang_timeout_s", self.hang_timeout_s,
                "must be > 0")
         _check(self.wait_for_workers_s >= 0, "failure.wait_for_workers_s",

@@ -145,6 +145,10 @@ class Heartbeat:
     memory: Dict[int, List[int]] = field(default_factory=dict)
     memory_world: int = 0
     memory_bytes: int = 0  # the most host memory its snapshots have held at once
+    # the long phase it is in (a model build, a join, a save, the final digest; None: training
+    # or idle): silence in it is allowed up to failure.busy_hang_timeout_s
+    busy: Optional[str] = None
+    peak_rss_bytes: Optional[int] = None  # its process's peak resident memory (VmHWM)
 
 
 @dataclass
@@ -183,6 +187,8 @@ class PollResult:
     finished: Dict[int, TrainResult] = field(default_factory=dict)  # train calls that returned
     failures: List[WorkerFailure] = field(default_factory=list)
     silent_s: Dict[int, float] = field(default_factory=dict)  # rank -> seconds without an answer
+    # rank -> the long phase its last answer said it was in (Heartbeat.busy), where it said one
+    busy: Dict[int, str] = field(default_factory=dict)
 
 
 class GroupError(RuntimeError):

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -91,15 +92,18 @@ def _ray_train_loop(config):
     from train.state import TrainState
     from train.task import make_task
 
+    from coordinator.procmem import peak_rss_bytes
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(1)
-    task = make_task(TASK, {})
+    job = config["job"]
+    task = make_task(TASK, job["task_args"])
     torch.manual_seed(0)
     model = ray.train.torch.prepare_model(task.build_model())
     inner = model.module if hasattr(model, "module") else model
     opt = task.build_optimizer(inner)
-    sched = task.build_scheduler(opt, STEPS)
+    sched = task.build_scheduler(opt, job["steps"])
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -115,8 +119,9 @@ def _ray_train_loop(config):
     def after_step(done, weighted_loss, t, duration):
         with open(log, "a") as f:
             f.write(json.dumps({"rank": rank, "step": done, "t": time.time(),
-                                "start": start, "pid": os.getpid()}) + "\n")
-        if done % INTERVAL == 0:
+                                "start": start, "pid": os.getpid(),
+                                "peak_rss": peak_rss_bytes()}) + "\n")
+        if done % job["interval"] == 0:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     torch.save({"model": inner.state_dict(), "opt": opt.state_dict(),
@@ -125,7 +130,7 @@ def _ray_train_loop(config):
                 ray.train.report({"step": done},
                                  checkpoint=ray.train.Checkpoint.from_directory(d)
                                  if rank == 0 else None)
-        if done == KILL_AT and rank == 1 and not os.path.exists(config["marker"]):
+        if done == job["kill_at"] and rank == 1 and not os.path.exists(config["marker"]):
             with open(config["marker"], "w") as f:
                 f.write(str(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
@@ -133,11 +138,15 @@ def _ray_train_loop(config):
 
     # Our rank loop, with Ray Train's model preparation, checkpoints and reports in its hook.
     state = TrainState(task, model, opt, sched, step=start)
-    run_steps(state, seed=0, global_batch_size=GBS, world_size=world, rank=rank,
-              device=torch.device("cpu"), until_step=STEPS, after_step=after_step)
+    run_steps(state, seed=0, global_batch_size=job["gbs"], world_size=world, rank=rank,
+              device=torch.device("cpu"), until_step=job["steps"], after_step=after_step)
 
 
-def ray_train(tmp: str) -> dict:
+def ray_train(tmp: str, job: Optional[dict] = None) -> dict:
+    """Ray Train V2's TorchTrainer on the job (`job`: task_args, steps, kill_at, gbs, interval;
+    default: this benchmark's)."""
+    job = dict({"task_args": {}, "steps": STEPS, "kill_at": KILL_AT, "gbs": GBS,
+                "interval": INTERVAL}, **(job or {}))
     os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -148,7 +157,7 @@ def ray_train(tmp: str) -> dict:
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "RAY_TRAIN_V2_ENABLED": "1"}})
     try:
         trainer = TorchTrainer(
-            _ray_train_loop, train_loop_config={"log": log, "marker": marker},
+            _ray_train_loop, train_loop_config={"log": log, "marker": marker, "job": job},
             scaling_config=ScalingConfig(num_workers=WORKERS, use_gpu=False,
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name="bench_recovery", storage_path=os.path.join(tmp, "rt"),
@@ -165,8 +174,13 @@ def ray_train(tmp: str) -> dict:
     # survivors may still log the step they finished as rank 1 died).
     old = {r["pid"] for r in rows if r["t"] <= t_kill}
     first = min((r for r in rows if r["pid"] not in old), key=lambda r: r["t"])
+    rss = {}
+    for r in rows:
+        if r.get("peak_rss"):
+            rss[r["pid"]] = max(rss.get(r["pid"], 0), r["peak_rss"])
     return {"recovery_s": round(first["t"] - t_kill, 3), "lost_steps": before - first["start"],
-            "killed_at_step": before, "resumed_step": first["start"]}
+            "killed_at_step": before, "resumed_step": first["start"],
+            "peak_rss_gb": sorted(round(b / 1e9, 3) for b in rss.values())}
 
 
 def _free_port() -> int:
@@ -196,7 +210,7 @@ class Lighthouse:
 
 
 def torchft_job(tmp: str, kill_at: int = 0, steps: int = STEPS, timeout_s: float = 600,
-                workers: int = WORKERS, gbs: int = GBS) -> list:
+                workers: int = WORKERS, gbs: int = GBS, task_args: Optional[dict] = None) -> list:
     """`workers` torchft replica groups of one worker (scripts/torchft_replica.py); with `kill_at`,
     replica 1 is SIGKILLed after that step and restarted at once, as torchrun would. Returns the
     committed-step rows of every replica."""
@@ -211,7 +225,8 @@ def torchft_job(tmp: str, kill_at: int = 0, steps: int = STEPS, timeout_s: float
             [sys.executable, os.path.join(ROOT, "scripts", "torchft_replica.py"),
              "--replica", str(replica), "--replicas", str(workers), "--lighthouse",
              lighthouse.addr, "--steps", str(steps), "--global-batch-size", str(gbs),
-             "--task", TASK, "--log", log, "--kill-at", str(kill_at)],
+             "--task", TASK, "--task-args", json.dumps(task_args or {}), "--log", log,
+             "--kill-at", str(kill_at)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     procs = {r: start(r) for r in range(workers)}
@@ -323,12 +338,21 @@ def main() -> None:
     ap.add_argument("--torchft-only", metavar="DIR",
                     help="run only the torchft side, keeping its files in DIR")
     ap.add_argument("--parallelism", choices=["ddp", "fsdp", "hsdp"], default="ddp")
+    # the job of --ray-train-only (scripts/bench_scale.py runs it at other sizes)
+    ap.add_argument("--task-args", default="{}", help="the task's arguments, as JSON")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--kill-at", type=int, default=KILL_AT)
+    ap.add_argument("--global-batch-size", type=int, default=GBS)
+    ap.add_argument("--interval", type=int, default=INTERVAL)
     args = ap.parse_args()
     if args.parallelism in SHARDED:
         return sharded_main(args)
     if args.ray_train_only:
         os.makedirs(args.ray_train_only, exist_ok=True)
-        print(json.dumps(ray_train(args.ray_train_only)))
+        print(json.dumps(ray_train(args.ray_train_only, {
+            "task_args": json.loads(args.task_args), "steps": args.steps,
+            "kill_at": args.kill_at, "gbs": args.global_batch_size,
+            "interval": args.interval})))
         return
     if args.torchft_only:
         print(json.dumps(torchft(args.torchft_only)))

@@ -8,7 +8,8 @@ participant's did). Each group has its own TCPStore (a group of one: this proces
 Replica group `r` of `R` trains the samples our rank `r` of a world of `R` would, at the step the
 manager says; the scheduler steps with each committed step.
 
-Each committed step appends {"replica", "step", "t", "pid", "healed"} to --log. With --kill-at, the
+Each committed step appends {"replica", "step", "t", "pid", "healed", "peak_rss"} to --log
+(peak_rss: the process's VmHWM, bytes). With --kill-at, the
 replica --kill-replica SIGKILLs itself once after committing that step (a marker file next to the
 log keeps its restart from doing it again) and writes the kill's time into the marker.
 
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--task", default="train.tasks.gpt:TinyGPT")
+    p.add_argument("--task-args", default="{}", help="the task's arguments, as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", required=True)
     p.add_argument("--kill-at", type=int, default=0)
@@ -49,10 +51,11 @@ def main() -> None:
     from torchft import DistributedDataParallel, Manager, Optimizer, ProcessGroupGloo
 
     from train import data as data_lib
+    from coordinator.procmem import peak_rss_bytes
     from train.task import make_task
 
     torch.set_num_threads(1)
-    task = make_task(a.task, {})
+    task = make_task(a.task, json.loads(a.task_args))
     torch.manual_seed(a.seed)
     model = task.build_model()
     inner = task.build_optimizer(model)
@@ -95,7 +98,8 @@ def main() -> None:
             if sched is not None:
                 sched.step()
             log.write(json.dumps({"replica": a.replica, "step": done, "t": time.time(),
-                                  "pid": os.getpid(), "healed": bool(healed)}) + "\n")
+                                  "pid": os.getpid(), "healed": bool(healed),
+                                  "peak_rss": peak_rss_bytes()}) + "\n")
             log.flush()
             if a.kill_at and done == a.kill_at and a.replica == a.kill_replica \
                     and not os.path.exists(marker):

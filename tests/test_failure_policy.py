@@ -111,6 +111,24 @@ def test_hang_rule_needs_a_peer_that_answers():
     assert hung({}, limit_s=10) == []
 
 
+def test_a_worker_in_a_long_phase_gets_the_busy_limit_and_a_frozen_one_still_does_not():
+    """A worker whose last answer said it was saving (or building, joining, digesting) is
+    allowed failure.busy_hang_timeout_s of silence; a worker in no such phase, its plain
+    failure.hang_timeout_s, whatever its peers are doing."""
+    from coordinator.control.failure_policy import all_frozen, hung
+
+    saving = {1: "saving a checkpoint"}
+    assert hung({0: 0.5, 1: 12.0}, 3, saving, 60) == []  # a long save: not a hang
+    assert hung({0: 0.5, 1: 61.0}, 3, saving, 60) == [1]  # past the busy limit: hung
+    assert hung({0: 0.5, 1: 12.0, 2: 4.0}, 3, saving, 60) == [2]  # the idle one is
+    assert hung({0: 12.0, 1: 4.0}, 3, {0: "joining generation 2"}, 60) == []  # none answers
+    assert hung({0: 0.5, 1: 12.0}, 3, saving, None) == [1]  # no busy limit: the plain rule
+    assert all_frozen({0: 12.0}, stalled_s=12.0, limit_s=3, busy={0: "taking the final digest"},
+                      busy_limit_s=60) == []
+    assert all_frozen({0: 70.0}, stalled_s=70.0, limit_s=3, busy={0: "taking the final digest"},
+                      busy_limit_s=60) == [0]
+
+
 def test_settle_grace_is_long_whatever_the_parallelism():
     from coordinator.control.failure_policy import SETTLE_MIN_S, settle_grace_s
 

@@ -1,10 +1,10 @@
 """A worker lost at any moment of a generation's life is survived, bit-identical.
 
 The fault is injected from the test side, by the task itself (no production code path knows of
-it): rank 1's process SIGKILLs itself once per job at the named moment, while the generation
-forms (its first batch is taken: a DDP worker built its model when it started), while DDP's
-buckets are primed, inside its first step, inside the
-last step, or while the final digest is taken. A replacement takes rank 1 and the final weights
+it): rank 1's process SIGKILLs itself once per job at the named moment: inside its first step
+(the generation has just formed), inside the last step, or while the final digest is taken. (A
+DDP join runs none of the task's code: its model was built when the worker started, and the
+bucket layout is set without a forward pass.) A replacement takes rank 1 and the final weights
 equal plain torch DDP's on 4 processes.
 """
 
@@ -40,7 +40,6 @@ class Killer(TinyGPT):
         super().__init__(**kw)
         self.at, self.rank, self.marker, self.last_call = at, rank, marker, last_call
         self.calls = 0
-        self.sampled = False
 
     def _die(self):
         if not dist.is_initialized() or dist.get_rank() != self.rank:
@@ -51,12 +50,6 @@ class Killer(TinyGPT):
             return  # once per job: the replacement trains on
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def sample(self, index, seed):
-        if self.at == "forming" and not self.sampled and dist.is_initialized():
-            self.sampled = True  # the first batch taken in a group: the join's priming batch
-            self._die()
-        return super().sample(index, seed)
-
     def build_model(self):
         model = super().build_model()
         if self.at == "digest":  # the final digest is the first full state dict taken
@@ -64,9 +57,8 @@ class Killer(TinyGPT):
         return model
 
     def loss(self, model, batch):
-        self.calls += 1  # call 1: the bucket priming of the first join; call k+1: step k
-        if (self.at, self.calls) in (("priming", 1), ("first_step", 2),
-                                     ("last_step", self.last_call)):
+        self.calls += 1  # call k: step k
+        if (self.at, self.calls) in (("first_step", 1), ("last_step", self.last_call)):
             self._die()
         return super().loss(model, batch)
 """
@@ -78,11 +70,11 @@ def reference():
     return weights_digest(state)
 
 
-@pytest.mark.parametrize("at", ["forming", "priming", "first_step", "last_step", "digest"])
+@pytest.mark.parametrize("at", ["first_step", "last_step", "digest"])
 def test_a_worker_killed_at_any_moment_is_replaced_bit_identical(tmp_path, reference, at):
     (tmp_path / "killer.py").write_text(KILLER_TASK)
     marker = tmp_path / "killed"
-    args = {"at": at, "rank": 1, "marker": str(marker), "last_call": STEPS + 1}
+    args = {"at": at, "rank": 1, "marker": str(marker), "last_call": STEPS}
     task_args = "{" + ", ".join(f"{k}: {v!r}" if isinstance(v, int) else f"{k}: '{v}'"
                                 for k, v in args.items()) + "}"
     run_dir = tmp_path / "run"
@@ -198,8 +190,8 @@ class LongStep(TinyGPT):
         self.step, self.seconds, self.calls = step, seconds, 0
 
     def loss(self, model, batch):
-        self.calls += 1  # call 1: the bucket priming; call k+1: step k
-        if self.calls == self.step + 1 and dist.get_rank() == 0:
+        self.calls += 1  # call k: step k
+        if self.calls == self.step and dist.get_rank() == 0:
             end = time.time() + self.seconds
             while time.time() < end:
                 pass

@@ -545,7 +545,10 @@ class Controller:
             logger.debug("last reports before failing not taken: %s", e)
 
     def _absorb(self, poll: PollResult) -> None:
-        for hb in poll.heartbeats.values():
+        for rank, hb in poll.heartbeats.items():
+            pid = self.group.pid(rank)
+            if hb.peak_rss_bytes and pid is not None:
+                self.job.peak_rss[pid] = max(self.job.peak_rss.get(pid, 0), hb.peak_rss_bytes)
             for rep in hb.reports:
                 done = self.steps.add(rep, self.job.world_size)
                 if done is None:

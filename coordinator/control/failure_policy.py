@@ -230,23 +230,38 @@ class NodeIsolation:
         return False
 
 
-def hung(silent_s: Dict[int, float], limit_s: float) -> List[int]:
-    """Ranks silent for longer than `limit_s` (failure.hang_timeout_s) while some peer still
-    answers. A frozen process (SIGSTOP, a GIL-bound loop) cannot answer on its control thread;
-    its peers, blocked in a collective with it, still can. If nobody answers, the driver's view
-    is in doubt (e.g. the whole node is frozen) and nothing is decided here."""
-    quiet = [r for r, s in silent_s.items() if s > limit_s]
-    if not quiet or len(quiet) == len(silent_s):
+def limits(silent_s: Dict[int, float], limit_s: float, busy: Optional[Dict[int, str]] = None,
+           busy_limit_s: Optional[float] = None) -> Dict[int, float]:
+    """Each rank's allowed silence: `limit_s` (failure.hang_timeout_s), or `busy_limit_s`
+    (failure.busy_hang_timeout_s) for a rank whose last answer said it was in a long phase."""
+    busy = busy or {}
+    return {r: busy_limit_s if busy_limit_s is not None and busy.get(r) else limit_s
+            for r in silent_s}
+
+
+def hung(silent_s: Dict[int, float], limit_s: float, busy: Optional[Dict[int, str]] = None,
+         busy_limit_s: Optional[float] = None) -> List[int]:
+    """Ranks silent for longer than their limit (see `limits`) while some peer still answers.
+    A frozen process (SIGSTOP, a GIL-bound loop) cannot answer on its control thread; its
+    peers, blocked in a collective with it, still can. If nobody answers, the driver's view is in
+    doubt (e.g. the whole node is frozen) and nothing is decided here."""
+    allowed = limits(silent_s, limit_s, busy, busy_limit_s)
+    quiet = [r for r, s in silent_s.items() if s > allowed[r]]
+    answering = [r for r, s in silent_s.items() if s <= limit_s]
+    if not quiet or not answering:
         return []
     return sorted(quiet)
 
 
-def all_frozen(silent_s: Dict[int, float], stalled_s: float, limit_s: float) -> List[int]:
+def all_frozen(silent_s: Dict[int, float], stalled_s: float, limit_s: float,
+               busy: Optional[Dict[int, str]] = None,
+               busy_limit_s: Optional[float] = None) -> List[int]:
     """No peer to compare with (a one-worker job, or every worker frozen at once): every rank
-    silent past `limit_s` AND no step completed for as long. A slow step is not silent (its
+    silent past its limit AND no step completed for as long. A slow step is not silent (its
     control thread answers), and a driver that stalled itself hears the answers at its next poll,
     so together the two signals mean the workers are frozen."""
-    if silent_s and stalled_s > limit_s and all(s > limit_s for s in silent_s.values()):
+    allowed = limits(silent_s, limit_s, busy, busy_limit_s)
+    if silent_s and all(s > allowed[r] and stalled_s > allowed[r] for r, s in silent_s.items()):
         return sorted(silent_s)
     return []
 

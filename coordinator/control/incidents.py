@@ -33,17 +33,23 @@ class Incidents:
     def kill_hung(self, poll: PollResult, stalled_s: float) -> List[WorkerFailure]:
         """Workers silent past failure.hang_timeout_s while their peers answer, or all of them
         when none answers and no step completed for as long (`stalled_s`): killed."""
-        limit = self.cfg.failure.hang_timeout_s
-        ranks, why = fp.hung(poll.silent_s, limit), "while its peers did"
+        limit, busy_limit = self.cfg.failure.hang_timeout_s, self.cfg.failure.busy_hang_timeout_s
+        ranks = fp.hung(poll.silent_s, limit, poll.busy, busy_limit)
+        why = "while its peers did"
         if not ranks:
-            ranks = fp.all_frozen(poll.silent_s, stalled_s, limit)
+            ranks = fp.all_frozen(poll.silent_s, stalled_s, limit, poll.busy, busy_limit)
             why = f"nor did any peer, and no step completed for {stalled_s:.0f}s"
         hung = [WorkerFailure(r, FailureKind.HANG, self.group.pid(r),
-                              f"no heartbeat for {poll.silent_s[r]:.0f}s") for r in ranks]
+                              f"no heartbeat for {poll.silent_s[r]:.0f}s"
+                              + (f" while {poll.busy[r]}" if poll.busy.get(r) else ""))
+                for r in ranks]
         for f in hung:
-            logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs %s "
-                           "(failure.hang_timeout_s=%g): killing it", f.rank, f.pid,
-                           poll.silent_s[f.rank], why, limit)
+            phase = poll.busy.get(f.rank)
+            logger.warning("worker %d (pid %s) has not answered a heartbeat for %.0fs%s %s "
+                           "(%s): killing it", f.rank, f.pid, poll.silent_s[f.rank],
+                           f" while {phase}" if phase else "", why,
+                           f"failure.busy_hang_timeout_s={busy_limit:g}" if phase
+                           else f"failure.hang_timeout_s={limit:g}")
             self.group.kill(f.rank)
         return hung
 

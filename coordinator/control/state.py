@@ -130,6 +130,7 @@ class JobRecord:
     resume: Optional[Any] = None  # the checkpoint this run started from (CheckpointInfo)
     transfer_mismatches: int = 0  # peer state transfers that failed their checksum
     memory_snapshot_bytes: int = 0  # the most host memory one rank's shard snapshots held
+    peak_rss: Dict[int, int] = field(default_factory=dict)  # worker pid -> peak resident bytes
     digest: Optional[str] = None
     skipped: Set[int] = field(default_factory=set)  # steps found non-finite: never applied
     nonfinite_run: List[int] = field(default_factory=list)  # the latest ones in a row

@@ -45,6 +45,9 @@ def job_summary(cfg: Config, job: JobRecord, steps: StepAccounting, committer,
         # FSDP2 in-memory snapshots: the peak host memory they held on one rank (its own and
         # its buddies' copies; checkpoint.memory_interval_steps)
         "memory_snapshot_bytes": job.memory_snapshot_bytes,
+        # each worker process's peak resident memory (VmHWM), by pid, in MB, and the largest
+        "peak_rss_mb": {str(pid): round(b / 2**20, 1) for pid, b in sorted(job.peak_rss.items())},
+        "peak_rss_mb_max": round(max(job.peak_rss.values()) / 2**20, 1) if job.peak_rss else None,
         "resumed_from_step": job.resume.step if job.resume else None,
         "checkpoints_committed": len(committer.committed) if committer else 0,
         "checkpoints_failed": len(committer.failed) if committer else 0,

@@ -11,6 +11,7 @@ included) never takes the rendezvous down with it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import logging
 import os
@@ -31,6 +32,7 @@ from coordinator.checkpoint.errors import OTHER, classify
 from coordinator.checkpoint.faults import StorageOutage
 from coordinator.checkpoint.fence import GenerationFence
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
+from coordinator.procmem import peak_rss_bytes
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
 from coordinator.workers.release import GroupSockets
 from coordinator.workers import peer_transfer
@@ -122,6 +124,8 @@ class TrainWorker:
         self._outage: Optional[StorageOutage] = None  # chaos: made by the first storage_outage
         self._poison = False  # chaos: this rank's next loss is made NaN
         self._peer_bytes = 0  # bytes taken from peers by the last join (DDP)
+        # the long phase the train thread is in (see _phase), said in every heartbeat
+        self._busy: Optional[str] = None
         self._fence: Optional[GenerationFence] = None  # this generation's (see checkpoint/fence)
         self._sockets = GroupSockets()  # this generation's group connections (see release)
         self._memory = ShardMemory(spec.memory_interval,  # FSDP2/HSDP shards in memory
@@ -130,6 +134,19 @@ class TrainWorker:
         # process's life: the collections a teardown runs (to close a failed group's sockets)
         # then scan only what came since, ~15 ms instead of ~200 ms on the recovery's path.
         gc.freeze()
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """A phase that may take long at a large model size (a model build, a join with its
+        state transfer or restore, a checkpoint written before training goes on, the final
+        digest): heartbeats say so, and the driver allows `failure.busy_hang_timeout_s` of
+        silence in it before calling the worker hung (they answer through it; the slack is
+        for a machine that starves the process)."""
+        outer, self._busy = self._busy, name
+        try:
+            yield
+        finally:
+            self._busy = outer
 
     def _pick_device(self) -> torch.device:
         if not self.spec.use_gpu:
@@ -156,7 +173,8 @@ class TrainWorker:
         gen, held, world = self._memory.store.held()
         return Heartbeat(self.rank, self.generation, step, reports, saves,
                          memory_generation=gen, memory=held, memory_world=world,
-                         memory_bytes=self._memory.store.peak_bytes)
+                         memory_bytes=self._memory.store.peak_bytes, busy=self._busy,
+                         peak_rss_bytes=peak_rss_bytes())
 
     @ray.method(concurrency_group="control")
     def snapshot_pieces(self, generation: int, owner: int, step: int,
@@ -223,7 +241,8 @@ class TrainWorker:
         the join. A build error is left for the join to raise (where it fails the job)."""
         if self.spec.parallelism == "ddp" and self.state is None:
             try:
-                self.state = self._build()
+                with self._phase("building its model"):
+                    self.state = self._build()
             except Exception:
                 self.state = None
 
@@ -237,6 +256,13 @@ class TrainWorker:
         rank holding copies of its in-memory snapshots in this generation. Returns the step and
         the seconds spent taking the state from `source` (the rest of the join is re-forming)."""
         source = source or Source()
+        with self._phase(f"joining generation {generation}"):
+            return self._join(generation, rank, world_size, store_host, store_port, source,
+                              buddies)
+
+    def _join(self, generation: int, rank: int, world_size: int, store_host: str,
+              store_port: int, source: Source, buddies: Optional[Dict[int, int]]
+              ) -> Dict[str, Any]:
         try:
             t = [time.monotonic()]
             held = self._leave(source)
@@ -558,10 +584,11 @@ class TrainWorker:
             try:  # a vote still in flight when the loop stopped: finish it on every rank
                 vote.finish()
                 if self.saver is not None:
-                    if spec.checkpoint_final and st.step == spec.total_steps \
-                            and self.saver.last_step != st.step and not poisoned:
-                        self._checkpoint()
-                    self.saver.wait()  # every save of this call is reported before it returns
+                    with self._phase("saving a checkpoint"):
+                        if spec.checkpoint_final and st.step == spec.total_steps \
+                                and self.saver.last_step != st.step and not poisoned:
+                            self._checkpoint()
+                        self.saver.wait()  # every save of this call is reported first
             except RuntimeError as e:
                 error = f"rank {self.rank} after step {st.step}: {short_error(e)}"
         if error is not None:
@@ -608,8 +635,9 @@ class TrainWorker:
     def _checkpoint(self) -> None:
         t0 = time.time()  # the stall includes gathering the state dict, not only staging it
         beside = self.state.optimizer if self.spec.checkpoint_beside_step else None
-        self.saver.save(self.state.step, checkpoint_state(self.state, self.rank), started=t0,
-                        optimizer=beside)
+        with self._phase("saving a checkpoint"):  # (async: the copy alone, beside the step)
+            self.saver.save(self.state.step, checkpoint_state(self.state, self.rank),
+                            started=t0, optimizer=beside)
         if self._kill_in_checkpoint:
             threading.Thread(target=self._kill_while_writing, args=(self.saver,),
                              daemon=True).start()
@@ -627,11 +655,14 @@ class TrainWorker:
         returns the digest, the others None."""
         assert self.state is not None
         try:
-            sd = full_model_state(self.state)
+            with self._phase("taking the final digest"):
+                sd = full_model_state(self.state)
+                digest = weights_digest(sd) if self.rank == 0 else None
+                del sd
         except RuntimeError as e:  # a peer was lost during the gather (FSDP2)
             error = f"rank {self.rank} taking the final digest: {short_error(e)}"
         else:
-            return weights_digest(sd) if self.rank == 0 else None
+            return digest
         self._broken = True
         self._teardown()
         raise WorkerError(error)

@@ -61,7 +61,8 @@ NODE_CHECK_S = 1.0  # how often a starting worker's node is asked whether it is 
 class RayWorkerGroup:
     def __init__(self, spec: WorkerSpec, cpus_per_worker: float, store, store_host: str,
                  free_slots: Callable[[Iterable[str]], Dict[str, int]], start_timeout_s: float,
-                 hang_timeout_s: float = 3.0, rpc_timeout_s: float = 10.0):
+                 hang_timeout_s: float = 3.0, rpc_timeout_s: float = 10.0,
+                 busy_hang_timeout_s: float = 60.0):
         self.spec = spec
         self.cpus_per_worker = cpus_per_worker
         self.store = store  # the driver's TCPStore (master): rendezvous and abort keys
@@ -70,6 +71,7 @@ class RayWorkerGroup:
         self.start_timeout_s = start_timeout_s
         self.rpc_timeout_s = rpc_timeout_s
         self.hang_timeout_s = hang_timeout_s
+        self.busy_hang_timeout_s = busy_hang_timeout_s  # silence allowed in a long phase
         self._node_checks: Dict[str, Tuple[float, bool]] = {}  # node -> (when asked, gone)
         self.actors: Dict[int, ray.actor.ActorHandle] = {}
         self.infos: Dict[int, WorkerInfo] = {}
@@ -79,6 +81,7 @@ class RayWorkerGroup:
         self._ready: List[_Newcomer] = []  # answering, waiting for a rank
         self._train_refs: Dict[int, ray.ObjectRef] = {}
         self._hb_refs: Dict[int, ray.ObjectRef] = {}  # heartbeats in flight
+        self._busy: Dict[int, Optional[str]] = {}  # rank -> the long phase it last said
         self._last_heard: Dict[int, float] = {}  # rank -> monotonic time of its last answer
         self._stash = PollResult()  # heartbeats taken outside poll(), handed out by the next one
         self._form_refs: Dict[int, ray.ObjectRef] = {}  # joins in flight (begin_form)
@@ -286,13 +289,14 @@ class RayWorkerGroup:
             # A member frozen while joining (SIGSTOP) blocks the others: find it by its silence.
             self._heartbeats(self._stash, 0.0)  # its reports reach the controller's next poll
             now = time.monotonic()
-            quiet = [r for r in refs if now - self._last_heard.get(r, now) > self.hang_timeout_s]
+            quiet = [r for r in refs if now - self._last_heard.get(r, now) > (
+                self.busy_hang_timeout_s if self._busy.get(r) else self.hang_timeout_s)]
             if quiet and len(quiet) < len(self._last_heard):
                 for r in quiet:
                     self.kill(r)
                     fs.append(WorkerFailure(r, FailureKind.HANG, self.pid(r),
-                                            f"no heartbeat for {self.hang_timeout_s:g}s while "
-                                            f"joining generation {generation}"))
+                                            f"no heartbeat for {now - self._last_heard[r]:.0f}s "
+                                            f"while joining generation {generation}"))
                     del refs[r]
             self._form_failures.extend(fs)
             if fs:
@@ -345,6 +349,7 @@ class RayWorkerGroup:
         now = time.monotonic()
         result.silent_s = {r: now - t for r, t in self._last_heard.items()
                            if r not in self.dead and r not in self.killed}
+        result.busy = {r: self._busy[r] for r in result.silent_s if self._busy.get(r)}
         if self._train_refs:
             done, _ = ray.wait(list(self._train_refs.values()),
                                num_returns=len(self._train_refs), timeout=0)
@@ -380,6 +385,7 @@ class RayWorkerGroup:
         now = time.monotonic()
         for r, hb in values.items():
             self._last_heard[r] = now
+            self._busy[r] = hb.busy
             prev = result.heartbeats.get(r)
             if prev is not None:  # two answers in one poll: keep every report, the newer step
                 hb.reports[:0] = prev.reports

@@ -251,6 +251,9 @@ class FailureConfig:
     replace: bool = True
     replace_timeout_s: float = 30.0  # seconds a recovery waits for placed replacements to start
     node_failure_limit: int = 3  # failures on one node before the job stops using it (0 = never)
+    # seconds a node where Ray's memory monitor killed a worker of this job gets no new worker
+    # (replacement or spare): the job shrinks or waits instead of feeding the pressure (0 = off)
+    memory_pressure_s: float = 300.0
     # seconds to wait before re-forming after the 2nd failure in a row without a completed step,
     # doubling with each further one
     backoff_s: float = 1.0
@@ -284,6 +287,8 @@ class FailureConfig:
         _check(self.max_failures >= 0, "failure.max_failures", self.max_failures, "must be >= 0")
         _check(self.busy_hang_timeout_s >= self.hang_timeout_s, "failure.busy_hang_timeout_s",
                self.busy_hang_timeout_s, "must be at least failure.hang_timeout_s")
+        _check(self.memory_pressure_s >= 0, "failure.memory_pressure_s", self.memory_pressure_s,
+               "must be >= 0")
         _check(self.hang_timeout_s > 0, "failure.hang_timeout_s", self.hang_timeout_s,
                "must be > 0")
         _check(self.wait_for_workers_s >= 0, "failure.wait_for_workers_s",

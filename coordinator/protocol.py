@@ -42,6 +42,9 @@ class FailureKind(str, enum.Enum):
         return self.value
 
 
+# The start of a lost worker's error when Ray's memory monitor killed it (workers/memory_pressure)
+MEMORY_KILLED = "killed by Ray's memory monitor"
+
 LOST_KINDS = frozenset({FailureKind.PROCESS_EXIT, FailureKind.NODE_LOST, FailureKind.HANG})
 
 

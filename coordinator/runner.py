@@ -102,7 +102,8 @@ def run_job(cfg: Config, reporter: ProgressReporter, leases: Optional[Leases] = 
         group = RayWorkerGroup(spec, cfg.scaling.cpus_per_worker, store, cluster.driver_ip(),
                                cluster.free_slots, start_timeout_s=cfg.failure.wait_for_workers_s,
                                hang_timeout_s=cfg.failure.hang_timeout_s,
-                               busy_hang_timeout_s=cfg.failure.busy_hang_timeout_s)
+                               busy_hang_timeout_s=cfg.failure.busy_hang_timeout_s,
+                               memory_pressure_s=cfg.failure.memory_pressure_s)
         hooks = ClusterHooks(remove_node=cluster.remove_node_of,
                              add_node=cluster.add_node_if_simulated,
                              preempt=lambda: os.kill(os.getpid(), signal.SIGUSR1),

@@ -69,6 +69,10 @@ def _worker(rank, world, port, out, parallelism, steps, task, task_args, gbs, se
               device=torch.device("cpu"), until_step=steps, after_step=global_loss,
               skip=skipped)
     sd = full_model_state(st)
+    from coordinator.procmem import peak_rss_bytes
+
+    with open(f"{out}.rss{rank}", "w") as f:
+        f.write(str(peak_rss_bytes() or 0))
     if rank == 0:
         torch.save({"state": sd, "losses": losses, "skipped": sorted(skipped), "evals": evals},
                    out)
@@ -88,17 +92,22 @@ def _leave():
 
 def run_world(world, parallelism="ddp", steps=3, task="train.tasks.gpt:TinyGPT", task_args=None,
               gbs=12, seed=0, skip=(), skipped=None, recipe=None, evaluate=(0, 0), evals=None,
-              shard_group_size=None):
+              shard_group_size=None, peak_rss=None):
     """Train `steps` steps on `world` processes; returns (full model state, global losses).
     `skip`: steps to skip (see run_steps); `skipped`: a list that receives every step skipped.
     `recipe`: keyword arguments of `train.step.Recipe` (micro-batches, precision, clipping).
     `evaluate`: (every, samples): the held-out loss (train.evaluate) after every `every`
-    steps, over `samples` samples, into the list `evals`. `shard_group_size`: HSDP's."""
+    steps, over `samples` samples, into the list `evals`. `shard_group_size`: HSDP's.
+    `peak_rss`: a list that receives each rank's peak resident bytes (VmHWM)."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "state.pt")
         _spawn(_worker, world, (out, parallelism, steps, task, task_args or {}, gbs, seed,
                                 tuple(skip), recipe, tuple(evaluate), shard_group_size))
         result = torch.load(out, weights_only=True)
+        if peak_rss is not None:
+            for r in range(world):
+                with open(f"{out}.rss{r}") as f:
+                    peak_rss.append(int(f.read()))
     if skipped is not None:
         skipped.extend(result["skipped"])
     if evals is not None:

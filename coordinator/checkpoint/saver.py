@@ -109,6 +109,14 @@ class _Persist:
         return self.future.done()
 
 
+def make_stager() -> DefaultStager:
+    """Staging buffers for saves: host memory (pinned on a GPU machine), kept between saves and
+    reused for the same tensors (a copy into memory already allocated)."""
+    return DefaultStager(StagingOptions(
+        use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+        use_async_staging=False, use_non_blocking_copy=False))
+
+
 class CheckpointSaver:
     def __init__(self, uri: str, storage_options: Dict[str, Any], async_: bool, rank: int,
                  group, retries: int = 3, backoff_s: float = 1.0, thread_count: int = 2,
@@ -116,7 +124,7 @@ class CheckpointSaver:
                  reports: Optional["collections.deque[SaveReport]"] = None,
                  fault: Optional[Callable[[], None]] = None, persist_timeout_s: float = 60.0,
                  agree_group=None, new_group: Optional[Callable[[], Any]] = None,
-                 hash_name: str = HASHES[0]):
+                 hash_name: str = HASHES[0], stager: Optional[DefaultStager] = None):
         """`group`: the gloo group DCP's collectives run on (None: no process group, one rank).
         `agree_group`: the group the training thread agrees on a save in flight over (None: the
         default group); `new_group`: makes a fresh checkpoint group when a stuck save is given up
@@ -124,7 +132,9 @@ class CheckpointSaver:
         `persist_timeout_s`: see `_settle`. `fault`: a fault point called before every write of
         every save (chaos only: a `checkpoint.faults.StorageOutage`'s `check`); None, the
         default, checks nothing. `hash_name`: the checksum of every file (one of
-        storage.HASHES)."""
+        storage.HASHES). `stager`: the staging buffers to copy into (`make_stager`), kept by the
+        caller across savers so a new generation reuses them instead of allocating a second
+        copy of the state; None: this saver's own, released by `close`."""
         new_hash(hash_name)  # a bad name fails here, not in the background
         self.hash_name = hash_name
         self.uri, self.rank, self.group, self.async_ = uri, rank, group, async_
@@ -146,9 +156,8 @@ class CheckpointSaver:
         self._current: Optional[_Persist] = None
         self.seq = 0
         self.given_up = 0  # saves given up for want of an answer from storage
-        self._stager = DefaultStager(StagingOptions(
-            use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
-            use_async_staging=False, use_non_blocking_copy=False))
+        self._own_stager = stager is None
+        self._stager = stager if stager is not None else make_stager()
         self._beside = BesideStep()
         self.last_step: Optional[int] = None
         self._split = split_replicated
@@ -210,7 +219,13 @@ class CheckpointSaver:
             self._abandon_reported(p)
         self._current = None
         self._beside.release()
-        self._stager.close()
+        if self._own_stager:
+            self._stager.close()
+
+    @property
+    def in_flight(self) -> bool:
+        """A save is being written (its staged copy is still read)."""
+        return self._current is not None and not self._current.done()
 
     def abandon(self) -> None:
         """Give up on a save in flight without waiting for it: its group is broken (a peer was

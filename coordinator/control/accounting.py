@@ -106,6 +106,11 @@ class StepAccounting:
     def resume_at(self, step: int) -> None:
         self.last_step = self.max_step_seen = step
 
+    @property
+    def awaiting_recovery(self) -> bool:
+        """A recovered generation has not completed its first step yet."""
+        return self._awaiting is not None
+
     def expect_recovery(self, fields: Dict[str, Any], t0: float, formed_t: float) -> None:
         """The next completed step ends a recovery detected at `t0` whose generation formed at
         `formed_t`: it yields `fields` with `recovery_s` (and the first step's phase) added."""

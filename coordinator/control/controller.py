@@ -349,7 +349,11 @@ class Controller:
         return plan.reason, self.progress()
 
     def _grow(self, now: float) -> str:
-        """Look for capacity to grow into (or for spares) every scaling.grow_check_s."""
+        """Look for capacity to grow into (or for spares) every scaling.grow_check_s; not
+        before a recovered generation's first step (the recovery's time): a worker starting
+        meanwhile (importing torch, building its model) takes the CPU that step needs."""
+        if self.steps.awaiting_recovery:
+            return ""
         sc = self.cfg.scaling
         ready = self.group.collect_ready()
         due = now - self._capacity_checked >= sc.grow_check_s

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
 from coordinator.control.scaling_policy import whole_groups
-from coordinator.protocol import FailureKind, PlanAction, SourceKind, WorkerFailure
+from coordinator.protocol import (MEMORY_KILLED, FailureKind, PlanAction, SourceKind,
+                                  WorkerFailure)
 
 SETTLE_MIN_S = 10.0  # the least survivors get to leave a failed group (see settle_grace_s)
 
@@ -338,6 +339,8 @@ def describe(kind: FailureKind, fs: List[WorkerFailure]) -> str:
     pids = ", ".join(str(f.pid) for f in fs)
     words = kind.value.replace("_", " ")
     if kind.lost:
+        if all(f.error.startswith(MEMORY_KILLED) for f in fs):  # the cause, in Ray's words
+            return f"{noun} {ranks} {fs[0].error} (pid {pids})"
         return f"{noun} {ranks} lost ({words}, pid {pids})"
     return f"{noun} {ranks} failed ({words}: {fs[0].error})"
 

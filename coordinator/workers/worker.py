@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from coordinator.checkpoint.errors import OTHER, classify
 from coordinator.checkpoint.faults import StorageOutage
 from coordinator.checkpoint.fence import GenerationFence
-from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint
+from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint, make_stager
 from coordinator.procmem import peak_rss_bytes
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
 from coordinator.workers.release import GroupSockets
@@ -113,6 +113,9 @@ class TrainWorker:
         self._reports: "collections.deque[StepReport]" = collections.deque()
         self._save_reports: "collections.deque[SaveReport]" = collections.deque()
         self.saver: Optional[CheckpointSaver] = None
+        # the savers' staging buffers, one set for the worker's life: every generation's saver
+        # copies into them, so a recovery never allocates a second copy of the state
+        self._stager = None
         self._ctl_group = None  # gloo group for stop agreement and peer state (None: default)
         self._stop = StopMode.NONE
         self._save_request = 0  # the highest checkpoint request heard from the controller
@@ -444,13 +447,15 @@ class TrainWorker:
             st.model = parallel.wrap(st.model, "ddp", self.device, self.task)
         if self.spec.checkpoint_uri:
             timeout = timedelta(seconds=self.spec.collective_timeout_s)
+            if self._stager is None:
+                self._stager = make_stager()
             self.saver = CheckpointSaver(
                 self.spec.checkpoint_uri, self.spec.checkpoint_options,
                 self.spec.checkpoint_async, rank, ckpt_group, split_replicated=ddp,
                 generation=self.generation, reports=self._save_reports,
                 fault=self._fault_point(),
                 persist_timeout_s=self.spec.checkpoint_persist_timeout_s,
-                hash_name=self.spec.checkpoint_hash,
+                hash_name=self.spec.checkpoint_hash, stager=self._stager,
                 agree_group=self._ctl_group,
                 new_group=lambda: self._tracked_group(timeout))
             # A restored step is on storage already: the final save does not repeat it.
@@ -500,12 +505,17 @@ class TrainWorker:
             return
         if self.saver is not None:
             if self._broken:
+                if self.saver.in_flight:  # its thread may still read the buffers: not reused
+                    self._stager = None
                 self.saver.abandon()
             else:
                 self.saver.close()  # a clean pause: the save in flight completes and reports
             self.saver = None
         if self.state is not None:
             if self.spec.parallelism == "ddp":
+                # the gradients are views into this wrapper's buckets (and garbage between
+                # steps): dropped, so the buckets go with the wrapper before the next one's
+                self.state.optimizer.zero_grad(set_to_none=True)
                 self.state.model = parallel.unwrap(self.state.model)
             else:
                 # FSDP2's shards belong to the old mesh: the model is rebuilt on the new one and

@@ -35,6 +35,7 @@ from coordinator.protocol import (
     WorkerFailure,
     WorkerInfo,
 )
+from coordinator.workers.memory_pressure import MemoryPressure, memory_kill
 from coordinator.workers.peer_transfer import StateTransferMismatch
 from coordinator.workers import snapshots
 from coordinator.workers.spec import WorkerSpec
@@ -62,7 +63,7 @@ class RayWorkerGroup:
     def __init__(self, spec: WorkerSpec, cpus_per_worker: float, store, store_host: str,
                  free_slots: Callable[[Iterable[str]], Dict[str, int]], start_timeout_s: float,
                  hang_timeout_s: float = 3.0, rpc_timeout_s: float = 10.0,
-                 busy_hang_timeout_s: float = 60.0):
+                 busy_hang_timeout_s: float = 60.0, memory_pressure_s: float = 300.0):
         self.spec = spec
         self.cpus_per_worker = cpus_per_worker
         self.store = store  # the driver's TCPStore (master): rendezvous and abort keys
@@ -72,6 +73,7 @@ class RayWorkerGroup:
         self.rpc_timeout_s = rpc_timeout_s
         self.hang_timeout_s = hang_timeout_s
         self.busy_hang_timeout_s = busy_hang_timeout_s  # silence allowed in a long phase
+        self.pressure = MemoryPressure(memory_pressure_s)  # nodes short of memory
         self._node_checks: Dict[str, Tuple[float, bool]] = {}  # node -> (when asked, gone)
         self.actors: Dict[int, ray.actor.ActorHandle] = {}
         self.infos: Dict[int, WorkerInfo] = {}
@@ -115,7 +117,8 @@ class RayWorkerGroup:
         workers first), without waiting for them. Under HSDP whole shard groups go first, each
         on one node where one has the room (its all-gathers stay on the node; a lost node
         takes whole groups, whose replicas live elsewhere). Returns how many were placed."""
-        slots = self.free_slots(list(exclude) + self.unresponsive_nodes())
+        shunned = self.unresponsive_nodes() + self.pressure.nodes()
+        slots = self.free_slots(list(exclude) + shunned)
         ours: Dict[str, int] = {}
         for info in self.infos.values():
             ours[info.node_id] = ours.get(info.node_id, 0) + 1
@@ -545,7 +548,10 @@ class RayWorkerGroup:
         info = self.infos.get(rank)
         lost_node = info is not None and not node_reachable(info.node_id)
         kind = FailureKind.NODE_LOST if lost_node else FailureKind.PROCESS_EXIT
-        return WorkerFailure(rank, kind, self.pid(rank), first_sentence(err))
+        oom = memory_kill(str(err))
+        if oom is not None and info is not None:
+            self.pressure.killed_on(info.node_id)
+        return WorkerFailure(rank, kind, self.pid(rank), oom or first_sentence(err))
 
     def pid(self, rank: int) -> Optional[int]:
         info = self.infos.get(rank)

@@ -68,6 +68,7 @@ bench: install
 	$(PY) scripts/bench_overhead.py --parallelism fsdp > docs/bench/snapshots.json.tmp && mv docs/bench/snapshots.json.tmp docs/bench/snapshots.json
 	$(PY) scripts/bench_recovery.py --parallelism fsdp --json > docs/bench/recovery_fsdp.json.tmp && mv docs/bench/recovery_fsdp.json.tmp docs/bench/recovery_fsdp.json
 	$(PY) scripts/bench_recovery.py --parallelism hsdp --json > docs/bench/recovery_hsdp.json.tmp && mv docs/bench/recovery_hsdp.json.tmp docs/bench/recovery_hsdp.json
+	$(PY) scripts/bench_scale.py --json --plot docs/bench/scale.png > docs/bench/scale.json.tmp && mv docs/bench/scale.json.tmp docs/bench/scale.json
 	$(PY) scripts/bench_tables.py
 	cat docs/bench/*.json
 

@@ -294,6 +294,49 @@ def goals(size: str, res: dict, state: int) -> dict:
     return out
 
 
+def plot(result: dict, path: str) -> None:
+    """Recovery seconds and peak memory per worker against the state size, ours and the peers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(result["sizes"])
+    gb = [result["sizes"][s]["state_bytes"] / GB for s in sizes]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"ours_ddp": ("ours (DDP)", "o-"), "ours_fsdp": ("ours (FSDP2)", "s-"),
+              "torchft": ("torchft", "^--"), "ray_train": ("Ray Train V2", "v--"),
+              "torch_ddp": ("plain torch DDP", "x:"), "torch_fsdp": ("plain torch FSDP2", "+:")}
+    for side, (label, style) in styles.items():
+        rec = [(g, result["sizes"][s]["sides"].get(side, {}).get("recovery_s"))
+               for g, s in zip(gb, sizes)]
+        rec = [(g, v) for g, v in rec if v is not None]
+        if rec:
+            ax1.plot(*zip(*rec), style, label=label)
+        rss = [(g, max(result["sizes"][s]["sides"].get(side, {}).get("peak_rss_gb") or [0]))
+               for g, s in zip(gb, sizes)]
+        rss = [(g, v) for g, v in rss if v]
+        if rss:
+            ax2.plot(*zip(*rss), style, label=label)
+    bound = [(g, result["sizes"][s]["goals"].get("ours_ddp_peak_rss_within_bound", {})
+              .get("bound_gb")) for g, s in zip(gb, sizes)]
+    bound = [(g, v) for g, v in bound if v]
+    if bound:
+        ax2.plot(*zip(*bound), "k-", lw=0.8, alpha=0.5, label="bound: plain DDP + one state copy")
+    for ax, title, unit in ((ax1, "kill -> next step", "seconds"),
+                            (ax2, "peak RSS per worker", "GB")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training state per replica (GB)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"4 CPU workers, GPT at three sizes, worker 1 killed after step {KILL_AT}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -301,6 +344,7 @@ def main() -> None:
                     help="a state size (repeatable; default: all three)")
     ap.add_argument("--sides", default=",".join(SIDES),
                     help=f"comma-separated, of: {', '.join(SIDES)}")
+    ap.add_argument("--plot", metavar="PNG", help="also draw the picture to this file")
     args = ap.parse_args()
     sizes = args.size or list(SIZES)
     sides = [s for s in args.sides.split(",") if s]
@@ -329,6 +373,8 @@ def main() -> None:
                 print(f"  {json.dumps(res[side])[:400]}", file=sys.stderr, flush=True)
             result["sizes"][size] = {"state_bytes": state, "task_args": SIZES[size],
                                      "sides": res, "goals": goals(size, res, state)}
+    if args.plot:
+        plot(result, args.plot)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

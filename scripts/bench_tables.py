@@ -195,7 +195,47 @@ def recovery_fsdp(j: Dict) -> List[str]:
             f"{_machine(j['machine'])}."]
 
 
+SCALE_SIDES = {"ours_ddp": "ours, DDP (a spare takes the rank)", "ours_fsdp": "ours, FSDP2",
+               "ours_hsdp": "ours, HSDP 2x2", "torch_ddp": "plain torch DDP (no failure)",
+               "torch_fsdp": "plain torch FSDP2 (no failure)", "torchft": "torchft",
+               "ray_train": "Ray Train V2", "raw_gloo": "a raw gloo send of the state"}
+
+
+def scale(j: Dict) -> List[str]:
+    """bench_scale.py: per state size, each side's memory, recovery and speed."""
+    rows = []
+    for size, r in j["sizes"].items():
+        for k, label in SCALE_SIDES.items():
+            s = r["sides"].get(k)
+            if s is None:
+                continue
+            if "error" in s:
+                rows.append([size, label, f"not measured: {s['error'][:120]}", "-", "-", "-",
+                             "-"])
+                continue
+            rss = s.get("peak_rss_gb")
+            phases = s.get("phases") or {}
+            rows.append([
+                size, label,
+                f"{max(rss):.2f}" if rss else "-",
+                _s(s.get("recovery_s")),
+                (f"form {phases.get('form_s', 0):.2f} (transfer {phases.get('transfer_s', 0):.2f})"
+                 f", first step {phases.get('first_step_s', 0):.2f}") if phases else "-",
+                _s(s.get("transfer_gbps") or s.get("gbps"), " GB/s"),
+                _s(s.get("steps_per_s"), "", 3)])
+    out = table(["state", "side", "peak RSS per worker (GB)", "kill to next step",
+                 "where (ours)", "transfer", "steps/s"], rows)
+    out.append("")
+    for size, r in j["sizes"].items():
+        out.append(f"Goals at {size}: " + "; ".join(
+            f"{k} {v['goal']}: {v['value']} ({_met(v)})" if "goal" in v
+            else f"{k}: {v['value']}" for k, v in r["goals"].items()) + ".")
+    out.append(f"One run per side; {_machine(j['machine'])}.")
+    return out
+
+
 TABLES: Dict[str, Callable[[Dict], List[str]]] = {
+    "scale": scale,
     "overhead": overhead, "prefetch": prefetch, "recovery": recovery, "checkpoint": checkpoint,
     "snapshots": snapshots, "recovery_fsdp": recovery_fsdp, "recovery_hsdp": recovery_fsdp}
 

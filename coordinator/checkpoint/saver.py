@@ -42,6 +42,7 @@ from coordinator.checkpoint.staging import (BesideStep, copy_unheld, optimizer_s
                                              side_stream_copy)
 from coordinator.checkpoint.storage import HASHES, filesystem, join, new_hash, options_for
 from coordinator.checkpoint.writer import DETAIL_CHARS, HashingWriter, no_zip_crc
+from coordinator.procmem import release_free_memory
 from coordinator.protocol import SaveReport
 from train.errors import short_error
 from train.state import first_nonfinite
@@ -340,6 +341,7 @@ class CheckpointSaver:
                                        time.time() - p.t0, 0, short_error(e), generation=
                                        self.generation, world_size=self.world_size))
         finally:
+            release_free_memory()  # what the write's threads freed goes back to the kernel
             p.future.set_result(None)
 
     def _persist(self, p: _Persist, staged: Dict[str, Any]) -> None:

@@ -39,11 +39,11 @@ def _slow_copy(saver, after=None):
     given: an update that did not wait for it would land in the checkpoint."""
     stage = saver._stage
 
-    def slow(state):
+    def slow(state, split):
         if after is not None:
             assert after.wait(30)
         time.sleep(SLOW_COPY_S)
-        return stage(state)
+        return stage(state, split)
 
     saver._stage = slow
 
@@ -142,3 +142,27 @@ def test_only_what_the_optimizer_alone_updates_is_left_for_later():
     assert len(momentum) == 5
     params = 8 * 8 + 8 + 8 + 8 + 2
     assert later == 2 * params * 4  # the parameters and their momentum, fp32
+
+
+def test_host_copies_hold_a_view_at_its_own_size_and_are_reused_between_saves():
+    """A DDP rank stages only its slice of each replicated tensor: the buffer is the slice's
+    size (torch's DefaultStager would copy the whole storage behind the view), and the next
+    save copies into the same buffers."""
+    from coordinator.checkpoint.staging import HostCopies
+
+    full = torch.arange(4000, dtype=torch.float32).reshape(400, 10)
+    sd = {"model": {"w": full[100:200]}, "optim": [torch.ones(3)], "step": 7}
+    copies = HostCopies()
+    staged = copies.stage(sd)
+    assert torch.equal(staged["model"]["w"], full[100:200]) and staged["step"] == 7
+    assert staged["model"]["w"].untyped_storage().nbytes() == 100 * 10 * 4
+    assert copies.nbytes == 100 * 10 * 4 + 3 * 4
+    first = staged["model"]["w"].data_ptr()
+    full.add_(1)
+    again = copies.stage(sd)
+    assert again["model"]["w"].data_ptr() == first, "the buffer is reused"
+    assert torch.equal(again["model"]["w"], full[100:200])
+    smaller = copies.stage({"model": {"w": full[:50]}, "optim": [torch.ones(3)], "step": 8})
+    assert smaller["model"]["w"].shape == (50, 10)  # a new world size: a buffer of the new size
+    copies.close()
+    assert copies.nbytes == 0

@@ -33,13 +33,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from coordinator.checkpoint import errors
 from coordinator.checkpoint.errors import StorageError, classify
 from coordinator.checkpoint.manifest import step_name
-from coordinator.checkpoint.staging import (BesideStep, copy_unheld, optimizer_storages,
-                                             side_stream_copy)
+from coordinator.checkpoint.staging import (BesideStep, HostCopies, copy_unheld,
+                                             optimizer_storages, side_stream_copy)
 from coordinator.checkpoint.storage import HASHES, filesystem, join, new_hash, options_for
 from coordinator.checkpoint.writer import DETAIL_CHARS, HashingWriter, no_zip_crc
 from coordinator.procmem import release_free_memory
@@ -53,23 +52,43 @@ logger = logging.getLogger(__name__)
 SPLIT_MIN_NUMEL = 4096
 
 
-def _split_replicated(sd: Any, mesh, world: int, rank: int) -> Any:
-    """Present every large replicated tensor (DDP's weights and optimizer state) as a DTensor
-    sharded on dim 0 over the checkpoint group, so each rank writes ~1/N of the bytes. DCP's own
-    de-duplication works per whole tensor and would leave one rank writing each big matrix. On
-    load, DCP assembles the pieces for any world size (or none, as `dcp_to_torch_save` does)."""
+def _split_views(sd: Any, world: int, rank: int, path: Tuple = ()) -> Tuple[Any, Dict]:
+    """`sd` with every large replicated tensor (DDP's weights and optimizer state) replaced by
+    this rank's slice of it along dim 0 (a view: nothing is copied), and {key path: (full shape,
+    full stride)} of those slices. Each rank then stages and writes ~1/N of the bytes: DCP's own
+    de-duplication works per whole tensor and would leave one rank writing each big matrix, and
+    each rank's staging buffers hold its slice only, not a copy of the whole state. On load, DCP
+    assembles the pieces for any world size (or none, as `dcp_to_torch_save` does)."""
+    split: Dict[Tuple, Tuple] = {}
+
+    def go(v: Any, at: Tuple) -> Any:
+        if isinstance(v, dict):
+            return {k: v2 if isinstance(k, str) and k.startswith("rng/") else go(v2, at + (k,))
+                    for k, v2 in v.items()}
+        if isinstance(v, list):
+            return [go(v2, at + (i,)) for i, v2 in enumerate(v)]
+        if isinstance(v, torch.Tensor) and type(v) is torch.Tensor and v.dim() >= 1 \
+                and v.numel() >= SPLIT_MIN_NUMEL and v.shape[0] >= world:
+            split[at] = (v.shape, v.stride())
+            return torch.chunk(v, world, dim=0)[rank]
+        return v
+
+    return go(sd, path), split
+
+
+def _as_shards(sd: Any, split: Dict, mesh, path: Tuple = ()) -> Any:
+    """The staged slices of `_split_views` as DTensors sharded on dim 0 over the checkpoint
+    group (what DCP writes and reassembles)."""
     from torch.distributed.tensor import DTensor, Shard
 
     if isinstance(sd, dict):
-        return {k: v if k.startswith("rng/") else _split_replicated(v, mesh, world, rank)
-                for k, v in sd.items()}
+        return {k: _as_shards(v, split, mesh, path + (k,)) for k, v in sd.items()}
     if isinstance(sd, list):
-        return [_split_replicated(v, mesh, world, rank) for v in sd]
-    if isinstance(sd, torch.Tensor) and not isinstance(sd, DTensor) and sd.dim() >= 1 \
-            and sd.numel() >= SPLIT_MIN_NUMEL and sd.shape[0] >= world:
-        local = torch.chunk(sd, world, dim=0)[rank]
-        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=sd.shape,
-                                  stride=sd.stride())
+        return [_as_shards(v, split, mesh, path + (i,)) for i, v in enumerate(sd)]
+    if path in split:
+        shape, stride = split[path]
+        return DTensor.from_local(sd, mesh, [Shard(0)], run_check=False, shape=shape,
+                                  stride=stride)
     return sd
 
 
@@ -110,12 +129,10 @@ class _Persist:
         return self.future.done()
 
 
-def make_stager() -> DefaultStager:
-    """Staging buffers for saves: host memory (pinned on a GPU machine), kept between saves and
+def make_stager() -> HostCopies:
+    """Staging buffers for saves (staging.HostCopies): host memory, kept between saves and
     reused for the same tensors (a copy into memory already allocated)."""
-    return DefaultStager(StagingOptions(
-        use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
-        use_async_staging=False, use_non_blocking_copy=False))
+    return HostCopies()
 
 
 class CheckpointSaver:
@@ -125,7 +142,7 @@ class CheckpointSaver:
                  reports: Optional["collections.deque[SaveReport]"] = None,
                  fault: Optional[Callable[[], None]] = None, persist_timeout_s: float = 60.0,
                  agree_group=None, new_group: Optional[Callable[[], Any]] = None,
-                 hash_name: str = HASHES[0], stager: Optional[DefaultStager] = None):
+                 hash_name: str = HASHES[0], stager: Optional[HostCopies] = None):
         """`group`: the gloo group DCP's collectives run on (None: no process group, one rank).
         `agree_group`: the group the training thread agrees on a save in flight over (None: the
         default group); `new_group`: makes a fresh checkpoint group when a stuck save is given up
@@ -180,10 +197,12 @@ class CheckpointSaver:
         the next step and its update waits for it (checkpoint/staging.py)."""
         t0 = time.time()
         waited = time.time() - t0 if self._settle() else 0.0  # wait policy: module docstring
-        later = 0
+        later, split = 0, {}
+        if self._mesh is not None:
+            state_dict, split = _split_views(state_dict, self._mesh.size(), self.rank)
         if self.async_ and optimizer is not None:
             state_dict, later = copy_unheld(state_dict, optimizer_storages(optimizer))
-        staged = None if later else self._stage(state_dict)
+        staged = None if later else self._stage(state_dict, split)
         stall = time.time() - (started if started is not None else t0)
         self.last_step = step
         self.seq += 1
@@ -193,15 +212,16 @@ class CheckpointSaver:
         else:
             self._beside.arm(optimizer, p.copied, p.add_stall)
         threading.Thread(target=self._run, args=(p, state_dict if staged is None else staged,
-                                                 staged is None),
+                                                 staged is None, split),
                          name=f"ckpt-persist-{step}", daemon=True).start()
         if not self.async_:
             self._settle()
 
-    def _stage(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    def _stage(self, state_dict: Dict[str, Any], split: Dict) -> Dict[str, Any]:
+        """The copy into the staging buffers; this rank's slices (`split`) become its shards."""
         staged = self._stager.stage(state_dict)
-        if self._mesh is not None:
-            staged = _split_replicated(staged, self._mesh, self._mesh.size(), self.rank)
+        if split:
+            staged = _as_shards(staged, split, self._mesh)
         return staged
 
     def wait(self) -> None:
@@ -324,13 +344,13 @@ class CheckpointSaver:
             self.reports.append(rep)
             return True
 
-    def _run(self, p: _Persist, state: Dict[str, Any], copy: bool) -> None:
+    def _run(self, p: _Persist, state: Dict[str, Any], copy: bool, split: Dict) -> None:
         """The persist thread: the copy to host memory first when `copy` (the save left it for
         beside the next step), then the write."""
         try:
             if copy:
                 try:
-                    state = side_stream_copy(self._stage, state)
+                    state = side_stream_copy(lambda sd: self._stage(sd, split), state)
                 finally:
                     p.copied.set()  # the next update goes on whatever happened
                 p.t0 = time.time()  # persist_s: the write alone

@@ -148,3 +148,54 @@ class BesideStep:
         if self._hook is not None:
             self._hook[1].remove()
             self._hook = None
+
+
+class HostCopies:
+    """The buffers a save copies its state into, kept between saves (and, held by the worker,
+    between generations): each tensor of the state dict is copied into a host buffer of its own
+    size, found by its key path, so a save after the first copies into memory already there. A
+    tensor that is a view (a DDP rank's slice of a replicated tensor, see saver._split_views)
+    takes a buffer of the view's size, not of the storage behind it (torch's DefaultStager
+    copies whole storages, so each rank would have held a copy of the whole state). Pinned on a
+    GPU machine, so device copies run at full speed."""
+
+    def __init__(self) -> None:
+        self._bufs: dict = {}
+        self._pin = torch.cuda.is_available()
+
+    def stage(self, sd: Any) -> Any:
+        return self._copy(sd, ())
+
+    def close(self) -> None:
+        self._bufs.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+    def _buffer(self, path: tuple, t: torch.Tensor) -> torch.Tensor:
+        buf = self._bufs.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            self._bufs.pop(path, None)  # a new size (the world changed): the old one goes first
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._pin)
+            self._bufs[path] = buf
+        return buf
+
+    def _copy(self, v: Any, path: tuple) -> Any:
+        if isinstance(v, dict):
+            return {k: self._copy(x, path + (k,)) for k, x in v.items()}
+        if isinstance(v, list):
+            return [self._copy(x, path + (i,)) for i, x in enumerate(v)]
+        if isinstance(v, tuple):
+            return tuple(self._copy(x, path + (i,)) for i, x in enumerate(v))
+        if not isinstance(v, torch.Tensor):
+            return v
+        local = local_tensor(v)
+        buf = self._buffer(path, local)
+        buf.copy_(local.detach())
+        if local is v:
+            return buf
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(buf, v.device_mesh, v.placements, run_check=False,
+                                  shape=v.shape, stride=v.stride())

@@ -6,8 +6,9 @@ bus): the controller's state machine knows nothing of it. It carries each fault 
 kill_worker (SIGKILL), hang_worker (SIGSTOP), kill_during_checkpoint (the
 worker SIGKILLs itself while its next checkpoint is being written), kill_node (remove the simulated
 Ray node hosting a rank), add_node, preempt (SIGUSR1 to the driver), storage_outage (checkpoint
-writes fail for a while) and corrupt_transfer (the next state the rank sends a peer has a bit
-flipped after its checksum was taken). Faults from outside (a `kill -9` of any pid in events.jsonl) need no plan.
+writes fail for a while), corrupt_transfer (the next state the rank sends a peer has a bit
+flipped after its checksum was taken) and hog_memory (the rank fills its node's memory past Ray's
+memory monitor threshold, which then kills a worker). Faults from outside (a `kill -9` of any pid in events.jsonl) need no plan.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class ChaosInjector:
         if ev.action in ("kill_worker", "hang_worker", "kill_during_checkpoint", "nonfinite",
                          "corrupt_transfer"):
             self.group.chaos(rank, ev.action)
+        elif ev.action == "hog_memory":
+            self.group.chaos(rank, ev.action, float(ev.seconds or 20.0))
         elif ev.action == "kill_node":
             node = self.group.node_of(rank)
             if not self.hooks.remove_node(node):

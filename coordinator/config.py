@@ -42,10 +42,10 @@ HASHES = ("crc32c", "sha256")  # checkpoint.storage.HASHES, the default first
 CHAOS_ACTIONS = (
     "kill_worker", "hang_worker", "kill_node", "add_node",
     "kill_during_checkpoint", "preempt", "storage_outage", "nonfinite", "freeze_node",
-    "corrupt_transfer",
+    "corrupt_transfer", "hog_memory",
 )
 RANK_ACTIONS = ("kill_worker", "hang_worker", "kill_node", "kill_during_checkpoint", "nonfinite",
-                "freeze_node", "corrupt_transfer")
+                "freeze_node", "corrupt_transfer", "hog_memory")
 NONFINITE_MODES = ("skip", "rollback", "stop")
 
 
@@ -303,9 +303,12 @@ class ChaosEvent:
     # (and so gradient) is made NaN in its next step; corrupt_transfer: the rank whose next state
     # sent to a peer is corrupted; kill_node: the rank whose node is removed; freeze_node: the
     # rank whose node is frozen (every process SIGSTOPped); add_node: how many nodes (default 1);
-    # storage_outage: seconds (default 10); preempt: unused
+    # storage_outage: seconds (default 10); preempt: unused; hog_memory: the rank that fills its
+    # node's memory past Ray's memory monitor threshold (RAY_memory_usage_threshold, 0.95)
     target: Any = None
-    seconds: Optional[float] = None  # freeze_node: how long the node stays frozen (default 15)
+    # freeze_node: how long the node stays frozen (default 15); hog_memory: how long the memory
+    # is held if the monitor spares the rank (default 20)
+    seconds: Optional[float] = None
 
 
 @dataclass

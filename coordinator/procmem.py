@@ -44,3 +44,31 @@ def release_free_memory() -> None:
     a save at 1.2 GB of state. A no-op where the C library is not glibc."""
     if _TRIM is not None:
         _TRIM(0)
+
+
+def _meminfo() -> dict:
+    with open("/proc/meminfo") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+
+
+def hog_memory(hold_s: float, chunk: int = 128 << 20) -> int:
+    """Chaos `hog_memory`: fill this node's memory until its use passes Ray's memory monitor
+    threshold (RAY_memory_usage_threshold, 0.95 by default) by a little, then hold it for
+    `hold_s` seconds and let it go. Ray's monitor kills a worker meanwhile (this one, whose task
+    started last, as a rule). Never past the threshold + 2%, so the kernel's own OOM killer is
+    not the one that acts. Returns the bytes held (if the process is still alive to say so)."""
+    import os
+    import time
+
+    threshold = float(os.environ.get("RAY_memory_usage_threshold", "0.95"))
+    held = []
+    deadline = time.monotonic() + hold_s
+    while time.monotonic() < deadline:
+        info = _meminfo()
+        used = 1 - info["MemAvailable"] / info["MemTotal"]
+        if used < min(0.99, threshold + 0.02):
+            held.append(b"\x01" * chunk)  # written: every page resident
+        time.sleep(0.05)
+    total = sum(map(len, held))
+    del held
+    return total

@@ -2,13 +2,14 @@
 torchft and Ray Train, in one run.
 
 The job: 4 CPU workers, the built-in GPT at three sizes (a flag picks them), global batch 4, seed
-0, worker (or replica group) 1 SIGKILLed after step KILL_AT; where a side checkpoints, every
-INTERVAL steps. A training state is the weights and AdamW's two moments: 12 bytes a parameter.
+0, worker (or replica group) 1 SIGKILLed after a step ~20 s into training (so a spare is up, as it
+is in a job of any length); where a side checkpoints, every INTERVAL steps. A training state is
+the weights and AdamW's two moments: 12 bytes a parameter.
 
-  size     GPT (dim, layers)   parameters   state per replica
-  10MB     256, 1              0.9M         ~11 MB
-  150MB    512, 4              12.9M        ~155 MB
-  1.2GB    1024, 8             101M         ~1.2 GB
+  size     GPT (dim, layers)   parameters   state per replica   kill after step / steps
+  10MB     256, 1              0.9M         ~11 MB              60 / 72
+  150MB    512, 4              12.9M        ~155 MB             20 / 30
+  1.2GB    1024, 8             101M         ~1.2 GB             8 / 16
 
 Per size and side:
   peak_rss_gb      per worker, from /proc/<pid>/status VmHWM (ours: each worker reports its own;
@@ -48,7 +49,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import benchlib  # noqa: E402
 
-WORKERS, GBS, INTERVAL, KILL_AT, STEPS = 4, 4, 5, 8, 16
+WORKERS, GBS, INTERVAL = 4, 4, 5
 TASK = "train.tasks.gpt:TinyGPT"
 SIZES = {  # name -> the task's arguments
     "10MB": {"dim": 256, "layers": 1, "heads": 4, "seq_len": 8, "vocab_size": 256},
@@ -60,6 +61,7 @@ OURS = {  # side -> overrides
     "ours_fsdp": ["train.parallelism=fsdp"],
     "ours_hsdp": ["train.parallelism=hsdp", "train.shard_group_size=2"],
 }
+RUNS = {"10MB": (60, 72), "150MB": (20, 30), "1.2GB": (8, 16)}  # (kill after step, steps)
 SIDES = list(OURS) + ["torch_ddp", "torch_fsdp", "torchft", "ray_train", "raw_gloo"]
 GB = 1e9
 
@@ -78,15 +80,16 @@ def state_bytes(size: str) -> int:
 # ---- ours ---------------------------------------------------------------------------------------
 
 def ours(size: str, run_dir: str, extra) -> dict:
+    kill_at, steps = RUNS[size]
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "coordinator", "run", "configs/local_cpu.yaml",
          "ray.simulated_nodes=0", "scaling.min_workers=2", f"scaling.max_workers={WORKERS}",
-         f"train.steps={STEPS}", f"train.global_batch_size={GBS}", f"train.task={TASK}",
+         f"train.steps={steps}", f"train.global_batch_size={GBS}", f"train.task={TASK}",
          f"train.task_args={_task_args(size)}", f"checkpoint.interval_steps={INTERVAL}",
          f"run.dir={run_dir}",
-         f"chaos.events=[{{at_step: {KILL_AT}, action: kill_worker, target: 1}}]", *extra],
+         f"chaos.events=[{{at_step: {kill_at}, action: kill_worker, target: 1}}]", *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"our run failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
@@ -172,7 +175,7 @@ def _spawn(fn, world, args):
 
 def plain_torch(size: str, tmp: str, parallelism: str) -> dict:
     out = os.path.join(tmp, f"torch_{parallelism}")
-    _spawn(_torch_rank, WORKERS, (out, size, parallelism, STEPS))
+    _spawn(_torch_rank, WORKERS, (out, size, parallelism, RUNS[size][1]))
     rows = []
     for r in range(WORKERS):
         with open(f"{out}.{r}") as f:
@@ -219,11 +222,12 @@ def raw_gloo(size: str, tmp: str) -> dict:
 def torchft(size: str, tmp: str) -> dict:
     import bench_recovery as br
 
-    rows = br.torchft_job(tmp, kill_at=KILL_AT, steps=STEPS, gbs=GBS,
+    kill_at, steps = RUNS[size]
+    rows = br.torchft_job(tmp, kill_at=kill_at, steps=steps, gbs=GBS,
                           task_args=SIZES[size], timeout_s=1200)
     with open(os.path.join(tmp, "steps.jsonl.killed")) as f:
         t_kill = float(f.read())
-    after = [r for r in rows if r["t"] > t_kill and r["replica"] != 1 and r["step"] > KILL_AT]
+    after = [r for r in rows if r["t"] > t_kill and r["replica"] != 1 and r["step"] > kill_at]
     first = min(after, key=lambda r: r["t"])
     rss = {}
     for r in rows:
@@ -234,10 +238,11 @@ def torchft(size: str, tmp: str) -> dict:
 
 
 def ray_train(size: str, tmp: str) -> dict:
+    kill_at, steps = RUNS[size]
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "bench_recovery.py"), "--ray-train-only",
-         tmp, "--task-args", json.dumps(SIZES[size]), "--steps", str(STEPS), "--kill-at",
-         str(KILL_AT), "--global-batch-size", str(GBS), "--interval", str(INTERVAL)],
+         tmp, "--task-args", json.dumps(SIZES[size]), "--steps", str(steps), "--kill-at",
+         str(kill_at), "--global-batch-size", str(GBS), "--interval", str(INTERVAL)],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
         env=dict(os.environ, PYTHONPATH=ROOT))
     if proc.returncode != 0:
@@ -332,7 +337,7 @@ def plot(result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
-    fig.suptitle(f"4 CPU workers, GPT at three sizes, worker 1 killed after step {KILL_AT}")
+    fig.suptitle("4 CPU workers, the built-in GPT at three sizes, worker 1 killed mid-run")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -353,8 +358,8 @@ def main() -> None:
         ap.error(f"--sides: unknown {unknown}; choose from {', '.join(SIDES)}")
     result = {"benchmark": "scale", "machine": benchlib.machine("torchft"),
               "job": {"workers": WORKERS, "global_batch_size": GBS, "task": TASK, "seed": 0,
-                      "checkpoint_interval": INTERVAL, "kill_after_step": KILL_AT,
-                      "steps": STEPS},
+                      "checkpoint_interval": INTERVAL,
+                      "kill_after_step_and_steps": RUNS},
               "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:

@@ -7,7 +7,6 @@ from coordinator.control.failure_policy import describe
 from coordinator.protocol import FailureKind, WorkerFailure
 from coordinator.workers.memory_pressure import MemoryPressure, memory_kill
 
-pytestmark = pytest.mark.unit
 
 # the text of the ActorDiedError Ray 2.60 raises for an actor its memory monitor killed
 RAY_OOM = (
@@ -19,6 +18,7 @@ RAY_OOM = (
     "Ray killed this worker (ID: 9a1b) because it was the most recently scheduled task")
 
 
+@pytest.mark.unit
 def test_ray_memory_kill_is_named_with_the_nodes_usage_and_other_deaths_are_not():
     assert memory_kill(RAY_OOM) == "killed by Ray's memory monitor: node at 96% memory"
     older = RAY_OOM.replace("22.93GB used / 24.00GB limit", "22.93 / 24.00 GB")
@@ -34,6 +34,7 @@ def test_ray_memory_kill_is_named_with_the_nodes_usage_and_other_deaths_are_not(
     assert describe(FailureKind.PROCESS_EXIT, [plain]) == "worker 1 lost (process exit, pid 99)"
 
 
+@pytest.mark.unit
 def test_a_node_short_of_memory_takes_no_worker_until_its_hold_passes():
     now = [100.0]
     p = MemoryPressure(300.0, clock=lambda: now[0])
@@ -50,3 +51,45 @@ def test_a_node_short_of_memory_takes_no_worker_until_its_hold_passes():
     off = MemoryPressure(0.0, clock=lambda: now[0])  # failure.memory_pressure_s=0: off
     off.killed_on("node-b")
     assert off.nodes() == []
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_worker_killed_by_rays_memory_monitor_is_named_and_gets_no_replacement(tmp_path):
+    """Ray's real memory monitor, with its threshold set ~4 GB above what this machine uses
+    now: rank 2 fills the node's memory past it (chaos hog_memory), the monitor kills a worker,
+    the job says so in one line, places no new worker on the node (failure.memory_pressure_s),
+    re-forms with the survivors from their memory, and finishes."""
+    import os
+
+    from conftest import NO_CHAOS, ROOT, run_cli, run_events, run_summary
+    from coordinator.procmem import _meminfo
+
+    info = _meminfo()
+    free = info["MemAvailable"]
+    if free < 7 << 30:
+        pytest.skip(f"needs 7 GB free to push the node past a threshold safely ({free >> 20} MB)")
+    used = 1 - free / info["MemTotal"]
+    threshold = round(used + (4 << 30) / info["MemTotal"], 3)
+    env = dict(os.environ, RAY_memory_usage_threshold=str(threshold),
+               RAY_memory_monitor_refresh_ms="100")
+    run_dir = tmp_path / "run"
+    proc = run_cli(["run", os.path.join(ROOT, "configs", "local_cpu.yaml"), NO_CHAOS,
+                    "ray.simulated_nodes=0", "scaling.min_workers=1", "scaling.max_workers=4",
+                    "scaling.spare_workers=0", "train.steps=300", "checkpoint.interval_steps=0",
+                    f"run.dir={run_dir}",
+                    "chaos.events=[{at_step: 60, action: hog_memory, target: 2, seconds: 30}]"],
+                   cwd=str(tmp_path), timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    events = run_events(run_dir)
+    oom = [e for e in events if e["event"] == "failure_detected"
+           and e.get("error", "").startswith("killed by Ray's memory monitor")]
+    assert oom, [e for e in events if e["event"] == "failure_detected"]
+    assert "killed by Ray's memory monitor: node at" in proc.stdout
+    assert "is short of memory: no new worker is placed on it" in proc.stdout
+    t_kill = oom[0]["t"]
+    assert not [e for e in events if e["event"] == "worker_start" and e["t"] > t_kill], \
+        "a worker was placed into the memory pressure"
+    s = run_summary(run_dir)
+    assert s["status"] == "finished" and s["steps"] == 300 and s["world_sizes"][-1] < 4
+    assert s["lost_steps"] == 0

@@ -118,7 +118,7 @@ def weights_digest(sd: Dict[str, torch.Tensor]) -> str:
     for key in sorted(sd):
         t = sd[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.view(-1).view(torch.uint8).numpy())  # the bytes in place, no copy
     return h.hexdigest()
 
 

@@ -32,11 +32,11 @@ from coordinator.checkpoint.errors import OTHER, classify
 from coordinator.checkpoint.faults import StorageOutage
 from coordinator.checkpoint.fence import GenerationFence
 from coordinator.checkpoint.saver import CheckpointSaver, load_checkpoint, make_stager
-from coordinator.procmem import peak_rss_bytes
+from coordinator.procmem import hog_memory, peak_rss_bytes
 from coordinator.protocol import Heartbeat, SaveReport, Source, StepReport, StopMode, TrainResult
-from coordinator.workers.release import GroupSockets
 from coordinator.workers import peer_transfer
 from coordinator.workers.peer_transfer import StateTransferMismatch, broadcast_full, flip_bit
+from coordinator.workers.release import GroupSockets
 from coordinator.workers.shard_memory import MemoryRestoreError, ShardMemory
 from coordinator.workers.spec import WorkerSpec
 from coordinator.workers.vote import StopVote
@@ -222,6 +222,8 @@ class TrainWorker:
             self._poison = True  # read by the loss of the next step (see _poisoned_loss)
         elif action == "corrupt_transfer":
             self._corrupt_transfer = True
+        elif action == "hog_memory":
+            hog_memory(float(arg or 20.0))
         elif action == "storage_outage":
             # The fault point reaches the saves from here on: the current saver's next file and
             # every later saver's (see _wrap). Runs without chaos never get one.
@@ -416,8 +418,8 @@ class TrainWorker:
         return stats.received_bytes
 
     def _build(self) -> TrainState:
-        """A state as at step 0 (DDP stays unwrapped until its state is final: wrapping
-        broadcasts rank 0's weights)."""
+        """A state as at step 0 (DDP stays unwrapped until its state is final: a peer's or a
+        checkpoint's state is taken into the bare module, then wrapped)."""
         return build_state(self.task, self.spec.parallelism, self.device, self.spec.seed,
                            self.spec.total_steps, wrap_ddp=False, recipe=self.spec.recipe(),
                            mesh_name=f"dp_gen{self.generation}",

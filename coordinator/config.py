@@ -335,10 +335,11 @@ class ChaosConfig:
                    f"must be one of {', '.join(CHAOS_ACTIONS)}")
             _check(ev.at_step >= 0, f"chaos.events[{i}].at_step", ev.at_step, "must be >= 0")
             if ev.seconds is not None:
-                _check(ev.action == "freeze_node" and isinstance(ev.seconds, (int, float))
+                _check(ev.action in ("freeze_node", "hog_memory")
+                       and isinstance(ev.seconds, (int, float))
                        and not isinstance(ev.seconds, bool) and ev.seconds > 0,
                        f"chaos.events[{i}].seconds", ev.seconds,
-                       "is for freeze_node only, and must be a number > 0")
+                       "is for freeze_node and hog_memory only, and must be a number > 0")
             if ev.action in RANK_ACTIONS:
                 _check(isinstance(ev.target, int) and not isinstance(ev.target, bool)
                        and ev.target >= 0, f"chaos.events[{i}].target", ev.target,

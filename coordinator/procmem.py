@@ -51,24 +51,27 @@ def _meminfo() -> dict:
         return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
 
 
-def hog_memory(hold_s: float, chunk: int = 128 << 20) -> int:
-    """Chaos `hog_memory`: fill this node's memory until its use passes Ray's memory monitor
-    threshold (RAY_memory_usage_threshold, 0.95 by default) by a little, then hold it for
-    `hold_s` seconds and let it go. Ray's monitor kills a worker meanwhile (this one, whose task
-    started last, as a rule). Never past the threshold + 2%, so the kernel's own OOM killer is
-    not the one that acts. Returns the bytes held (if the process is still alive to say so)."""
+def hog_memory(hold_s: float, chunk: int = 256 << 20) -> int:
+    """Chaos `hog_memory`: fill this node's memory until Ray's memory monitor kills a worker
+    (this one, whose task started last, as a rule), for up to `hold_s` seconds, then let it go.
+    Never below a floor of free memory (what Ray's threshold, RAY_memory_usage_threshold, leaves
+    free, less 2% of the node, and at least 0.5 GB), so the kernel's own OOM killer is not the
+    one that acts. Returns the bytes held (if the process is still alive to say so)."""
     import os
     import time
 
+    import torch
+
     threshold = float(os.environ.get("RAY_memory_usage_threshold", "0.95"))
+    total = _meminfo()["MemTotal"]
+    floor = max(512 << 20, int((1 - threshold - 0.02) * total))
     held = []
     deadline = time.monotonic() + hold_s
     while time.monotonic() < deadline:
-        info = _meminfo()
-        used = 1 - info["MemAvailable"] / info["MemTotal"]
-        if used < min(0.99, threshold + 0.02):
-            held.append(b"\x01" * chunk)  # written: every page resident
-        time.sleep(0.05)
-    total = sum(map(len, held))
+        if _meminfo()["MemAvailable"] > floor + chunk:
+            held.append(torch.ones(chunk, dtype=torch.uint8))  # written: resident
+        else:
+            time.sleep(0.1)
+    total_held = sum(t.numel() for t in held)
     del held
-    return total
+    return total_held

@@ -56,8 +56,8 @@ def test_a_node_short_of_memory_takes_no_worker_until_its_hold_passes():
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_a_worker_killed_by_rays_memory_monitor_is_named_and_gets_no_replacement(tmp_path):
-    """Ray's real memory monitor, with its threshold set ~4 GB above what this machine uses
-    now: rank 2 fills the node's memory past it (chaos hog_memory), the monitor kills a worker,
+    """Ray's real memory monitor, with its threshold set 6 GB above what this machine uses
+    now (the job itself takes part of it: Ray counts more than MemAvailable says): rank 2 fills the node's memory past it (chaos hog_memory), the monitor kills a worker,
     the job says so in one line, places no new worker on the node (failure.memory_pressure_s),
     re-forms with the survivors from their memory, and finishes."""
     import os
@@ -67,18 +67,19 @@ def test_a_worker_killed_by_rays_memory_monitor_is_named_and_gets_no_replacement
 
     info = _meminfo()
     free = info["MemAvailable"]
-    if free < 7 << 30:
-        pytest.skip(f"needs 7 GB free to push the node past a threshold safely ({free >> 20} MB)")
+    if free < 12 << 30:
+        pytest.skip(f"needs 12 GB free to push the node past a threshold safely "
+                    f"({free >> 20} MB)")
     used = 1 - free / info["MemTotal"]
-    threshold = round(used + (4 << 30) / info["MemTotal"], 3)
+    threshold = round(used + (6 << 30) / info["MemTotal"], 3)
     env = dict(os.environ, RAY_memory_usage_threshold=str(threshold),
                RAY_memory_monitor_refresh_ms="100")
     run_dir = tmp_path / "run"
     proc = run_cli(["run", os.path.join(ROOT, "configs", "local_cpu.yaml"), NO_CHAOS,
-                    "ray.simulated_nodes=0", "scaling.min_workers=1", "scaling.max_workers=4",
-                    "scaling.spare_workers=0", "train.steps=300", "checkpoint.interval_steps=0",
+                    "ray.simulated_nodes=0", "scaling.min_workers=1", "scaling.max_workers=3",
+                    "scaling.spare_workers=0", "train.steps=900", "checkpoint.interval_steps=0",
                     f"run.dir={run_dir}",
-                    "chaos.events=[{at_step: 60, action: hog_memory, target: 2, seconds: 30}]"],
+                    "chaos.events=[{at_step: 40, action: hog_memory, target: 2, seconds: 60}]"],
                    cwd=str(tmp_path), timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     events = run_events(run_dir)
@@ -91,5 +92,15 @@ def test_a_worker_killed_by_rays_memory_monitor_is_named_and_gets_no_replacement
     assert not [e for e in events if e["event"] == "worker_start" and e["t"] > t_kill], \
         "a worker was placed into the memory pressure"
     s = run_summary(run_dir)
-    assert s["status"] == "finished" and s["steps"] == 300 and s["world_sizes"][-1] < 4
+    assert s["status"] == "finished" and s["steps"] == 900 and s["world_sizes"][-1] < 3
     assert s["lost_steps"] == 0
+
+
+@pytest.mark.unit
+def test_the_error_ray_raises_for_a_task_of_a_worker_it_killed_names_the_node_usage():
+    """Ray raises OutOfMemoryError (not an actor error) for the task a killed worker was
+    running; its text has the node's usage in another form."""
+    text = ("OutOfMemoryError: 4 worker(s) were killed due to the node running low on memory. "
+            "Memory on the node (IP: 192.0.2.2, ID: d393f92b) was 6.16GB used / 23.54GB limit "
+            "(0.261757)\nOOM kill reason: Memory usage 6599708672B exceeded threshold")
+    assert memory_kill(text) == "killed by Ray's memory monitor: node at 26% memory"

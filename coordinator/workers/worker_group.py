@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coordinator.checkpoint.fence import KEY as FENCE_KEY
@@ -170,9 +170,12 @@ class RayWorkerGroup:
                 continue
             try:
                 info = ray.get(nc.info_ref, timeout=0)
-            except (RayActorError, RayTaskError) as e:
+            except (RayActorError, RayTaskError, OutOfMemoryError) as e:
+                oom = memory_kill(str(e))
+                if oom is not None:
+                    self.pressure.killed_on(nc.node_id)
                 logger.warning("a starting worker (newcomer or spare) on node %s was lost: %s",
-                               nc.node_id[:8], first_sentence(e))
+                               nc.node_id[:8], oom or first_sentence(e))
                 continue
             nc.info = WorkerInfo(-1, info["pid"], info["node_id"], info["host"])
             self._ready.append(nc)
@@ -527,7 +530,7 @@ class RayWorkerGroup:
                 values[rank] = ray.get(ref, timeout=0)
             except GetTimeoutError:
                 continue  # no answer yet: the controller's hang detection looks at time instead
-            except RayActorError as e:
+            except (RayActorError, OutOfMemoryError) as e:  # the latter: Ray's memory monitor
                 failures.append(self._lost(rank, e))
             except RayTaskError as e:
                 if isinstance(e.cause, StateTransferMismatch):
@@ -544,7 +547,7 @@ class RayWorkerGroup:
                 failures.append(WorkerFailure(rank, kind, self.pid(rank), last_line(e)))
         return values, failures
 
-    def _lost(self, rank: int, err: RayActorError) -> WorkerFailure:
+    def _lost(self, rank: int, err: Exception) -> WorkerFailure:
         info = self.infos.get(rank)
         lost_node = info is not None and not node_reachable(info.node_id)
         kind = FailureKind.NODE_LOST if lost_node else FailureKind.PROCESS_EXIT

@@ -133,12 +133,16 @@ def decide(f: Facts) -> Plan:
         plan.source, plan.src, plan.resumed_step = SourceKind.PEER, ranks[best], top
         plan.senders = sorted(ranks[r] for r in senders if f.survivors[r] == top)
         behind = sorted(r for r in keep if f.survivors[r] != top or r not in senders)
-        plan.reason = f"{failed}{len(keep)} survivors keep their state at step {top}"
-        if behind:
-            plan.reason += f" (rank{'s' if len(behind) > 1 else ''} {_ranks(behind)} take it)"
-        if newcomers:
-            plan.reason += (f"; {len(plan.senders)} of them send it to the newcomer"
-                            f"{'s' if len(newcomers) > 1 else ''}")
+        n = len(plan.senders)
+        plan.reason = (f"{failed}{n} survivor{'s hold' if n > 1 else ' holds'} the state at "
+                       f"step {top}")
+        takers = [f"rank{'s' if len(behind) > 1 else ''} {_ranks(behind)} (behind)"] \
+            if behind else []
+        takers += [f"the newcomer{'s' if len(newcomers) > 1 else ''}"] if newcomers else []
+        if takers:
+            many = len(takers) > 1 or len(behind) > 1 or len(newcomers) > 1
+            plan.reason += (f"; {' and '.join(takers)} take{'' if many else 's'} it from "
+                            f"{'them' if n > 1 else 'it'}")
     elif f.parallelism != "ddp" and (held := from_memory(f, ranks)) is not None \
             and held[0] >= (f.checkpoint_step or 0):
         step, plan.holders = held

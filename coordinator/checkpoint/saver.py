@@ -67,7 +67,7 @@ def _split_views(sd: Any, world: int, rank: int, path: Tuple = ()) -> Tuple[Any,
                     for k, v2 in v.items()}
         if isinstance(v, list):
             return [go(v2, at + (i,)) for i, v2 in enumerate(v)]
-        if isinstance(v, torch.Tensor) and type(v) is torch.Tensor and v.dim() >= 1 \
+        if isinstance(v, torch.Tensor) and not hasattr(v, "device_mesh") and v.dim() >= 1 \
                 and v.numel() >= SPLIT_MIN_NUMEL and v.shape[0] >= world:
             split[at] = (v.shape, v.stride())
             return torch.chunk(v, world, dim=0)[rank]

@@ -13,8 +13,6 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-from typing import Optional
-
 import google_crc32c
 
 _CHUNK = 1 << 20  # the copying fallback copies through a chunk this size (it stays in cache)
@@ -68,5 +66,6 @@ def extend(crc: int, data) -> int:
     return extend_at(crc, ctypes.addressof(holder), view.nbytes)
 
 
-def value(data, crc: Optional[int] = 0) -> int:
-    return extend(crc or 0, data)
+def value(data) -> int:
+    """The CRC32C of `data` (as `extend` takes it)."""
+    return extend(0, data)

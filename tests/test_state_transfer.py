@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import google_crc32c
-import numpy as np
 import pytest
 import torch
 

@@ -53,7 +53,8 @@ def _meminfo() -> dict:
 
 def hog_memory(hold_s: float, chunk: int = 256 << 20) -> int:
     """Chaos `hog_memory`: fill this node's memory until Ray's memory monitor kills a worker
-    (this one, whose task started last, as a rule), for up to `hold_s` seconds, then let it go.
+    (this one, whose task started last, as a rule), for up to `hold_s` seconds, then let it go;
+    at once if memory comes back meanwhile (the monitor killed another worker: one fault).
     Never below a floor of free memory (what Ray's threshold, RAY_memory_usage_threshold, leaves
     free, less 2% of the node, and at least 0.5 GB), so the kernel's own OOM killer is not the
     one that acts. Returns the bytes held (if the process is still alive to say so)."""
@@ -67,11 +68,16 @@ def hog_memory(hold_s: float, chunk: int = 256 << 20) -> int:
     floor = max(512 << 20, int((1 - threshold - 0.02) * total))
     held = []
     deadline = time.monotonic() + hold_s
+    low = None  # the least MemAvailable seen
     while time.monotonic() < deadline:
-        if _meminfo()["MemAvailable"] > floor + chunk:
+        available = _meminfo()["MemAvailable"]
+        low = available if low is None else min(low, available)
+        if available > low + (256 << 20):
+            break  # memory came back: the monitor killed someone; one fault, not a cascade
+        if available > floor + chunk:
             held.append(torch.ones(chunk, dtype=torch.uint8))  # written: resident
         else:
-            time.sleep(0.1)
+            time.sleep(0.05)
     total_held = sum(t.numel() for t in held)
     del held
     return total_held

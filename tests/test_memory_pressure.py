@@ -73,12 +73,14 @@ def test_a_worker_killed_by_rays_memory_monitor_is_named_and_gets_no_replacement
                     f"({free >> 20} MB)")
     used = 1 - free / info["MemTotal"]
     threshold = round(used + (6 << 30) / info["MemTotal"], 3)
+    # one worker a kill (Ray's legacy policy): since 2.56 the monitor may kill several at once
+    # (seen: both members of a 2-worker job; a job left with none waits, its node held)
     env = dict(os.environ, RAY_memory_usage_threshold=str(threshold),
-               RAY_memory_monitor_refresh_ms="100")
+               RAY_memory_monitor_refresh_ms="100", RAY_worker_killing_policy_by_group="true")
     run_dir = tmp_path / "run"
     proc = run_cli(["run", os.path.join(ROOT, "configs", "local_cpu.yaml"), NO_CHAOS,
-                    "ray.simulated_nodes=0", "scaling.min_workers=1", "scaling.max_workers=2",
-                    "scaling.spare_workers=0", "train.steps=1500", "checkpoint.interval_steps=0",
+                    "ray.simulated_nodes=0", "scaling.min_workers=1", "scaling.max_workers=3",
+                    "scaling.spare_workers=0", "train.steps=1200", "checkpoint.interval_steps=0",
                     f"run.dir={run_dir}",
                     "chaos.events=[{at_step: 40, action: hog_memory, target: 1, seconds: 90}]"],
                    cwd=str(tmp_path), timeout=240, env=env)
@@ -93,7 +95,7 @@ def test_a_worker_killed_by_rays_memory_monitor_is_named_and_gets_no_replacement
     assert not [e for e in events if e["event"] == "worker_start" and e["t"] > t_kill], \
         "a worker was placed into the memory pressure"
     s = run_summary(run_dir)
-    assert s["status"] == "finished" and s["steps"] == 1500 and s["world_sizes"][-1] < 2
+    assert s["status"] == "finished" and s["steps"] == 1200 and s["world_sizes"][-1] < 3
     assert s["lost_steps"] == 0
 
 

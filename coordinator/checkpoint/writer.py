@@ -161,4 +161,4 @@ class HashingWriter(FsspecWriter):
         return written
 
 
-# Replicated tensors at least this large are split across the writers (see _split_replicated).
+# Replicated tensors at least this large are split across the writers (see saver._split_views).
